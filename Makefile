@@ -1,0 +1,37 @@
+# Fresh machine:  make demo   (end-to-end demo on synthetic data)   |   make test   (the test suite, as CI runs it)
+PYTHON ?= python3
+VENV   ?= .venv
+# torch is installed first so that nothing below replaces it (a CPU build here; the user's own build elsewhere);
+# torchvision is pinned to the release that matches it, or timm would pull a newer torch with GBs of CUDA.
+TORCH       ?= torch==2.13.0
+TORCHVISION ?= torchvision==0.28.0
+PY := $(VENV)/bin/python
+
+.PHONY: setup test test-fast demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]" "$(TORCHVISION)"
+	$(PY) -m nnunetv2_cipa.torchvision_fix install
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(VENV)/bin/python -m pytest -ra --durations=15 tests
+
+test-fast: setup
+	$(VENV)/bin/python -m pytest -ra -m "not slow" tests
+
+demo: setup
+	$(VENV)/bin/nnunetv2_cipa demo
+
+bench: setup
+	$(PY) benchmarks/bench_scan.py
+	$(PY) benchmarks/bench_network.py
+	$(PY) benchmarks/bench_convert.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,139 @@
+"""``nnunetv2_cipa`` console script: argument parsing only; every subcommand calls a library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from nnunetv2_cipa.errors import InputError
+
+
+def _cmd_doctor(args) -> int:
+    from nnunetv2_cipa.doctor import run_doctor
+
+    return run_doctor()
+
+
+def _cmd_ext_path(args) -> int:
+    from nnunetv2_cipa.training.discovery import ext_trainer_path
+
+    print(ext_trainer_path())
+    return 0
+
+
+def _cmd_synth(args) -> int:
+    from nnunetv2_cipa.synthetic import generate_pclt20k_like
+
+    summary = generate_pclt20k_like(args.out_dir, patients=args.patients, slices=args.slices, size=args.size,
+                                    test_patients=args.test_patients, seed=args.seed)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from dataset_conversion.pclt20k import convert_pclt20k
+
+    convert_pclt20k(args.source, args.dataset_id, name=args.name, folds=args.folds, seed=args.seed,
+                    num_processes=args.np, overwrite=args.overwrite, normalization=args.normalization)
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from nnunetv2_cipa.evaluation.metrics import evaluate_folders, format_summary
+
+    output = Path(args.output) if args.output else Path(args.pred_dir) / "metrics_cipa.json"
+    result = evaluate_folders(args.gt_dir, args.pred_dir, patient_sep=args.patient_sep)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2, allow_nan=True))
+    print(format_summary(result))
+    print(f"metrics written to {output}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from nnunetv2_cipa.evaluation.compare import compare_trainers
+
+    if args.test and len(args.test) != len(args.trainers):
+        raise InputError(f"--test needs one prediction folder per trainer ({len(args.trainers)}), got {len(args.test)}")
+    compare_trainers(args.dataset, args.trainers, args.output, configuration=args.configuration, plans=args.plans,
+                     folds=tuple(args.folds), test_predictions=args.test)
+    print(f"report written to {Path(args.output) / 'report.md'}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from nnunetv2_cipa.demo import run_demo
+
+    run_demo(args.workdir, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnunetv2_cipa", description="CIPA for nnU-Net v2 (PET-CT segmentation)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("doctor", help="report versions, scan backends and nnU-Net environment variables")
+    p.set_defaults(func=_cmd_doctor)
+
+    p = sub.add_parser("ext-path", help="print the folder to export as nnUNet_extTrainer")
+    p.set_defaults(func=_cmd_ext_path)
+
+    p = sub.add_parser("synth", help="write a synthetic PCLT20K-like dataset")
+    p.add_argument("out_dir")
+    p.add_argument("--patients", type=int, default=20, help="training patients (default 20)")
+    p.add_argument("--slices", type=int, default=8, help="slices per patient (default 8)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--test-patients", type=int, default=4, help="test patients (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("convert", help="convert PCLT20K (or the same layout) into an nnU-Net raw dataset")
+    p.add_argument("source", metavar="PCLT20K_DIR")
+    p.add_argument("-d", dest="dataset_id", type=int, required=True, help="nnU-Net dataset ID")
+    p.add_argument("--name", default="PCLT20K", help="dataset name (default PCLT20K)")
+    p.add_argument("--folds", type=int, default=5, help="number of patient-level folds (default 5)")
+    p.add_argument("--seed", type=int, default=12345, help="seed of the fold assignment")
+    p.add_argument("-np", type=int, default=max(1, min(8, os.cpu_count() or 1)), help="worker processes")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    p.add_argument("--normalization", choices=("rgb", "ct"), default="rgb",
+                   help="rgb: fixed /255 (rgb_to_0_1, default); ct: nnU-Net's CT scheme")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("evaluate", help="CIPA-protocol and patient-level metrics of a prediction folder")
+    p.add_argument("gt_dir")
+    p.add_argument("pred_dir")
+    p.add_argument("-o", dest="output", help="output JSON (default PRED_DIR/metrics_cipa.json)")
+    p.add_argument("--patient-sep", default="_", help="separator after the patient ID in case names (default _)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("compare", help="compare trainers on nnU-Net cross-validation (and test) predictions")
+    p.add_argument("-d", dest="dataset", required=True, help="dataset ID or name")
+    p.add_argument("-tr", dest="trainers", nargs="+", required=True, help="two or more trainer names")
+    p.add_argument("-c", dest="configuration", default="2d")
+    p.add_argument("-p", dest="plans", default="nnUNetPlans")
+    p.add_argument("-f", dest="folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--test", nargs="+", help="test-set prediction folders, one per trainer, in -tr order")
+    p.add_argument("-o", dest="output", required=True, help="report folder")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("demo", help="synthetic data -> nnU-Net -> CIPA vs vanilla nnU-Net -> report")
+    p.add_argument("--workdir", default="demo_workdir", help="folder for data, results and report")
+    p.add_argument("--quick", action="store_true", help="debug trainers, under 3 minutes on CPU")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as e:
+        print(f"nnunetv2_cipa {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
