@@ -1,0 +1,257 @@
+"""CIPA-protocol, per-slice and per-patient metrics of binary 2D label PNGs (nnU-Net's output format).
+
+Conventions (also written into every result under "notes"):
+- CIPA protocol (paper, CIPA_SPEC 7.1): TP/FP/FN/TN pooled over all pixels of all slices; IoU = TP/(TP+FP+FN),
+  Dice = 2TP/(2TP+FP+FN), both 1.0 when the denominator is 0; "Acc" = balanced accuracy = mean of sensitivity and
+  specificity (a term with a zero denominator counts as 1.0).
+- HD95 (medpy.metric.binary.hd95, pixel units): borders = mask XOR 4-connected erosion; the 95th percentile of the
+  pooled distances border(pred)->border(gt) and border(gt)->border(pred). "hd95_px" averages it over slices where both
+  masks are non-empty; "hd95_px_paper_rule" averages over all slices with the official empty-mask rule: one pixel is
+  planted at (H//2, W//2) in the empty mask, both empty = 0.
+- Per slice: dice/iou are NaN (JSON null) when GT and prediction are both empty; hd95 is NaN when either is empty.
+- Per patient (ID = case name before the first separator): Dice/IoU/balanced accuracy pooled over the patient's slices
+  (NaN when TP+FP+FN = 0); hd95 means over the patient's slices; fp_area_px / fn_area_px: summed areas of the
+  8-connected components of the prediction that do not touch the GT (FP) and of the GT that do not touch the
+  prediction (FN), the 2D analogue of autoPET's false-positive / false-negative volumes.
+- Summary: mean, median and sample std (ddof=1) over patients, ignoring NaN; "n" = patients with a finite value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from nnunetv2_cipa.errors import InputError
+
+FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
+EIGHT_CONNECTED = ndimage.generate_binary_structure(2, 2)
+PATIENT_METRICS = ("dice", "iou", "balanced_accuracy", "sensitivity", "precision", "hd95_px", "hd95_px_paper_rule",
+                   "fp_area_px", "fn_area_px", "n_slices")
+NOTES = __doc__.split("Conventions (also written into every result under \"notes\"):\n", 1)[1].strip()
+
+
+def _ratio(numerator: float, denominator: float, empty: float) -> float:
+    return numerator / denominator if denominator > 0 else empty
+
+
+def surface_distances(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Distances (px) from each border pixel of ``source`` to the nearest border pixel of ``target``.
+
+    source, target: (H, W) bool, both non-empty -> (n_border_source,) float64. Borders as in medpy (4-connected)."""
+    rows, cols = np.nonzero(source | target)
+    # crop to the union's bounding box plus one pixel: erosion and nearest borders are unchanged by the crop
+    r0, r1 = max(rows.min() - 1, 0), rows.max() + 2
+    c0, c1 = max(cols.min() - 1, 0), cols.max() + 2
+    source, target = source[r0:r1, c0:c1], target[r0:r1, c0:c1]
+    source_border = source ^ ndimage.binary_erosion(source, structure=FOUR_CONNECTED)
+    target_border = target ^ ndimage.binary_erosion(target, structure=FOUR_CONNECTED)
+    return ndimage.distance_transform_edt(~target_border)[source_border]
+
+
+def hd95(pred: np.ndarray, gt: np.ndarray) -> float:
+    """medpy-equivalent 95th-percentile symmetric Hausdorff distance (px) of two non-empty (H, W) masks."""
+    if not pred.any() or not gt.any():
+        raise ValueError("hd95 needs two non-empty masks")
+    return float(np.percentile(np.hstack((surface_distances(pred, gt), surface_distances(gt, pred))), 95))
+
+
+def hd95_paper_rule(pred: np.ndarray, gt: np.ndarray) -> float:
+    """HD95 (px) with the official empty-mask rule: both empty -> 0; one empty -> a pixel at (H//2, W//2) in it."""
+    pred_empty, gt_empty = not pred.any(), not gt.any()
+    if pred_empty and gt_empty:
+        return 0.0
+    centre = (pred.shape[0] // 2, pred.shape[1] // 2)
+    if pred_empty:
+        pred = np.zeros_like(pred)
+        pred[centre] = True
+    if gt_empty:
+        gt = np.zeros_like(gt)
+        gt[centre] = True
+    return hd95(pred, gt)
+
+
+def unmatched_component_area(mask: np.ndarray, other: np.ndarray) -> int:
+    """Pixels of the 8-connected components of ``mask`` (H, W) bool that share no pixel with ``other``."""
+    labels, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
+    if count == 0:
+        return 0
+    areas = np.bincount(labels.ravel(), minlength=count + 1)
+    matched = np.unique(labels[mask & other])
+    areas[matched] = 0
+    areas[0] = 0
+    return int(areas.sum())
+
+
+def slice_metrics(pred: np.ndarray, gt: np.ndarray) -> dict:
+    """All per-slice numbers of one (H, W) bool prediction against its (H, W) bool ground truth."""
+    tp = int(np.count_nonzero(pred & gt))
+    fp = int(np.count_nonzero(pred)) - tp
+    fn = int(np.count_nonzero(gt)) - tp
+    tn = pred.size - tp - fp - fn
+    both_empty = tp + fp + fn == 0
+    return {
+        "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+        "dice": math.nan if both_empty else 2 * tp / (2 * tp + fp + fn),
+        "iou": math.nan if both_empty else tp / (tp + fp + fn),
+        "hd95_px": hd95(pred, gt) if tp + fp > 0 and tp + fn > 0 else math.nan,
+        "hd95_px_paper_rule": hd95_paper_rule(pred, gt),
+        "fp_area_px": unmatched_component_area(pred, gt),
+        "fn_area_px": unmatched_component_area(gt, pred),
+    }
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    """Binary label PNG -> (H, W) bool; InputError naming the file unless it is single-channel with values in {0, 1}."""
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read label PNG ({e})") from e
+    if array.ndim != 2:
+        raise InputError(f"{path}: label PNG must be single-channel (H, W), got shape {array.shape}")
+    values = np.unique(array)
+    if not np.isin(values, (0, 1)).all():
+        shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
+        raise InputError(f"{path}: labels must be binary 0/1 (nnU-Net label PNG), found values [{shown}]")
+    return array.astype(bool)
+
+
+def _pair_metrics(pair: tuple[Path, Path]) -> dict:
+    gt_path, pred_path = pair
+    gt, pred = read_label_png(gt_path), read_label_png(pred_path)
+    if gt.shape != pred.shape:
+        raise InputError(f"size mismatch: {pred_path} is {pred.shape[1]}x{pred.shape[0]} (WxH) but "
+                         f"{gt_path} is {gt.shape[1]}x{gt.shape[0]}")
+    return slice_metrics(pred, gt)
+
+
+def list_label_pngs(folder: str | os.PathLike) -> dict[str, Path]:
+    """Case name -> path of every *.png in ``folder`` (other files nnU-Net writes are ignored)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: folder does not exist")
+    cases = {p.name[:-4]: p for p in sorted(folder.glob("*.png"))}
+    if not cases:
+        raise InputError(f"{folder}: no *.png label files")
+    return cases
+
+
+def _pooled(tp: int, fp: int, fn: int, tn: int, empty: float) -> dict:
+    sensitivity = _ratio(tp, tp + fn, 1.0)
+    specificity = _ratio(tn, tn + fp, 1.0)
+    return {"dice": _ratio(2 * tp, 2 * tp + fp + fn, empty), "iou": _ratio(tp, tp + fp + fn, empty),
+            "balanced_accuracy": (sensitivity + specificity) / 2, "sensitivity": sensitivity,
+            "specificity": specificity, "precision": _ratio(tp, tp + fp, empty)}
+
+
+def _aggregate(per_case: dict[str, dict], empty: float) -> dict:
+    counts = {k: int(sum(c[k] for c in per_case.values())) for k in ("tp", "fp", "fn", "tn")}
+    hd = np.array([c["hd95_px"] for c in per_case.values()], dtype=float)
+    hd_paper = np.array([c["hd95_px_paper_rule"] for c in per_case.values()], dtype=float)
+    finite = np.isfinite(hd)
+    return {**_pooled(**counts, empty=empty), **counts,
+            "hd95_px": float(hd[finite].mean()) if finite.any() else math.nan,
+            "hd95_px_paper_rule": float(hd_paper.mean()),
+            "n_slices": len(per_case), "n_slices_hd95": int(finite.sum()),
+            "fp_area_px": int(sum(c["fp_area_px"] for c in per_case.values())),
+            "fn_area_px": int(sum(c["fn_area_px"] for c in per_case.values()))}
+
+
+def summarize_patients(per_patient: dict[str, dict]) -> dict:
+    """{metric: {mean, median, std (ddof=1), n}} over patients, NaN values left out."""
+    summary = {}
+    for metric in PATIENT_METRICS:
+        values = np.array([p[metric] for p in per_patient.values()], dtype=float)
+        values = values[np.isfinite(values)]
+        n = len(values)
+        summary[metric] = {"mean": float(values.mean()) if n else math.nan,
+                           "median": float(np.median(values)) if n else math.nan,
+                           "std": float(values.std(ddof=1)) if n > 1 else math.nan, "n": n}
+    return summary
+
+
+def json_safe(value):
+    """Recursively replace NaN/inf by None and numpy scalars by Python ones, so json.dumps writes valid JSON."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def evaluate_pairs(pairs: dict[str, tuple[Path, Path]], patient_sep: str = "_", num_workers: int | None = None) -> dict:
+    """Metrics of {case: (gt_png, pred_png)}: "cipa_protocol", "per_case", "per_patient", "summary", "notes".
+
+    NaN values are already replaced by None (valid JSON)."""
+    if not patient_sep:
+        raise InputError("patient separator must be a non-empty string")
+    cases = sorted(pairs)
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1) if len(cases) >= 256 else 1
+    if num_workers > 1:
+        with ProcessPoolExecutor(num_workers, mp_context=get_context("spawn")) as pool:
+            results = list(pool.map(_pair_metrics, [pairs[c] for c in cases], chunksize=32))
+    else:
+        results = [_pair_metrics(pairs[c]) for c in cases]
+    per_case = dict(zip(cases, results))
+
+    by_patient: dict[str, dict[str, dict]] = {}
+    for case, metrics in per_case.items():
+        by_patient.setdefault(case.split(patient_sep, 1)[0], {})[case] = metrics
+    per_patient = {pid: _aggregate(slices, empty=math.nan) for pid, slices in sorted(by_patient.items())}
+    pooled = _aggregate(per_case, empty=1.0)
+    cipa = {k: pooled[k] for k in ("iou", "dice", "balanced_accuracy", "sensitivity", "specificity",
+                                   "hd95_px", "hd95_px_paper_rule", "tp", "fp", "fn", "tn")}
+    cipa.update(n_slices=len(cases), n_slices_hd95=pooled["n_slices_hd95"], n_slices_hd95_paper_rule=len(cases),
+                n_slices_gt_empty=sum(c["tp"] + c["fn"] == 0 for c in results),
+                n_slices_pred_empty=sum(c["tp"] + c["fp"] == 0 for c in results))
+    return json_safe({"cipa_protocol": cipa, "n_patients": len(per_patient), "patient_sep": patient_sep,
+                      "summary": summarize_patients(per_patient), "per_patient": per_patient,
+                      "per_case": per_case, "notes": NOTES})
+
+
+def match_cases(gt: dict[str, Path], pred: dict[str, Path], gt_dir, pred_dir) -> dict[str, tuple[Path, Path]]:
+    """Pair GT and prediction files by case name; InputError listing a few missing / extra names."""
+    missing, extra = sorted(set(gt) - set(pred)), sorted(set(pred) - set(gt))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} case(s) of {gt_dir} have no prediction in {pred_dir}: "
+                        + ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
+    if extra:
+        problems.append(f"{len(extra)} prediction(s) in {pred_dir} have no ground truth in {gt_dir}: "
+                        + ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else ""))
+    if problems:
+        raise InputError("; ".join(problems))
+    return {case: (gt[case], pred[case]) for case in gt}
+
+
+def evaluate_folders(gt_dir, pred_dir, patient_sep: str = "_", num_workers: int | None = None) -> dict:
+    """Metrics of every *.png in ``pred_dir`` against the same-named *.png in ``gt_dir`` (see ``evaluate_pairs``)."""
+    pairs = match_cases(list_label_pngs(gt_dir), list_label_pngs(pred_dir), gt_dir, pred_dir)
+    result = evaluate_pairs(pairs, patient_sep=patient_sep, num_workers=num_workers)
+    return {"gt_dir": str(gt_dir), "pred_dir": str(pred_dir), **result}
+
+
+def _fmt(value, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+def format_summary(result: dict) -> str:
+    """Two-line headline: CIPA-protocol IoU/Dice/Acc/HD95 and patient-level mean ± std Dice."""
+    c, s = result["cipa_protocol"], result["summary"]["dice"]
+    return (f"CIPA protocol ({c['n_slices']} slices): IoU {_fmt(c['iou'])}  Dice {_fmt(c['dice'])}  "
+            f"Acc {_fmt(c['balanced_accuracy'])}  HD95 {_fmt(c['hd95_px'])} px ({c['n_slices_hd95']} slices with "
+            f"both masks) / {_fmt(c['hd95_px_paper_rule'])} px (paper rule, all slices)\n"
+            f"Patients ({result['n_patients']}): Dice {_fmt(s['mean'])} ± {_fmt(s['std'])} (mean ± std), "
+            f"median {_fmt(s['median'])}")
