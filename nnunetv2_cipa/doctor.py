@@ -1,0 +1,77 @@
+"""``nnunetv2_cipa doctor``: what this environment can and cannot do."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+
+PATH_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer")
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def collect_report() -> list[tuple[str, str, bool]]:
+    """(item, value, ok) rows; ``ok`` False marks a problem the user has to fix."""
+    import torch
+
+    rows = [("python", platform.python_version(), True)]
+    cuda = f", CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s)" if torch.cuda.is_available() else ", no CUDA"
+    rows.append(("torch", torch.__version__ + cuda, True))
+    for dist in ("nnunetv2", "dynamic-network-architectures", "torchvision"):
+        version = _version(dist)
+        rows.append((dist, version, version != "not installed"))
+
+    try:
+        import timm.layers  # noqa: F401  (nnU-Net's trainer lookup imports it for every -tr but the default)
+        import timm
+
+        rows.append(("timm", timm.__version__, True))
+    except Exception as e:  # an old timm, or the CUDA-torchvision trap on a CPU torch
+        rows.append(("timm", f"{_version('timm')}: `import timm.layers` fails ({type(e).__name__}: {e}); nnU-Net's "
+                             "trainer lookup will crash. Run `python -m nnunetv2_cipa.torchvision_fix install` on a "
+                             "CPU-only machine, or install timm>=1.0,<1.0.23", False))
+
+    from nnunetv2_cipa import torchvision_fix
+
+    repaired = "active (torchvision's compiled ops are missing; schemas defined)" if torchvision_fix.is_active() \
+        else "not needed" if torchvision_fix.pth_path().exists() else "not installed"
+    rows.append(("CPU torchvision repair", repaired, True))
+
+    from nnunetv2_cipa.ops.selective_scan import available_backends, resolve_backend
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows.append(("scan backends", f"{', '.join(available_backends())} (auto on {device.type}: "
+                                  f"{resolve_backend('auto', device)})", True))
+
+    for name in PATH_VARIABLES:
+        value = os.environ.get(name)
+        rows.append((name, value or "not set", bool(value) or name == "nnUNet_extTrainer"))
+
+    try:
+        from nnunetv2_cipa.training.discovery import find_trainer_class
+
+        cls = find_trainer_class("nnUNetTrainerCIPA")
+        rows.append(("nnUNetTrainerCIPA", f"discoverable ({cls.__module__}); for the CLI: "
+                                          "export nnUNet_extTrainer=$(nnunetv2_cipa ext-path)", True))
+    except Exception as e:
+        rows.append(("nnUNetTrainerCIPA", f"NOT discoverable: {type(e).__name__}: {e}", False))
+    return rows
+
+
+def run_doctor() -> int:
+    """Print the report; exit status 1 if something is broken."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net's lookup prints its search path
+        rows = collect_report()
+    width = max(len(item) for item, _, _ in rows)
+    for item, value, ok in rows:
+        print(f"{'  ' if ok else '! '}{item:<{width}}  {value}")
+    return 0 if all(ok for item, _, ok in rows if item not in PATH_VARIABLES) else 1

@@ -1,0 +1,1 @@
+"""nnU-Net trainers for CIPA. nnU-Net finds them through ``nnUNet_extTrainer`` (see ``discovery``)."""
