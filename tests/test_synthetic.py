@@ -1,0 +1,118 @@
+"""Synthetic PCLT20K-like generator: layout, determinism, and the multi-modal property (CT alone or PET alone is not
+enough to find the tumour)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nnunetv2_cipa.errors import InputError
+from nnunetv2_cipa.synthetic import generate_patient, generate_pclt20k_like
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_layout_and_summary(tmp_path):
+    summary = generate_pclt20k_like(tmp_path / "data", patients=3, slices=4, size=64, test_patients=2, seed=1)
+    root = tmp_path / "data"
+    json.dumps(summary)
+    train = (root / "train.txt").read_text().splitlines()
+    test = (root / "test.txt").read_text().splitlines()
+    assert len(train) == 12 and len(test) == 8
+    assert {i.split("_")[0] for i in train}.isdisjoint({i.split("_")[0] for i in test})
+    tumour_slices = 0
+    for slice_id in train + test:
+        patient, slice_no = slice_id.split("_")
+        assert patient.startswith("P") and len(slice_no) == 3
+        arrays = {}
+        for kind in ("CT", "PET", "mask"):
+            with Image.open(root / patient / f"{slice_id}_{kind}.png") as image:
+                assert image.mode == "L" and image.size == (64, 64)
+                arrays[kind] = np.asarray(image)
+        assert set(np.unique(arrays["mask"])) <= {0, 255}
+        tumour_slices += bool(arrays["mask"].any())
+    assert summary["train"] == {"patients": 3, "slices": 12, "tumor_slices": summary["train"]["tumor_slices"]}
+    assert summary["train"]["tumor_slices"] + summary["test"]["tumor_slices"] == tumour_slices
+    assert summary["tumor_slice_fraction"] == pytest.approx(tumour_slices / 20, abs=1e-4)
+
+
+def test_same_seed_same_bytes_different_seed_different(tmp_path):
+    kwargs = dict(patients=2, slices=3, size=48, test_patients=1)
+    generate_pclt20k_like(tmp_path / "a", seed=5, **kwargs)
+    generate_pclt20k_like(tmp_path / "b", seed=5, num_processes=2, **kwargs)
+    generate_pclt20k_like(tmp_path / "c", seed=6, **kwargs)
+    a, b, c = (tree_bytes(tmp_path / x) for x in "abc")
+    assert a == b
+    assert a.keys() == c.keys()
+    assert sum(a[k] != c[k] for k in a if k.endswith("_CT.png")) == 9
+
+
+def test_benign_nodules_are_ct_visible_and_pet_cold_and_hot_sites_are_not_tumour():
+    benign_seen = hot_outside_mask_seen = 0
+    for index in range(6):
+        for sl in generate_patient(seed=0, index=index, slices=6, size=128):
+            ct, pet = sl.ct.astype(float), sl.pet.astype(float)
+            assert np.array_equal(sl.mask > 0, sl.tumor)
+            if sl.tumor.any():
+                assert pet[sl.tumor].mean() > 90             # tumours are PET-hot
+                assert ct[sl.tumor].mean() > 100              # and soft tissue on CT
+            if sl.benign.any():
+                assert not (sl.mask > 0)[sl.benign].any()
+                assert ct[sl.benign].mean() > 100             # CT: same look as a tumour ...
+                assert pet[sl.benign].mean() < 60             # ... but PET-cold
+                benign_seen += 1
+            hot = sl.physiological & (sl.mask == 0)
+            if hot.sum() > 20 and pet[hot].mean() > 90:
+                hot_outside_mask_seen += 1
+    assert benign_seen > 0 and hot_outside_mask_seen > 0
+
+
+def test_tumour_grows_and_shrinks_and_has_learnable_size():
+    for index in range(4):
+        areas = np.array([s.tumor.sum() for s in generate_patient(seed=3, index=index, slices=9, size=128)])
+        present = np.flatnonzero(areas)
+        assert present.size > 0 and np.all(np.diff(present) == 1)    # one contiguous run of slices
+        assert np.sqrt(areas[present].max() / np.pi) / 128 > 0.04    # radius >= 4 % of the image
+        if present.size >= 3:
+            assert areas[present].max() > max(areas[present[0]], areas[present[-1]])
+
+
+def test_tumour_free_fraction_parameter(tmp_path):
+    fractions = []
+    for fraction in (0.0, 0.5):
+        summary = generate_pclt20k_like(tmp_path / str(fraction), patients=30, slices=10, size=32, test_patients=0,
+                                        tumor_free_fraction=fraction)
+        fractions.append(summary["tumor_slice_fraction"])
+    assert fractions[0] == 1.0
+    assert 0.4 < fractions[1] < 0.6
+
+
+@pytest.mark.parametrize("kwargs, word", [(dict(patients=0), "patients"), (dict(size=8), "size"),
+                                          (dict(slices=1.5), "slices"), (dict(tumor_free_fraction=1.0), "fraction")])
+def test_bad_arguments(tmp_path, kwargs, word):
+    with pytest.raises(InputError, match=word):
+        generate_pclt20k_like(tmp_path / "x", **kwargs)
+
+
+def test_refuses_non_empty_output_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="not an empty folder"):
+        generate_pclt20k_like(tmp_path, patients=1, slices=1, size=32, test_patients=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_cli_synth(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "nnunetv2_cipa.cli", "synth", str(tmp_path / "d"), "--patients", "2",
+                          "--slices", "2", "--size", "32", "--test-patients", "1", "--seed", "3"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["test"]["slices"] == 2
+    assert len((tmp_path / "d" / "train.txt").read_text().splitlines()) == 4
