@@ -1,7 +1,9 @@
-"""CPU-sized CIPA trainers and the vanilla nnU-Net counterpart with the same short schedule."""
+"""CPU-sized CIPA trainers and their vanilla nnU-Net counterparts with the same short schedules."""
 
 from nnunetv2_cipa.training.variants import (  # noqa: F401
     nnUNetTrainerCIPA_debug,
     nnUNetTrainerCIPAMicro,
+    nnUNetTrainerCIPAMicro_demo,
     nnUNetTrainerVanilla_debug,
+    nnUNetTrainerVanilla_demo,
 )

@@ -94,3 +94,24 @@ class nnUNetTrainerVanilla_debug(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _shorten_schedule(self, epochs=2, iterations=4, val_iterations=2)
+
+
+DEMO_SCHEDULE = {"epochs": 10, "iterations": 25, "val_iterations": 5}
+
+
+class nnUNetTrainerCIPAMicro_demo(nnUNetTrainerCIPAMicro):
+    """micro preset with the fixed CPU budget of ``nnunetv2_cipa demo`` (DEMO_SCHEDULE)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _shorten_schedule(self, **DEMO_SCHEDULE)
+
+
+class nnUNetTrainerVanilla_demo(nnUNetTrainer):
+    """Vanilla nnU-Net with the same budget as nnUNetTrainerCIPAMicro_demo."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _shorten_schedule(self, **DEMO_SCHEDULE)

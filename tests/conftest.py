@@ -1,0 +1,76 @@
+"""Shared fixtures: an isolated nnU-Net environment and a small planned dataset built through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+DATASET_ID = 901
+DATASET_NAME = f"Dataset{DATASET_ID:03d}_PCLT20K"
+
+
+def run_cli(args: list[str], env: dict, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a console script from this environment (``nnUNetv2_*`` or ``nnunetv2_cipa``) and return its result."""
+    result = subprocess.run([str(BIN / args[0]), *args[1:]], env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-5000:]}")
+    return result
+
+
+@dataclass
+class PlannedDataset:
+    env: dict
+    root: Path
+    source: Path  # the synthetic PCLT20K-like tree
+
+    @property
+    def raw(self) -> Path:
+        return Path(self.env["nnUNet_raw"]) / DATASET_NAME
+
+    @property
+    def preprocessed(self) -> Path:
+        return Path(self.env["nnUNet_preprocessed"]) / DATASET_NAME
+
+    @property
+    def results(self) -> Path:
+        return Path(self.env["nnUNet_results"]) / DATASET_NAME
+
+    def plans(self) -> dict:
+        return json.loads((self.preprocessed / "nnUNetPlans.json").read_text())
+
+
+def nnunet_env(root: Path) -> dict:
+    """Environment for the nnU-Net CLI on a small CPU machine, with our trainers discoverable."""
+    from nnunetv2_cipa.training.discovery import ext_trainer_path
+
+    env = dict(os.environ)
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        env[name] = str(root / name)
+    env.update(nnUNet_extTrainer=str(ext_trainer_path()), nnUNet_def_n_proc="2", nnUNet_compile="false",
+               OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
+    env.pop("nnUNet_n_proc_DA", None)  # planning crashes with 0; training sets it itself
+    return env
+
+
+@pytest.fixture(scope="session")
+def planned_dataset(tmp_path_factory) -> PlannedDataset:
+    """synth -> convert -> plan_and_preprocess (2d, verified), all through the console scripts."""
+    root = tmp_path_factory.mktemp("nnunet")
+    env = nnunet_env(root)
+    source = root / "PCLT20K_synthetic"
+    run_cli(["nnunetv2_cipa", "synth", str(source), "--patients", "10", "--slices", "4", "--size", "64",
+             "--test-patients", "2", "--seed", "3"], env)
+    run_cli(["nnunetv2_cipa", "convert", str(source), "-d", str(DATASET_ID), "--folds", "5", "-np", "2"], env)
+    run_cli(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "--verify_dataset_integrity",
+             "-np", "2", "-npfp", "2"], env)
+    return PlannedDataset(env=env, root=root, source=source)

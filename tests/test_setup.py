@@ -1,0 +1,63 @@
+"""The environment the README's set-up produces: console scripts, the CPU torchvision repair, trainer lookup."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from conftest import BIN, nnunet_env, run_cli
+from nnunetv2_cipa import torchvision_fix
+from nnunetv2_cipa.training.discovery import ext_trainer_path, find_trainer_class
+
+ALL_TRAINERS = ("nnUNetTrainerCIPA", "nnUNetTrainerCIPA_noCRM", "nnUNetTrainerCIPA_noDCIM", "nnUNetTrainerCIPA_noMamba",
+                "nnUNetTrainerCIPA_pretrained", "nnUNetTrainerCIPAMicro", "nnUNetTrainerCIPA_debug",
+                "nnUNetTrainerVanilla_debug", "nnUNetTrainerCIPAMicro_demo", "nnUNetTrainerVanilla_demo")
+
+
+def test_timm_imports_in_a_fresh_interpreter():
+    """`import timm.layers` is what nnU-Net's trainer lookup needs; on CPU torch it only works with the repair."""
+    result = subprocess.run([sys.executable, "-c", "import torchvision, timm.layers; print('ok')"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_repair_is_installed_and_idempotent():
+    assert torchvision_fix.pth_path().exists(), "run `python -m nnunetv2_cipa.torchvision_fix install`"
+    before = list(sys.meta_path)
+    torchvision_fix.install_hook()  # torchvision already imported in this process: must not add anything
+    assert sys.meta_path == before
+
+
+def test_stock_nnunet_train_finds_a_non_default_trainer(tmp_path):
+    """The real nnUNetv2_train script resolves nnUNetTrainer_1epoch (imports every built-in trainer module, hence
+    timm); it then fails only because dataset 999 does not exist."""
+    env = {"PATH": str(BIN), "nnUNet_raw": str(tmp_path), "nnUNet_preprocessed": str(tmp_path),
+           "nnUNet_results": str(tmp_path), "HOME": str(tmp_path)}
+    result = run_cli(["nnUNetv2_train", "999", "2d", "0", "-tr", "nnUNetTrainer_1epoch", "-device", "cpu"], env,
+                     check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "torchvision::nms" not in output and "Could not find requested nnunet trainer" not in output
+    assert "Could not find a dataset with the ID 999" in output
+
+
+@pytest.mark.parametrize("name", ALL_TRAINERS)
+def test_every_trainer_is_discoverable_and_pickles_by_reference(name):
+    cls = find_trainer_class(name)
+    assert cls.__name__ == name and "__" not in name
+    assert cls.__module__.startswith("nnunetv2_cipa.training.")
+    assert pickle.loads(pickle.dumps(cls)) is cls
+
+
+def test_ext_path_and_doctor_commands(tmp_path):
+    assert run_cli(["nnunetv2_cipa", "ext-path"], {"PATH": str(BIN)}).stdout.strip() == str(ext_trainer_path())
+    assert (ext_trainer_path() / "nnunetv2_cipa_trainers.py").is_file()
+    result = run_cli(["nnunetv2_cipa", "doctor"], nnunet_env(tmp_path))
+    for expected in ("torch", "nnunetv2", "dynamic-network-architectures", "timm", "scan backends", "nnUNet_raw",
+                     "nnUNetTrainerCIPA"):
+        assert expected in result.stdout
+    assert "discoverable" in result.stdout and "NOT discoverable" not in result.stdout

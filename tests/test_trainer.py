@@ -1,0 +1,213 @@
+"""Trainer-level tests: every trainer's network from a real generated plans file, optimiser groups, schedule,
+deep supervision wiring, a CPU bf16 train step, DDP requirements."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunetv2_cipa.errors import InputError
+from nnunetv2_cipa.training.cipa_trainer import nnUNetTrainerCIPA, unwrap, weight_decay_groups
+from nnunetv2_cipa.training.discovery import find_trainer_class
+from nnunetv2_cipa.training.lr_schedule import WarmupPolyLRScheduler
+from nnunetv2_cipa.training.variants import PRETRAINED_ENV_VAR
+
+from test_setup import ALL_TRAINERS
+
+CIPA_TRAINERS = [t for t in ALL_TRAINERS if "CIPA" in t]
+MICRO_TRAINERS = ("nnUNetTrainerCIPAMicro", "nnUNetTrainerCIPA_debug", "nnUNetTrainerCIPAMicro_demo")
+
+
+def plans_with_patch(planned_dataset, patch_size) -> dict:
+    plans = copy.deepcopy(planned_dataset.plans())
+    plans["configurations"]["2d"]["patch_size"] = list(patch_size)
+    return plans
+
+
+@pytest.fixture
+def nnunet_paths(planned_dataset, monkeypatch):
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(name, planned_dataset.env[name])
+    monkeypatch.setenv("nnUNet_CIPA_pretrained", "")
+    return planned_dataset
+
+
+def make_trainer(name: str, planned_dataset, patch_size=None):
+    plans = plans_with_patch(planned_dataset, patch_size) if patch_size else planned_dataset.plans()
+    plans["continue_training"] = False
+    dataset_json = json.loads((planned_dataset.preprocessed / "dataset.json").read_text())
+    return find_trainer_class(name)(plans=plans, configuration="2d", fold=0, dataset_json=dataset_json,
+                                    device=torch.device("cpu"))
+
+
+def ds_targets(target: torch.Tensor, scales) -> list[torch.Tensor]:
+    """What nnU-Net's DownsampleSegForDSTransform produces for a (B, 1, H, W) label map."""
+    out = []
+    for s in scales:
+        shape = [round(i * j) for i, j in zip(target.shape[2:], s)]
+        out.append(target if all(j == 1 for j in s) else F.interpolate(target, shape, mode="nearest-exact"))
+    return out
+
+
+@pytest.mark.parametrize("patch_size", [None, (80, 112)], ids=["planned", "80x112"])
+@pytest.mark.parametrize("name", CIPA_TRAINERS)
+def test_network_from_real_plans(name, patch_size, nnunet_paths):
+    """Built on the class exactly as nnU-Net's predictor does, for the planned and a non-square patch size."""
+    if name == "nnUNetTrainerCIPA_pretrained":
+        pytest.skip("same architecture as nnUNetTrainerCIPA; its checkpoint handling is tested below")
+    plans = plans_with_patch(nnunet_paths, patch_size) if patch_size else nnunet_paths.plans()
+    manager = PlansManager(plans)
+    configuration = manager.get_configuration("2d")
+    cls = find_trainer_class(name)
+    network = cls.build_network_architecture(manager, configuration, 2, 2, enable_deep_supervision=False)
+    assert type(network).__name__ == "CIPA"
+    if name in MICRO_TRAINERS:
+        x = torch.rand(2, 2, *configuration.patch_size)
+        with torch.no_grad():
+            assert network(x).shape == (2, 2, *configuration.patch_size)
+    names = {n.split(".")[0] for n, _ in network.named_parameters()}
+    assert ("crm" in names) == cls.use_crm and ("dcim" in names) == cls.use_dcim
+    assert any(n.endswith("A_log") for n, _ in network.named_parameters()) == cls.use_mamba
+
+
+@pytest.mark.parametrize("patch_size", [None, (80, 112)], ids=["planned", "80x112"])
+def test_debug_trainer_train_step_with_deep_supervision(patch_size, nnunet_paths):
+    trainer = make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths, patch_size)
+    trainer.initialize()
+    trainer.set_deep_supervision_enabled(True)
+    scales = trainer._get_deep_supervision_scales()
+    assert scales == [[1.0, 1.0], [0.25, 0.25], [0.125, 0.125], [0.0625, 0.0625]]
+    assert np.isclose(sum(trainer.loss.weight_factors), 1) and all(w > 0 for w in trainer.loss.weight_factors)
+    patch = trainer.configuration_manager.patch_size
+    data = torch.rand(2, 2, *patch)
+    target = (torch.rand(2, 1, *patch) > 0.7).float()
+    outputs = trainer.network(data)
+    assert [tuple(o.shape[2:]) for o in outputs] == [tuple(t.shape[2:]) for t in ds_targets(target, scales)]
+    before = [p.detach().clone() for p in trainer.network.parameters()]
+    loss = trainer.train_step({"data": data, "target": ds_targets(target, scales)})["loss"]
+    assert np.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))
+
+    trainer.set_deep_supervision_enabled(False)  # what validation and the predictor see
+    with torch.no_grad():
+        assert trainer.network(data).shape == (2, 2, *patch)
+
+
+def test_cpu_bf16_autocast_train_step_is_finite(nnunet_paths):
+    trainer = make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths)
+    trainer.initialize()
+    trainer.set_deep_supervision_enabled(True)
+    patch = trainer.configuration_manager.patch_size
+    data, target = torch.rand(2, 2, *patch), (torch.rand(2, 1, *patch) > 0.7).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = trainer.loss(trainer.network(data), ds_targets(target, trainer._get_deep_supervision_scales()))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in trainer.network.parameters() if p.grad is not None)
+
+
+def test_optimizer_groups_cover_every_parameter_once(nnunet_paths):
+    trainer = make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths)
+    trainer.initialize()
+    network = unwrap(trainer.network)
+    decay, no_decay = trainer.optimizer.param_groups
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    assert decay["weight_decay"] == trainer.weight_decay and no_decay["weight_decay"] == 0
+    ids_decay, ids_no = {id(p) for p in decay["params"]}, {id(p) for p in no_decay["params"]}
+    assert not ids_decay & ids_no and ids_decay | ids_no == {id(p) for p in network.parameters()}
+    for name, param in network.named_parameters():
+        if name.endswith(("A_log", ".D")) or getattr(param, "_no_weight_decay", False) or param.ndim <= 1:
+            assert id(param) in ids_no, name
+    assert any(name.endswith("A_log") for name, _ in network.named_parameters())
+
+
+def test_weight_decay_groups_respect_the_marker():
+    layer = torch.nn.Linear(3, 4)
+    marked = torch.nn.Parameter(torch.zeros(4, 4))
+    marked._no_weight_decay = True
+    layer.register_parameter("marked", marked)
+    decay, no_decay = weight_decay_groups(layer, 0.1)
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 3])]
+    assert len(no_decay["params"]) == 2
+
+
+def test_warmup_poly_schedule():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = WarmupPolyLRScheduler(optimizer, 1e-3, warmup_steps=10, max_steps=110)
+    lrs = [scheduler.lr_at(step) for step in range(110)]
+    assert np.allclose(lrs[:10], 1e-4 * np.arange(1, 11))
+    assert np.isclose(lrs[10], 1e-3) and lrs[-1] < 1e-4 and all(np.diff(lrs[10:]) < 0)
+    scheduler.step(42)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(scheduler.lr_at(42))
+    with pytest.raises(ValueError, match="warmup_steps"):
+        WarmupPolyLRScheduler(optimizer, 1e-3, warmup_steps=5, max_steps=5)
+
+
+def test_compile_only_on_opt_in(nnunet_paths, monkeypatch):
+    trainer = make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths)
+    monkeypatch.delenv("nnUNet_compile", raising=False)
+    assert trainer._do_i_compile() is False
+
+
+def test_pretrained_trainer_needs_a_checkpoint(nnunet_paths, monkeypatch, tmp_path):
+    monkeypatch.delenv(PRETRAINED_ENV_VAR, raising=False)
+    with pytest.raises(InputError, match=PRETRAINED_ENV_VAR):
+        make_trainer("nnUNetTrainerCIPA_pretrained", nnunet_paths)
+    monkeypatch.setenv(PRETRAINED_ENV_VAR, str(tmp_path / "missing.pth"))
+    with pytest.raises(InputError, match="missing.pth"):
+        make_trainer("nnUNetTrainerCIPA_pretrained", nnunet_paths)
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, plans: dict, queue) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    manager = PlansManager(plans)
+    configuration = manager.get_configuration("2d")
+    network = find_trainer_class("nnUNetTrainerCIPA_debug").build_network_architecture(manager, configuration, 2, 2,
+                                                                                         True)
+    ddp = torch.nn.parallel.DistributedDataParallel(network)  # find_unused_parameters=False, as in nnU-Net
+    patch = configuration.patch_size
+    for _ in range(2):  # DDP reports unused parameters on the iteration after they were missed
+        outputs = ddp(torch.rand(2, 2, *patch))
+        sum(o.float().mean() for o in outputs).backward()
+    queue.put((rank, sum(float(p.grad.abs().sum()) for p in network.parameters())))
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_no_unused_parameters(nnunet_paths):
+    """nnU-Net wraps the network in DDP without find_unused_parameters: every parameter must get a gradient
+    (run with gloo on CPU; nnU-Net's own -num_gpus path needs CUDA)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    mp.start_processes(_ddp_worker, args=(2, port, nnunet_paths.plans(), queue), nprocs=2, join=True,
+                       start_method="spawn")
+    grads = dict(queue.get() for _ in range(2))
+    assert set(grads) == {0, 1} and all(g > 0 for g in grads.values())
+
+
+def test_sync_batchnorm_conversion_covers_dcim(nnunet_paths):
+    """Under DDP nnU-Net converts BatchNorm to SyncBatchNorm; only DCIM's conv stacks have BatchNorm."""
+    manager = PlansManager(nnunet_paths.plans())
+    network = nnUNetTrainerCIPA.build_network_architecture(manager, manager.get_configuration("2d"), 2, 2, True)
+    bn_names = [n for n, m in network.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn_names and all(n.startswith("dcim.") for n in bn_names)
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
+    assert all(isinstance(m, torch.nn.SyncBatchNorm) for n, m in converted.named_modules() if n in bn_names)
