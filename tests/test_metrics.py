@@ -1,4 +1,4 @@
-"""Metrics of nnunetv2_cipa.evaluation.metrics against hand-computed and brute-force references, and the evaluate CLI."""
+"""Metrics of nnunetv2_cipa.evaluation.metrics against hand-computed and brute-force references; the evaluate CLI."""
 
 from __future__ import annotations
 
