@@ -13,6 +13,7 @@ D, delta_bias (dim,). Always computed in float32; the output has the dtype of ``
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import torch
@@ -72,27 +73,160 @@ def expand_groups(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.repeat_interleave(dim // groups, dim=1)
 
 
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any input is float64, else float32 (the scan never runs in half precision)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """Plain sequential loop over L in float32 (for tests only). (batch, dim, L) -> (batch, dim, L)."""
-    dtype_out = u.dtype
-    u, delta, A, B, C = (t.float() for t in (u, delta, A, B, C))
+    """Plain sequential loop over L in at least float32 (for tests only). (batch, dim, L) -> (batch, dim, L)."""
+    dtype_out, dtype = u.dtype, compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
     dim = u.shape[1]
     if delta_bias is not None:
-        delta = delta + delta_bias.float()[None, :, None]
+        delta = delta + delta_bias.to(dtype)[None, :, None]
     if delta_softplus:
         delta = F.softplus(delta)
     B, C = expand_groups(B, dim), expand_groups(C, dim)  # (batch, dim, N, L)
     h = u.new_zeros(u.shape[0], dim, A.shape[1])
-    ys = []
-    for t in range(u.shape[2]):
-        h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[..., t]
-        ys.append((h * C[..., t]).sum(-1))
+    ys = []  # unbind, not indexing, so that backward stays linear in L
+    for delta_t, u_t, B_t, C_t in zip(delta.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1)):
+        h = torch.exp(delta_t[..., None] * A) * h + (delta_t * u_t)[..., None] * B_t
+        ys.append((h * C_t).sum(-1))
     y = torch.stack(ys, dim=-1)
     if D is not None:
-        y = y + D.float()[None, :, None] * u
+        y = y + D.to(dtype)[None, :, None] * u
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(dtype))
     return y.to(dtype_out)
+
+
+# ---- torch backend: chunked scan, recomputed in backward ------------------------------------------------------------
+# The sequence is cut into n_chunks chunks of `chunk` steps (chunk ~ sqrt(L)). A step loop runs over the position inside
+# the chunk for all chunks at once, a short loop over chunks carries the chunk-start states, and a second step loop
+# produces the outputs. Only exp(delta * A) of single steps or whole chunks is formed (never exp of a positive
+# cumulative sum), so large delta * |A| decays to 0 without overflow. Channels are processed in blocks inside one group
+# so that the (B, N, L) inputs are broadcast, never expanded per channel, and memory stays bounded.
+_BLOCK_ELEMENTS = 1 << 22  # state elements (batch * channels * L * N) per channel block
+
+
+def _to_chunks(t: torch.Tensor, n_chunks: int, chunk: int) -> torch.Tensor:
+    """(..., L) -> (chunk, ..., n_chunks), zero-padded at the end (zero delta: decay 1, no input)."""
+    t = F.pad(t, (0, n_chunks * chunk - t.shape[-1]))
+    return t.unflatten(-1, (n_chunks, chunk)).movedim(-1, 0).contiguous()
+
+
+def _from_chunks(t: torch.Tensor, length: int) -> torch.Tensor:
+    """(chunk, ..., n_chunks) -> (..., L)."""
+    return t.movedim(0, -1).flatten(-2)[..., :length]
+
+
+def _chunk_start_states(decay, inputs):
+    """States entering each chunk, (b, c, n_chunks, N), from decay, inputs (chunk, b, c, n_chunks, N)."""
+    h = inputs[0]
+    for t in range(1, decay.shape[0]):
+        h = torch.addcmul(inputs[t], decay[t], h)
+    chunk_decay = decay.prod(0)
+    starts = torch.zeros_like(h)
+    for k in range(1, h.shape[2]):
+        torch.addcmul(h[:, :, k - 1], chunk_decay[:, :, k - 1], starts[:, :, k - 1], out=starts[:, :, k])
+    return starts, chunk_decay
+
+
+def _all_states(decay, inputs):
+    """Every state h_t, (chunk, b, c, n_chunks, N), plus the chunk-start states and whole-chunk decays."""
+    starts, chunk_decay = _chunk_start_states(decay, inputs)
+    states = torch.empty_like(inputs)
+    h = starts
+    for t in range(decay.shape[0]):
+        h = torch.addcmul(inputs[t], decay[t], h, out=states[t])
+    return states, starts, chunk_decay
+
+
+def _adjoint_states(decay, grad_inputs, chunk_decay):
+    """lam_t = decay_{t+1} lam_{t+1} + grad_inputs_t for every step, (chunk, b, c, n_chunks, N)."""
+    chunk = decay.shape[0]
+    lam = grad_inputs[-1]
+    for t in range(chunk - 2, -1, -1):  # lam at each chunk's first step, ignoring later chunks
+        lam = torch.addcmul(grad_inputs[t], decay[t + 1], lam)
+    incoming = torch.zeros_like(lam)  # decay * lam carried into each chunk's last step from the next chunk
+    for k in range(incoming.shape[2] - 2, -1, -1):
+        incoming[:, :, k] = decay[0, :, :, k + 1] * lam[:, :, k + 1] + chunk_decay[:, :, k + 1] * incoming[:, :, k + 1]
+    lams = torch.empty_like(grad_inputs)
+    lam = torch.add(grad_inputs[-1], incoming, out=lams[-1])
+    for t in range(chunk - 2, -1, -1):
+        lam = torch.addcmul(grad_inputs[t], decay[t + 1], lam, out=lams[t])
+    return lams
+
+
+def _chunked_blocks(u, delta, A, B, C, gy=None):
+    """Run the chunked scan block by block; forward outputs y, or with ``gy`` the gradients (gu, gdelta, gA, gB, gC).
+
+    u, delta, gy (b, d, L); A (d, N); B, C (b, G, N, L)."""
+    batch, dim, length = u.shape
+    groups, n_state = B.shape[1], A.shape[1]
+    chunk = min(length, 1 << round(math.log2(length) / 2))
+    n_chunks = -(-length // chunk)
+    per_group = dim // groups
+    block = max(1, min(per_group, _BLOCK_ELEMENTS // (batch * n_chunks * chunk * n_state)))
+    outs = [torch.zeros_like(u)] if gy is None else [torch.zeros_like(t) for t in (u, delta, A, B, C)]
+    for g in range(groups):
+        Bc = _to_chunks(B[:, g], n_chunks, chunk).transpose(-1, -2).unsqueeze(2)  # (chunk, b, 1, n_chunks, N)
+        Cc = _to_chunks(C[:, g], n_chunks, chunk).transpose(-1, -2).unsqueeze(2)
+        for c0 in range(g * per_group, (g + 1) * per_group, block):
+            ch = slice(c0, min(c0 + block, (g + 1) * per_group))
+            A_ = A[ch, None, :]
+            dl = _to_chunks(delta[:, ch], n_chunks, chunk)  # (chunk, b, c, n_chunks)
+            uc = _to_chunks(u[:, ch], n_chunks, chunk)
+            du = dl * uc
+            decay = torch.exp(dl[..., None] * A_)  # (chunk, b, c, n_chunks, N)
+            states, starts, chunk_decay = _all_states(decay, du[..., None] * Bc)
+            if gy is None:
+                outs[0][:, ch] = _from_chunks((states * Cc).sum(-1), length)
+                continue
+            gyc = _to_chunks(gy[:, ch], n_chunks, chunk)
+            lams = _adjoint_states(decay, gyc[..., None] * Cc, chunk_decay)
+            lam_b = (lams * Bc).sum(-1)
+            outs[3][:, g] += _from_chunks((lams * du[..., None]).sum(2).transpose(-1, -2), length)
+            outs[4][:, g] += _from_chunks((states * gyc[..., None]).sum(2).transpose(-1, -2), length)
+            # d/d(decay_t) = lam_t * h_{t-1}; times decay_t gives the gradient of dl_t * A
+            grad_log_decay = torch.cat([starts[None], states[:-1]]).mul_(lams).mul_(decay)
+            outs[0][:, ch] = _from_chunks(lam_b * dl, length)
+            outs[1][:, ch] = _from_chunks((grad_log_decay * A_).sum(-1) + lam_b * uc, length)
+            outs[2][ch] = (grad_log_decay * dl[..., None]).sum((0, 1, 3))
+    return outs[0] if gy is None else tuple(outs)
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """y_t = <C_t, h_t> of the bare recurrence; nothing of size (b, d, L, N) is kept for backward."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):
+        ctx.save_for_backward(u, delta, A, B, C)
+        return _chunked_blocks(u, delta, A, B, C)
+
+    @staticmethod
+    def backward(ctx, gy):
+        return _chunked_blocks(*ctx.saved_tensors, gy=gy.contiguous())
+
+
+def scan_with_core(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """Apply bias, softplus, D skip and z gate around ``core(u, delta, A, B4, C4) -> (b, d, L)`` (B4, C4 grouped).
+
+    Computes in at least float32 and returns u's dtype; autograd covers everything outside the core."""
+    dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    out_dtype = u.dtype
+    u, delta, A, B, C = (t.to(dtype).contiguous() for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)[None, :, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    y = core(u, delta, A, B if B.dim() == 4 else B.unsqueeze(1), C if C.dim() == 4 else C.unsqueeze(1))
+    if D is not None:
+        y = y + D.to(dtype)[None, :, None] * u
+    if z is not None:
+        y = y * F.silu(z.to(dtype))
+    return y.to(out_dtype)
 
 
 def _cuda_scan_fn():
@@ -139,4 +273,6 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                                   delta_bias=None if delta_bias is None else delta_bias.float(),
                                   delta_softplus=delta_softplus)
             return out.to(u.dtype)
+        if name == "torch":
+            return scan_with_core(_ChunkedScan.apply, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

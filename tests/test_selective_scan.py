@@ -1,0 +1,183 @@
+"""selective_scan: the torch (and numba cpu) backends against the sequential reference, values and gradients."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+
+import pytest
+import torch
+
+from nnunetv2_cipa.ops.selective_scan import available_backends, resolve_backend, selective_scan, selective_scan_reference
+
+scan_module = importlib.import_module("nnunetv2_cipa.ops.selective_scan")
+FAST_BACKENDS = [name for name in ("torch", "cpu") if name in available_backends()]
+INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def make_inputs(batch=2, dim=4, length=37, n_state=3, groups=None, dtype=torch.float64, seed=0, delta_scale=0.5):
+    """Random scan inputs (all requiring grad) in the order of INPUT_NAMES; B, C grouped when ``groups``."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    bc_shape = (batch, n_state, length) if groups is None else (batch, groups, n_state, length)
+    tensors = (rand(batch, dim, length), rand(batch, dim, length) * delta_scale,
+               -torch.rand(dim, n_state, generator=gen, dtype=dtype) * 2 - 0.1, rand(*bc_shape), rand(*bc_shape),
+               rand(dim), rand(batch, dim, length), rand(dim) * 0.1)
+    return [t.requires_grad_() for t in tensors]
+
+
+def run_with_grads(inputs, backend, use_optional=(True, True, True), delta_softplus=True):
+    """Output and gradients w.r.t. every input used, for a fixed non-uniform output weighting."""
+    u, delta, A, B, C, D, z, bias = inputs
+    use_d, use_z, use_bias = use_optional
+    y = selective_scan(u, delta, A, B, C, D=D if use_d else None, z=z if use_z else None,
+                       delta_bias=bias if use_bias else None, delta_softplus=delta_softplus, backend=backend)
+    used = [t for t, keep in zip(inputs, (True,) * 5 + (use_d, use_z, use_bias)) if keep]
+    weight = torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y)
+    grads = torch.autograd.grad((y * weight).sum(), used)
+    return y, grads
+
+
+def assert_close_rel(actual, expected, tol, name):
+    scale = expected.abs().max().clamp_min(1e-30)
+    err = ((actual - expected).abs().max() / scale).item()
+    assert torch.isfinite(actual).all(), f"{name}: not finite"
+    assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+
+
+@functools.lru_cache(maxsize=1)
+def long_sequence_case():
+    """Inputs with L = 16384 and the reference's results, computed once for all backends (the loop takes ~15 s)."""
+    inputs = make_inputs(batch=1, dim=2, length=16384, n_state=2, groups=2, delta_scale=0.1)
+    return inputs, run_with_grads(inputs, "reference")
+
+
+def compare_to_reference(backend, inputs, tol, expected=None, **kwargs):
+    y_ref, g_ref = expected or run_with_grads(inputs, "reference", **kwargs)
+    y, grads = run_with_grads(inputs, backend, **kwargs)
+    assert y.dtype == inputs[0].dtype and y.shape == inputs[0].shape
+    assert_close_rel(y, y_ref, tol, "output")
+    for name, g, g_expected in zip(INPUT_NAMES, grads, g_ref):
+        assert_close_rel(g, g_expected, tol, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize(
+    "length, groups, use_optional, delta_softplus",
+    [(1, None, (True, True, True), True),
+     (37, None, (True, True, True), True),
+     (37, 2, (True, True, True), True),
+     (64, 4, (False, False, False), False),
+     (200, 2, (True, False, True), False),
+     (129, None, (False, True, False), True)],
+)
+def test_matches_reference_float64(backend, length, groups, use_optional, delta_softplus):
+    inputs = make_inputs(length=length, groups=groups, dim=8 if groups == 4 else 4)
+    compare_to_reference(backend, inputs, 1e-6, use_optional=use_optional, delta_softplus=delta_softplus)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_matches_reference_long_sequence(backend):
+    inputs, expected = long_sequence_case()
+    compare_to_reference(backend, inputs, 1e-6, expected)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_matches_reference_float32(backend):
+    inputs = make_inputs(dim=6, length=300, groups=3, dtype=torch.float32)
+    compare_to_reference(backend, inputs, 1e-4)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-6), (torch.float32, 1e-4)])
+def test_extreme_decays(backend, dtype, tol):
+    """delta * |A| from 1e-6 to 100 per step: no overflow, no 0 * inf, same as the loop."""
+    inputs = make_inputs(dim=4, length=300, n_state=4, groups=2, dtype=dtype)
+    gen = torch.Generator().manual_seed(1)
+    log_delta = torch.empty(2, 4, 300, dtype=dtype).uniform_(-6 * 2.3026, 2 * 2.3026, generator=gen)
+    log_delta[:, :, 100:140] = 2 * 2.3026  # a run of full decays
+    log_delta[:, :, 200:260] = -6 * 2.3026  # a run with almost no decay
+    with torch.no_grad():
+        inputs[1].copy_(log_delta.exp())
+        inputs[2].copy_(-torch.ones(4, 4, dtype=dtype))
+    y_ref, _ = run_with_grads(inputs, "reference", use_optional=(True, True, False), delta_softplus=False)
+    assert torch.isfinite(y_ref).all()
+    compare_to_reference(backend, inputs, tol, use_optional=(True, True, False), delta_softplus=False)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_bfloat16_autocast(backend):
+    """Half-precision inputs under autocast: computed in float32, finite, bf16 output close to the float32 result."""
+    inputs = [t.detach() for t in make_inputs(dim=8, length=256, n_state=16, groups=4, dtype=torch.float32)]
+    u, delta, A, B, C, D, z, bias = inputs
+    expected = selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        same = selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True, backend=backend)
+        half = [t.to(torch.bfloat16) for t in (u, delta, B, C, z)]
+        out = selective_scan(half[0], half[1], A, half[2], half[3], D, half[4], bias, delta_softplus=True,
+                             backend=backend)
+    assert same.dtype == torch.float32 and torch.equal(same, expected)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert_close_rel(out.float(), expected, 5e-2, "bf16 output")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and importlib.util.find_spec("mamba_ssm")),
+                    reason="needs CUDA and mamba-ssm")
+@pytest.mark.parametrize("groups", [None, 4])
+def test_torch_matches_cuda(groups):
+    cpu_inputs = make_inputs(dim=16, length=500, n_state=16, groups=groups, dtype=torch.float32)
+    inputs = [t.detach().cuda().requires_grad_() for t in cpu_inputs]
+    y_cuda, g_cuda = run_with_grads(inputs, "cuda")
+    y_torch, g_torch = run_with_grads(inputs, "torch")
+    assert_close_rel(y_torch, y_cuda, 1e-4, "output")
+    for name, g, g_expected in zip(INPUT_NAMES, g_torch, g_cuda):
+        assert_close_rel(g, g_expected, 1e-3, f"grad {name}")
+
+
+@pytest.mark.parametrize(
+    "name, bad_index, bad_shape",
+    [("u", 0, (2, 4)), ("delta", 1, (2, 4, 36)), ("A", 2, (5, 3)), ("B", 3, (2, 3, 36)), ("C", 4, (2, 3, 3, 37)),
+     ("D", 5, (3,)), ("z", 6, (2, 4, 36)), ("delta_bias", 7, (4, 1))],
+)
+def test_bad_shapes_name_the_argument(name, bad_index, bad_shape):
+    inputs = [t.detach() for t in make_inputs()]
+    inputs[bad_index] = torch.zeros(bad_shape, dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"\b{name} must"):
+        selective_scan(*inputs[:5], D=inputs[5], z=inputs[6], delta_bias=inputs[7])
+
+
+def test_integer_input_rejected():
+    inputs = [t.detach() for t in make_inputs()]
+    with pytest.raises(ValueError, match="u must be a floating-point"):
+        selective_scan(inputs[0].long(), *inputs[1:5])
+
+
+def test_backend_from_environment(monkeypatch):
+    u, delta, A, B, C = (t.detach() for t in make_inputs()[:5])
+    monkeypatch.setenv("NNUNETV2_CIPA_SCAN_BACKEND", "reference")
+    assert resolve_backend(None, u.device) == "reference"
+    assert resolve_backend("torch", u.device) == "torch"  # the argument wins
+    calls = []
+    monkeypatch.setattr(scan_module, "selective_scan_reference", lambda *a, **k: calls.append(1) or a[0])
+    selective_scan(u, delta, A, B, C)
+    assert calls == [1]
+    monkeypatch.setenv("NNUNETV2_CIPA_SCAN_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="bogus.*NNUNETV2_CIPA_SCAN_BACKEND"):
+        selective_scan(u, delta, A, B, C)
+
+
+def test_unknown_backend_and_auto(monkeypatch):
+    u, delta, A, B, C = (t.detach() for t in make_inputs()[:5])
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        selective_scan(u, delta, A, B, C, backend="fast")
+    with pytest.raises(ValueError, match="cuda"):
+        selective_scan(u, delta, A, B, C, backend="cuda")
+    monkeypatch.delenv("NNUNETV2_CIPA_SCAN_BACKEND", raising=False)
+    expected = "cpu" if "cpu" in available_backends() else "torch"
+    assert resolve_backend(None, u.device) == expected
+    assert torch.allclose(selective_scan(u, delta, A, B, C), selective_scan_reference(u, delta, A, B, C))
