@@ -12,6 +12,7 @@ D, delta_bias (dim,). Always computed in float32; the output has the dtype of ``
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -19,7 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "torch", "cuda", "reference")
+BACKENDS = ("auto", "torch", "cpu", "cuda", "reference")
 _ENV_VAR = "NNUNETV2_CIPA_SCAN_BACKEND"
 _logger = logging.getLogger(__name__)
 _logged_backends: set[str] = set()
@@ -238,24 +239,43 @@ def _cuda_scan_fn():
     return selective_scan_fn
 
 
+@functools.cache
+def _numba_scan():
+    """The numba kernel's autograd Function, imported lazily; None when numba is missing."""
+    try:
+        from nnunetv2_cipa.ops.selective_scan_cpu import NumbaScan
+    except ImportError:
+        return None
+    return NumbaScan
+
+
 def available_backends() -> list[str]:
-    """Backends usable on this machine (``cuda`` only with a GPU and an importable mamba-ssm)."""
+    """Backends usable on this machine (``cuda`` needs a GPU and an importable mamba-ssm, ``cpu`` needs numba)."""
     names = ["torch", "reference"]
+    if _numba_scan() is not None:
+        names.insert(0, "cpu")
     if torch.cuda.is_available() and _cuda_scan_fn() is not None:
         names.insert(0, "cuda")
     return names
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """Resolve ``backend`` (or env NNUNETV2_CIPA_SCAN_BACKEND, default auto) for tensors on ``device``."""
+    """Resolve ``backend`` (or env NNUNETV2_CIPA_SCAN_BACKEND, default auto) for tensors on ``device``.
+
+    auto: cuda for CUDA tensors when mamba-ssm imports, cpu for CPU tensors when numba imports, torch otherwise."""
     name = (backend or os.environ.get(_ENV_VAR, "auto")).lower()
     if name not in BACKENDS:
         raise ValueError(f"selective_scan: unknown backend {name!r} (from {'argument' if backend else _ENV_VAR}); "
                          f"choose one of {BACKENDS}")
     if name == "auto":
-        name = "cuda" if device.type == "cuda" and _cuda_scan_fn() is not None else "torch"
+        if device.type == "cuda" and _cuda_scan_fn() is not None:
+            name = "cuda"
+        else:
+            name = "cpu" if device.type == "cpu" and _numba_scan() is not None else "torch"
     elif name == "cuda" and (device.type != "cuda" or _cuda_scan_fn() is None):
         raise ValueError("selective_scan: backend 'cuda' needs CUDA tensors and an importable mamba-ssm")
+    elif name == "cpu" and (device.type != "cpu" or _numba_scan() is None):
+        raise ValueError("selective_scan: backend 'cpu' needs CPU tensors and numba (pip install numba)")
     if name not in _logged_backends:
         _logged_backends.add(name)
         _logger.info("selective_scan: using the %r backend", name)
@@ -273,6 +293,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                                   delta_bias=None if delta_bias is None else delta_bias.float(),
                                   delta_softplus=delta_softplus)
             return out.to(u.dtype)
-        if name == "torch":
-            return scan_with_core(_ChunkedScan.apply, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        if name in ("torch", "cpu"):
+            core = _ChunkedScan.apply if name == "torch" else _numba_scan().apply
+            return scan_with_core(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
