@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.evaluation.metrics import (evaluate_folders, format_summary, hd95, hd95_paper_rule, slice_metrics,
@@ -191,3 +192,16 @@ def test_evaluate_cli(tmp_path, folders):
 def test_parallel_evaluation_equals_serial(folders):
     gt, pred = folders
     assert evaluate_folders(gt, pred, num_workers=2) == evaluate_folders(gt, pred, num_workers=1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_slice_metrics_on_a_large_image_match_full_image_references(seed):
+    rng = np.random.default_rng(100 + seed)
+    pred, gt = np.zeros((200, 180), bool), np.zeros((200, 180), bool)
+    pred[60:108, 20:60], gt[70:118, 30:70] = blob_mask(rng), blob_mask(rng)
+    m = slice_metrics(pred, gt)
+    assert m["hd95_px"] == pytest.approx(brute_force_hd95(pred, gt)) == m["hd95_px_paper_rule"]
+    assert m["tp"] + m["fp"] + m["fn"] + m["tn"] == pred.size and m["tp"] == np.count_nonzero(pred & gt)
+    labels, _ = ndimage.label(pred, structure=np.ones((3, 3)))
+    touching = np.unique(labels[pred & gt])
+    assert m["fp_area_px"] == np.count_nonzero(pred & ~np.isin(labels, touching))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
 import numpy as np
@@ -41,15 +41,21 @@ def _ratio(numerator: float, denominator: float, empty: float) -> float:
     return numerator / denominator if denominator > 0 else empty
 
 
+def _foreground_window(mask: np.ndarray) -> tuple[slice, slice]:
+    """Bounding box of the (H, W) mask plus one background pixel per side (clipped): erosion, border distances and
+    connected components of anything inside the box are unchanged by cropping to it. Whole image if empty."""
+    if not mask.any():
+        return slice(None), slice(None)
+    rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+    return slice(max(rows[0] - 1, 0), rows[-1] + 2), slice(max(cols[0] - 1, 0), cols[-1] + 2)
+
+
 def surface_distances(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Distances (px) from each border pixel of ``source`` to the nearest border pixel of ``target``.
 
     source, target: (H, W) bool, both non-empty -> (n_border_source,) float64. Borders as in medpy (4-connected)."""
-    rows, cols = np.nonzero(source | target)
-    # crop to the union's bounding box plus one pixel: erosion and nearest borders are unchanged by the crop
-    r0, r1 = max(rows.min() - 1, 0), rows.max() + 2
-    c0, c1 = max(cols.min() - 1, 0), cols.max() + 2
-    source, target = source[r0:r1, c0:c1], target[r0:r1, c0:c1]
+    window = _foreground_window(source | target)
+    source, target = source[window], target[window]
     source_border = source ^ ndimage.binary_erosion(source, structure=FOUR_CONNECTED)
     target_border = target ^ ndimage.binary_erosion(target, structure=FOUR_CONNECTED)
     return ndimage.distance_transform_edt(~target_border)[source_border]
@@ -91,19 +97,22 @@ def unmatched_component_area(mask: np.ndarray, other: np.ndarray) -> int:
 
 def slice_metrics(pred: np.ndarray, gt: np.ndarray) -> dict:
     """All per-slice numbers of one (H, W) bool prediction against its (H, W) bool ground truth."""
-    tp = int(np.count_nonzero(pred & gt))
-    fp = int(np.count_nonzero(pred)) - tp
-    fn = int(np.count_nonzero(gt)) - tp
-    tn = pred.size - tp - fp - fn
+    window = _foreground_window(pred | gt)  # every count, border and component lies inside it
+    pred_crop, gt_crop = pred[window], gt[window]
+    tp = int(np.count_nonzero(pred_crop & gt_crop))
+    fp = int(np.count_nonzero(pred_crop)) - tp
+    fn = int(np.count_nonzero(gt_crop)) - tp
     both_empty = tp + fp + fn == 0
+    both_present = tp + fp > 0 and tp + fn > 0
+    distance = hd95(pred_crop, gt_crop) if both_present else math.nan
     return {
-        "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+        "tp": tp, "fp": fp, "fn": fn, "tn": pred.size - tp - fp - fn,
         "dice": math.nan if both_empty else 2 * tp / (2 * tp + fp + fn),
         "iou": math.nan if both_empty else tp / (tp + fp + fn),
-        "hd95_px": hd95(pred, gt) if tp + fp > 0 and tp + fn > 0 else math.nan,
-        "hd95_px_paper_rule": hd95_paper_rule(pred, gt),
-        "fp_area_px": unmatched_component_area(pred, gt),
-        "fn_area_px": unmatched_component_area(gt, pred),
+        "hd95_px": distance,
+        "hd95_px_paper_rule": distance if both_present else hd95_paper_rule(pred, gt),
+        "fp_area_px": unmatched_component_area(pred_crop, gt_crop),
+        "fn_area_px": unmatched_component_area(gt_crop, pred_crop),
     }
 
 
@@ -116,8 +125,8 @@ def read_label_png(path: Path) -> np.ndarray:
         raise InputError(f"{path}: cannot read label PNG ({e})") from e
     if array.ndim != 2:
         raise InputError(f"{path}: label PNG must be single-channel (H, W), got shape {array.shape}")
-    values = np.unique(array)
-    if not np.isin(values, (0, 1)).all():
+    if array.dtype != bool and (array.max() > 1 or array.min() < 0):
+        values = np.unique(array)
         shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
         raise InputError(f"{path}: labels must be binary 0/1 (nnU-Net label PNG), found values [{shown}]")
     return array.astype(bool)
@@ -200,7 +209,9 @@ def evaluate_pairs(pairs: dict[str, tuple[Path, Path]], patient_sep: str = "_", 
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1) if len(cases) >= 256 else 1
     if num_workers > 1:
-        with ProcessPoolExecutor(num_workers, mp_context=get_context("spawn")) as pool:
+        # fork where available: workers only run numpy/scipy/PIL, and spawn would need a __main__ guard in callers
+        method = "fork" if "fork" in get_all_start_methods() else "spawn"
+        with ProcessPoolExecutor(num_workers, mp_context=get_context(method)) as pool:
             results = list(pool.map(_pair_metrics, [pairs[c] for c in cases], chunksize=32))
     else:
         results = [_pair_metrics(pairs[c]) for c in cases]
