@@ -63,7 +63,7 @@ def test_stock_cli_end_to_end(planned_dataset, tmp_path):
             keys = checkpoint["network_weights"].keys()
             if trainer == CIPA:
                 assert {k.split(".")[0] for k in keys} >= {"encoder", "crm", "dcim", "decoder"}
-                assert any(k.endswith("A_log") for k in keys)
+                assert any(k.endswith("A_logs") for k in keys)
                 assert checkpoint["current_epoch"] == 2
     log = "".join(p.read_text() for p in (ds.results / f"{CIPA}__nnUNetPlans__2d" / "fold_0").glob("training_log*"))
     assert "Epoch 1" in log

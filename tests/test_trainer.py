@@ -75,7 +75,7 @@ def test_network_from_real_plans(name, patch_size, nnunet_paths):
             assert network(x).shape == (2, 2, *configuration.patch_size)
     names = {n.split(".")[0] for n, _ in network.named_parameters()}
     assert ("crm" in names) == cls.use_crm and ("dcim" in names) == cls.use_dcim
-    assert any(n.endswith("A_log") for n, _ in network.named_parameters()) == cls.use_mamba
+    assert any(n.endswith("A_logs") for n, _ in network.named_parameters()) == cls.use_mamba
 
 
 @pytest.mark.parametrize("patch_size", [None, (80, 112)], ids=["planned", "80x112"])
@@ -124,9 +124,9 @@ def test_optimizer_groups_cover_every_parameter_once(nnunet_paths):
     ids_decay, ids_no = {id(p) for p in decay["params"]}, {id(p) for p in no_decay["params"]}
     assert not ids_decay & ids_no and ids_decay | ids_no == {id(p) for p in network.parameters()}
     for name, param in network.named_parameters():
-        if name.endswith(("A_log", ".D")) or getattr(param, "_no_weight_decay", False) or param.ndim <= 1:
+        if name.endswith(("A_logs", ".Ds")) or getattr(param, "_no_weight_decay", False) or param.ndim <= 1:
             assert id(param) in ids_no, name
-    assert any(name.endswith("A_log") for name, _ in network.named_parameters())
+    assert any(name.endswith("A_logs") for name, _ in network.named_parameters())
 
 
 def test_weight_decay_groups_respect_the_marker():
