@@ -61,7 +61,8 @@ def nnunet_env(tmp_path, monkeypatch):
                 "2025-01-01 00:00:01.000000: Epoch 0\n"
                 f"2025-01-01 00:00:02.000000: Epoch time: {10 + k + fold}.5 s\n"
                 f"2025-01-01 00:00:03.000000: Epoch time: {20 + k}.25 s\n")
-    weights = {"conv.weight": torch.zeros(4, 2, 3, 3), "conv.bias": torch.zeros(4),
+    conv = torch.zeros(4, 2, 3, 3)
+    weights = {"conv.weight": conv, "conv.bias": torch.zeros(4), "decoder.encoder.conv.weight": conv,  # shared
                "norm.running_mean": torch.zeros(4), "norm.num_batches_tracked": torch.tensor(0)}
     torch.save({"network_weights": weights},
                results / f"{TRAINERS[0]}__nnUNetPlans__2d" / "fold_0" / "checkpoint_final.pth")

@@ -23,11 +23,14 @@ def find_checkpoint(model_dir: Path, folds: tuple[int, ...]) -> Path | None:
 
 
 def count_parameters(checkpoint: Path) -> int:
-    """Elements of the checkpoint's network_weights, normalisation running statistics excluded."""
+    """Elements of the checkpoint's network_weights, normalisation running statistics excluded and tensors shared
+    under several keys counted once (nnU-Net's decoders keep a reference to the encoder: decoder.encoder.*)."""
     import torch
 
     weights = torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"]
-    return int(sum(v.numel() for k, v in weights.items() if not k.endswith(BUFFER_SUFFIXES)))
+    unique = {(v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)): v.numel()
+              for k, v in weights.items() if not k.endswith(BUFFER_SUFFIXES)}
+    return int(sum(unique.values()))
 
 
 def epoch_times(model_dir: Path, folds: tuple[int, ...]) -> list[float]:
