@@ -47,7 +47,7 @@ def _cmd_evaluate(args) -> int:
     output = Path(args.output) if args.output else Path(args.pred_dir) / "metrics_cipa.json"
     result = evaluate_folders(args.gt_dir, args.pred_dir, patient_sep=args.patient_sep)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2, allow_nan=True))
+    output.write_text(json.dumps(result, indent=2, allow_nan=False))
     print(format_summary(result))
     print(f"metrics written to {output}")
     return 0
@@ -59,7 +59,8 @@ def _cmd_compare(args) -> int:
     if args.test and len(args.test) != len(args.trainers):
         raise InputError(f"--test needs one prediction folder per trainer ({len(args.trainers)}), got {len(args.test)}")
     compare_trainers(args.dataset, args.trainers, args.output, configuration=args.configuration, plans=args.plans,
-                     folds=tuple(args.folds), test_predictions=args.test)
+                     folds=tuple(args.folds), test_predictions=args.test, patient_sep=args.patient_sep,
+                     time_inference=not args.no_time_inference)
     print(f"report written to {Path(args.output) / 'report.md'}")
     return 0
 
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", dest="folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--test", nargs="+", help="test-set prediction folders, one per trainer, in -tr order")
     p.add_argument("-o", dest="output", required=True, help="report folder")
+    p.add_argument("--patient-sep", default="_", help="separator after the patient ID in case names (default _)")
+    p.add_argument("--no-time-inference", action="store_true",
+                   help="skip measuring inference time per slice (needs the trained checkpoints)")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("demo", help="synthetic data -> nnU-Net -> CIPA vs vanilla nnU-Net -> report")

@@ -122,7 +122,7 @@ def headline_table(report_json: Path, settings: DemoSettings) -> str:
     report = json.loads(report_json.read_text())
     lines = ["", "| trainer | test Dice (pooled) | test IoU (pooled) | patient Dice mean |", "|---|---|---|---|"]
     for trainer in (settings.cipa_trainer, settings.vanilla_trainer):
-        metrics = report["splits"]["test"]["trainers"][trainer]
+        metrics = report["splits"]["test"]["results"][trainer]
         protocol, summary = metrics["cipa_protocol"], metrics["summary"]
         lines.append(f"| {trainer} | {protocol['dice']:.3f} | {protocol['iou']:.3f} | {summary['dice']['mean']:.3f} |")
     lines.append("| (empty prediction) | 0.000 | 0.000 | 0.000 |")
