@@ -28,7 +28,7 @@ def _cmd_synth(args) -> int:
     from nnunetv2_cipa.synthetic import generate_pclt20k_like
 
     summary = generate_pclt20k_like(args.out_dir, patients=args.patients, slices=args.slices, size=args.size,
-                                    test_patients=args.test_patients, seed=args.seed)
+                                    test_patients=args.test_patients, seed=args.seed, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     p.add_argument("--test-patients", type=int, default=4, help="test patients (default 4)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty OUT_DIR")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("convert", help="convert PCLT20K (or the same layout) into an nnU-Net raw dataset")

@@ -90,7 +90,8 @@ def run_demo(workdir: str | Path = "demo_workdir", quick: bool = False) -> Path:
 
     runner.stage("Generating a synthetic PCLT20K-like dataset", "synth",
                  ["nnunetv2_cipa", "synth", str(source), "--patients", str(settings.patients), "--slices",
-                  str(settings.slices), "--size", str(settings.size), "--test-patients", str(settings.test_patients)])
+                  str(settings.slices), "--size", str(settings.size), "--test-patients", str(settings.test_patients),
+                  "--overwrite"])
     runner.stage("Converting it to an nnU-Net raw dataset with patient-level folds", "convert",
                  ["nnunetv2_cipa", "convert", str(source), "-d", str(DATASET_ID), "--name", "PCLT20Ksynthetic",
                   "--overwrite", "-np", "2"])
