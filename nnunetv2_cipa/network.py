@@ -77,6 +77,8 @@ class CIPA(nn.Module):
     first (official: x*3.2 - 1.6 on [0, 1] inputs).
     """
 
+    DEEP_SUPERVISION_STRIDES = DEEP_SUPERVISION_STRIDES
+
     def __init__(self, num_classes: int, patch_size, preset: str = "tiny", in_channels: int = 2,
                  ct_channel: int = 0, pet_channel: int = 1, use_crm: bool = True, use_dcim: bool = True,
                  use_mamba: bool = True, deep_supervision: bool = False, input_scale: float = 3.2,

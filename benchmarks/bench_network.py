@@ -1,0 +1,153 @@
+"""CPU training-step cost of CIPA (micro, tiny) against nnU-Net's own planned 2D PlainConvUNet.
+
+The baseline comes from a real nnU-Net plan: a raw dataset of random 2-channel PNGs is written to a temp dir and
+nnU-Net's fingerprint extraction + ExperimentPlanner run on it; its 2d configuration gives the patch size, the batch
+size and (via get_network_from_plans) the network. Every model then does one warm-up and one timed training step
+(forward + CE loss over all deep-supervision outputs + backward) at that patch and batch, each in a fresh
+subprocess; peak memory is ru_maxrss minus the RSS once the model and inputs exist. FLOPs: one forward under
+torch.utils.flop_counter.FlopCounterMode (matmul/conv only; the selective scan's elementwise work is not counted).
+Usage: python benchmarks/bench_network.py [--size 256] [--cases 20] [--presets micro tiny]
+Prints a markdown table and writes benchmarks/results/bench_network.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_network.json"
+DATASET_ID = 987
+
+
+def plan_vanilla(workdir: Path, size: int, cases: int) -> dict:
+    """Write a random 2-channel PNG dataset, run nnU-Net fingerprint + planning, return the 2d configuration."""
+    from PIL import Image
+
+    raw = workdir / "nnUNet_raw" / f"Dataset{DATASET_ID}_BenchCIPA"
+    for sub in ("imagesTr", "labelsTr"):
+        (raw / sub).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(cases):
+        for channel in range(2):
+            image = rng.integers(0, 256, (size, size), dtype=np.uint8)
+            Image.fromarray(image).save(raw / "imagesTr" / f"case_{i:03d}_{channel:04d}.png")
+        label = (rng.random((size, size)) < 0.1).astype(np.uint8)
+        Image.fromarray(label).save(raw / "labelsTr" / f"case_{i:03d}.png")
+    (raw / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "rgb_to_0_1", "1": "rgb_to_0_1"}, "labels": {"background": 0, "tumour": 1},
+        "numTraining": cases, "file_ending": ".png"}))
+    os.environ["nnUNet_raw"] = str(workdir / "nnUNet_raw")
+    os.environ["nnUNet_preprocessed"] = str(workdir / "nnUNet_preprocessed")
+    os.environ["nnUNet_results"] = str(workdir / "nnUNet_results")
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
+
+    extract_fingerprints([DATASET_ID], num_processes=1, show_progress_bar=False, verbose=False)
+    plan_experiments([DATASET_ID])
+    plans_file = workdir / "nnUNet_preprocessed" / f"Dataset{DATASET_ID}_BenchCIPA" / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())
+    return plans["configurations"]["2d"]
+
+
+def build_model(name: str, config: dict):
+    """``vanilla`` (planned PlainConvUNet, DS on) or a CIPA preset (DS on), with the planned patch size."""
+    if name == "vanilla":
+        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+        arch = config["architecture"]
+        return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"],
+                                      arch["_kw_requires_import"], 2, 2, allow_init=True, deep_supervision=True)
+    from nnunetv2_cipa.network import CIPA
+
+    return CIPA(2, config["patch_size"], preset=name, deep_supervision=True)
+
+
+def rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def training_step(model, x, target) -> None:
+    import torch.nn.functional as F
+
+    outputs = model(x)
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    loss = sum(F.cross_entropy(o, F.interpolate(target[:, None].float(), o.shape[2:]).long()[:, 0]) for o in outputs)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def worker(name: str, config: dict) -> dict:
+    """Measure one model in this (fresh) process."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = build_model(name, config).train()
+    batch, patch = config["batch_size"], config["patch_size"]
+    x = torch.rand(batch, 2, *patch)
+    target = torch.randint(0, 2, (batch, *patch))
+    before = rss_kib()  # model, inputs and libraries resident; the peak after this is the steps' working memory
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    training_step(model, x, target)  # warm-up (numba/oneDNN compilation, allocator growth)
+    start = time.perf_counter()
+    training_step(model, x, target)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"model": name, "params": sum(p.numel() for p in model.parameters()), "step_s": seconds,
+            "peak_rss_increase_mib": max(peak - before, 0) / 1024, "peak_rss_mib": peak / 1024,
+            "forward_gflop": counter.get_total_flops() / 1e9}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=256, help="side of the random PNG images (default 256)")
+    parser.add_argument("--cases", type=int, default=20, help="number of training cases to plan on")
+    parser.add_argument("--presets", nargs="+", default=["micro", "tiny"])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, json.loads(args.config))))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = plan_vanilla(Path(tmp), args.size, args.cases)
+    config = {k: config[k] for k in ("patch_size", "batch_size", "architecture")}
+    rows = []
+    for name in ["vanilla", *args.presets]:
+        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--config", json.dumps(config)],
+                              capture_output=True, text=True, check=True)
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"measured {name}: {rows[-1]['step_s']:.2f} s", file=sys.stderr)
+    base = rows[0]
+    for row in rows:
+        row["step_ratio_vs_vanilla"] = row["step_s"] / base["step_s"]
+        row["flop_ratio_vs_vanilla"] = row["forward_gflop"] / base["forward_gflop"]
+    print(f"\nCPU training step, planned 2d patch {config['patch_size']}, batch {config['batch_size']} "
+          f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads default)\n")
+    print("| model | params | fwd GFLOP | step (s) | step / vanilla | peak RSS +MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        label = "nnU-Net PlainConvUNet" if r["model"] == "vanilla" else f"CIPA-{r['model']}"
+        print(f"| {label} | {r['params'] / 1e6:.2f} M | {r['forward_gflop']:.1f} | {r['step_s']:.2f} | "
+              f"{r['step_ratio_vs_vanilla']:.2f}x | {r['peak_rss_increase_mib']:.0f} |")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"patch_size": config["patch_size"], "batch_size": config["batch_size"],
+                                   "machine": platform.platform(), "cpu_count": os.cpu_count(), "rows": rows},
+                                  indent=2))
+    print(f"\nwrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
