@@ -4,7 +4,7 @@ The baseline comes from a real nnU-Net plan: a raw dataset of random 2-channel P
 nnU-Net's fingerprint extraction + ExperimentPlanner run on it; its 2d configuration gives the patch size, the batch
 size and (via get_network_from_plans) the network. Every model then does one warm-up and one timed training step
 (forward + CE loss over all deep-supervision outputs + backward) at that patch and batch, each in a fresh
-subprocess; peak memory is ru_maxrss minus the RSS once the model and inputs exist. FLOPs: one forward under
+subprocess; peak memory is VmHWM minus the RSS once the model and inputs exist. FLOPs: one forward under
 torch.utils.flop_counter.FlopCounterMode (matmul/conv only; the selective scan's elementwise work is not counted).
 Usage: python benchmarks/bench_network.py [--size 256] [--cases 20] [--presets micro tiny]
 Prints a markdown table and writes benchmarks/results/bench_network.json.
@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -71,9 +70,11 @@ def build_model(name: str, config: dict):
     return CIPA(2, config["patch_size"], preset=name, deep_supervision=True)
 
 
-def rss_kib() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+def rss_kib(field: str = "VmRSS") -> int:
+    """Current (VmRSS) or peak (VmHWM) resident memory of this process in KiB. VmHWM belongs to this process's
+    address space (ru_maxrss would carry the planning parent's peak across exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def training_step(model, x, target) -> None:
@@ -103,7 +104,7 @@ def worker(name: str, config: dict) -> dict:
     start = time.perf_counter()
     training_step(model, x, target)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = rss_kib("VmHWM")
     return {"model": name, "params": sum(p.numel() for p in model.parameters()), "step_s": seconds,
             "peak_rss_increase_mib": max(peak - before, 0) / 1024, "peak_rss_mib": peak / 1024,
             "forward_gflop": counter.get_total_flops() / 1e9}
@@ -143,9 +144,16 @@ def main() -> None:
         print(f"| {label} | {r['params'] / 1e6:.2f} M | {r['forward_gflop']:.1f} | {r['step_s']:.2f} | "
               f"{r['step_ratio_vs_vanilla']:.2f}x | {r['peak_rss_increase_mib']:.0f} |")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    from nnunetv2_cipa.ops.selective_scan import resolve_backend
+
+    env = {k: os.environ[k] for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS") if k in os.environ}
+    print(f"\nscan backend: {resolve_backend(None, torch.device('cpu'))}; thread env: {env or 'default'}")
     RESULTS.write_text(json.dumps({"patch_size": config["patch_size"], "batch_size": config["batch_size"],
-                                   "machine": platform.platform(), "cpu_count": os.cpu_count(), "rows": rows},
-                                  indent=2))
+                                   "machine": platform.platform(), "cpu_count": os.cpu_count(),
+                                   "scan_backend": resolve_backend(None, torch.device("cpu")), "thread_env": env,
+                                   "rows": rows}, indent=2))
     print(f"\nwrote {RESULTS}")
 
 

@@ -4,6 +4,10 @@ Padding scheme (any 2D patch size): the input is zero-padded at the bottom/right
 encoder's total stride) and the logits are cropped back, so every encoder/decoder map divides exactly. DCIM pads a
 stage map to a multiple of its 4x4 window only when needed (see ``DualCrossInteraction``). The CRM's spatial size
 is taken from the padded patch size.
+
+Training: every parameter is trainable and reached by the gradient. This deviates on purpose from the official
+optimizer grouping, which left 8.67 M SSM parameters (x_proj/dt_proj weights, dt biases, A_logs, Ds, decoder
+scale1/scale2) out of AdamW and so froze them; A_logs, Ds and dt biases carry ``_no_weight_decay = True``.
 """
 
 from __future__ import annotations

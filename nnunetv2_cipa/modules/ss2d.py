@@ -19,8 +19,7 @@ def cross_scan(x: torch.Tensor) -> torch.Tensor:
     """(B, D, H, W) -> (B, 4, D, H*W): row-major, column-major, and both reversed."""
     rows = x.flatten(2)
     cols = x.transpose(2, 3).flatten(2)
-    forward = torch.stack([rows, cols], dim=1)
-    return torch.cat([forward, forward.flip(-1)], dim=1)
+    return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
 
 
 def cross_merge(ys: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -127,7 +126,7 @@ class SS2D(DirectionalSSM):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, height, width, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)
-        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
+        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))
         y = cross_merge(self.scan(cross_scan(x)), height, width)
         y = self.out_norm(y.permute(0, 2, 3, 1))
         return self.out_proj(y * F.silu(z))
