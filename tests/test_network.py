@@ -8,7 +8,7 @@ import torch
 from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.modules.crm import ChannelRectification
 from nnunetv2_cipa.modules.dcim import RegionGlobalInteraction, window_partition, window_unpartition
-from nnunetv2_cipa.modules.ss2d import cross_merge, cross_scan
+from nnunetv2_cipa.modules.ss2d import SS2D, cross_merge, cross_scan
 from nnunetv2_cipa.network import CIPA, DEEP_SUPERVISION_STRIDES, PRESETS
 
 
@@ -181,3 +181,16 @@ def test_presets_are_frozen_and_tiny_is_faithful():
     assert (tiny.crm_token_dim, tiny.decoder_depth, tiny.drop_path_rate) == (96, 4, 0.0)
     with pytest.raises(AttributeError):
         tiny.embed_dim = 1  # type: ignore[misc]
+
+
+def test_no_mamba_mixer_is_the_scan_without_memory():
+    """With A -> -inf the selective scan forgets every previous state: it must equal the memoryless control."""
+    torch.manual_seed(0)
+    ssm = SS2D(8, d_state=3, ssm_ratio=1.0)
+    control = SS2D(8, d_state=3, ssm_ratio=1.0, use_mamba=False)
+    control.load_state_dict({k: v for k, v in ssm.state_dict().items() if k != "A_logs"}
+                            | {"state_weight": torch.ones_like(ssm.A_logs)})
+    with torch.no_grad():
+        ssm.A_logs.fill_(30.0)
+        x = torch.randn(2, 5, 6, 8)
+        torch.testing.assert_close(control(x), ssm(x), rtol=1e-4, atol=1e-5)
