@@ -96,7 +96,7 @@ class nnUNetTrainerVanilla_debug(nnUNetTrainer):
         _shorten_schedule(self, epochs=2, iterations=4, val_iterations=2)
 
 
-DEMO_SCHEDULE = {"epochs": 10, "iterations": 25, "val_iterations": 5}
+DEMO_SCHEDULE = {"epochs": 30, "iterations": 25, "val_iterations": 5}
 
 
 class nnUNetTrainerCIPAMicro_demo(nnUNetTrainerCIPAMicro):
