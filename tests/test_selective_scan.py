@@ -181,3 +181,23 @@ def test_unknown_backend_and_auto(monkeypatch):
     expected = "cpu" if "cpu" in available_backends() else "torch"
     assert resolve_backend(None, u.device) == expected
     assert torch.allclose(selective_scan(u, delta, A, B, C), selective_scan_reference(u, delta, A, B, C))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
+def test_cpu_backend_uses_torch_thread_count():
+    """numba follows torch's thread count (forward and backward), so the two never oversubscribe the cores."""
+    import numba
+
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, numba.config.NUMBA_NUM_THREADS):
+            torch.set_num_threads(threads)
+            u = torch.randn(1, 4, 16, requires_grad=True)
+            y = selective_scan(u, torch.rand(1, 4, 16), -torch.rand(4, 2), torch.randn(1, 2, 16),
+                               torch.randn(1, 2, 16), backend="cpu")
+            assert numba.get_num_threads() == threads
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS if threads == 1 else 1)
+            y.sum().backward()
+            assert numba.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(previous)

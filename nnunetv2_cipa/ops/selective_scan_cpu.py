@@ -84,6 +84,13 @@ def _arrays(u, delta, A, B, C):
             B.detach().transpose(-1, -2).contiguous().numpy(), C.detach().transpose(-1, -2).contiguous().numpy())
 
 
+def _use_threads(torch_threads: int) -> None:
+    """Use as many numba threads as torch uses (OMP_NUM_THREADS / torch.set_num_threads), so the two never
+    oversubscribe the cores; numba's default is every core regardless. The count is read in forward, because
+    autograd's backward reports its own pool size."""
+    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch_threads)))
+
+
 class NumbaScan(torch.autograd.Function):
     """y_t = <C_t, h_t> of the bare recurrence on CPU tensors (float32 or float64); u, delta (b, d, L), A (d, N),
     B, C (b, G, N, L) -> (b, d, L). Backward recomputes the states per channel."""
@@ -92,6 +99,8 @@ class NumbaScan(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C):
         ctx.save_for_backward(u, delta, A, B, C)
         y = torch.empty_like(u)
+        ctx.torch_threads = torch.get_num_threads()
+        _use_threads(ctx.torch_threads)
         _forward_kernel(*_arrays(u, delta, A, B, C), y.numpy())
         return y
 
@@ -99,6 +108,7 @@ class NumbaScan(torch.autograd.Function):
     def backward(ctx, gy):
         u, delta, A, B, C = ctx.saved_tensors
         batch, dim, length = u.shape
+        _use_threads(ctx.torch_threads)
         workers = max(1, min(numba.get_num_threads(), batch * dim))
         grouped_shape = (workers, batch, B.shape[1], length, A.shape[1])
         gu, gdelta = torch.empty_like(u), torch.empty_like(u)
