@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +63,20 @@ def test_ext_path_and_doctor_commands(tmp_path):
                      "nnUNetTrainerCIPA"):
         assert expected in result.stdout
     assert "discoverable" in result.stdout and "NOT discoverable" not in result.stdout
+
+
+def test_wheel_ships_the_trainer_folder(tmp_path):
+    """A wheel install (not only an editable one) has the nnUNet_extTrainer folder and resolves it."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(Path(__file__).parents[1])], check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("nnunetv2_cipa-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
+                    str(wheel)], check=True, capture_output=True)
+    code = ("from nnunetv2_cipa.training.discovery import ext_trainer_path, find_trainer_class; "
+            "print(ext_trainer_path()); print(find_trainer_class('nnUNetTrainerCIPA').__module__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == str(tmp_path / "site" / "nnunetv2_cipa" / "ext_trainers")
+    assert lines[-1] == "nnunetv2_cipa.training.cipa_trainer"
