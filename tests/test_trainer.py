@@ -22,7 +22,8 @@ from nnunetv2_cipa.training.variants import PRETRAINED_ENV_VAR
 
 from test_setup import ALL_TRAINERS
 
-CIPA_TRAINERS = [t for t in ALL_TRAINERS if "CIPA" in t]
+# the pretrained trainer builds the same network as nnUNetTrainerCIPA; its checkpoint handling is tested below
+CIPA_TRAINERS = [t for t in ALL_TRAINERS if "CIPA" in t and t != "nnUNetTrainerCIPA_pretrained"]
 MICRO_TRAINERS = ("nnUNetTrainerCIPAMicro", "nnUNetTrainerCIPA_debug", "nnUNetTrainerCIPAMicro_demo")
 
 
@@ -61,8 +62,6 @@ def ds_targets(target: torch.Tensor, scales) -> list[torch.Tensor]:
 @pytest.mark.parametrize("name", CIPA_TRAINERS)
 def test_network_from_real_plans(name, patch_size, nnunet_paths):
     """Built on the class exactly as nnU-Net's predictor does, for the planned and a non-square patch size."""
-    if name == "nnUNetTrainerCIPA_pretrained":
-        pytest.skip("same architecture as nnUNetTrainerCIPA; its checkpoint handling is tested below")
     plans = plans_with_patch(nnunet_paths, patch_size) if patch_size else nnunet_paths.plans()
     manager = PlansManager(plans)
     configuration = manager.get_configuration("2d")
