@@ -3,13 +3,54 @@ tensor anywhere. Imported lazily by ``selective_scan`` (ImportError when numba i
 
 Kernel layouts: u, delta, gy (b, d, L); A (d, N); B, C transposed to (b, G, L, N) so the state loop reads contiguously.
 The first call of each dtype compiles (a few seconds); ``cache=True`` keeps the machine code on disk for later runs.
+In float32 the kernels use a polynomial exp that LLVM vectorises (pip's llvmlite has no SVML, so np.exp runs scalar):
+2x faster scan; decays exp(x <= 0) within 2e-7 absolute (about 2 float32 ulps); float64 keeps np.exp.
 """
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 import torch
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
+
+_LOG2E = np.float32(1.4426950408889634)
+# Taylor coefficients of 2**f = exp(f ln 2) for f in [-0.5, 0.5] (truncation error 1.2e-7 relative)
+_C0, _C1, _C2, _C3, _C4, _C5, _C6 = (np.float32(math.log(2.0) ** i / math.factorial(i)) for i in range(7))
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """Reinterpret int32 bits as float32 (an LLVM bitcast, which vectorises)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+def _exp(x):
+    """exp inside the kernels: a vectorisable polynomial exp for float32, np.exp otherwise."""
+    return np.exp(x)
+
+
+@overload(_exp, inline="always", jit_options={"fastmath": True})
+def _exp_overload(x):
+    if x != types.float32:
+        return lambda x: np.exp(x)
+
+    def exp_float32(x):  # 2**y = 2**k * 2**f with k = round(y); 2**k built from its exponent bits
+        y = min(x * _LOG2E, np.float32(127.0))
+        k = max(math.floor(y + np.float32(0.5)), np.float32(-126.0))
+        f = y - k
+        p = _C0 + f * (_C1 + f * (_C2 + f * (_C3 + f * (_C4 + f * (_C5 + f * _C6)))))
+        value = p * _float32_from_bits(np.int32(k + np.float32(127.0)) << 23)
+        return value if y >= np.float32(-126.0) else np.float32(0.0)  # below float32's normal range: flush to 0
+
+    return exp_float32
 
 
 @numba.njit(parallel=True, cache=True, fastmath=True)
@@ -26,7 +67,7 @@ def _forward_kernel(u, delta, A, B, C, y):  # pragma: no cover - compiled
             du = dt * u[b, d, t]
             acc = 0.0
             for n in range(n_state):
-                h[n] = np.exp(dt * A[d, n]) * h[n] + du * B[b, g, t, n]
+                h[n] = _exp(dt * A[d, n]) * h[n] + du * B[b, g, t, n]
                 acc += h[n] * C[b, g, t, n]
             y[b, d, t] = acc
 
@@ -52,7 +93,7 @@ def _backward_kernel(u, delta, A, B, C, gy, gu, gdelta, gA, gB, gC):  # pragma: 
                 dt = delta[b, d, t]
                 du = dt * u[b, d, t]
                 for n in range(n_state):
-                    decays[t, n] = np.exp(dt * A[d, n])
+                    decays[t, n] = _exp(dt * A[d, n])
                     previous = states[t - 1, n] if t > 0 else 0.0
                     states[t, n] = decays[t, n] * previous + du * B[b, g, t, n]
             lam[:] = 0.0
