@@ -29,6 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from nnunetv2_cipa.errors import InputError
+from nnunetv2_cipa.paths import required_folder
 
 MODALITIES = ("CT", "PET")                     # channel order: _0000 = CT, _0001 = PET
 CHANNEL_NAMES = {"rgb": "rgb_to_0_1", "ct": "CT"}  # nnU-Net picks the normalisation from the (casefolded) name
@@ -167,13 +168,6 @@ def _check_lists(source: Path) -> tuple[list[str], list[str]]:
     return lists[train_file], lists[test_file]
 
 
-def _raw_root() -> Path:
-    raw = os.environ.get("nnUNet_raw")
-    if not raw:
-        raise InputError("nnUNet_raw is not set; export it to the folder that holds nnU-Net raw datasets")
-    return Path(raw)
-
-
 def _run_parallel(tasks: list, num_processes: int) -> list:
     bar = dict(total=len(tasks), desc="converting slices", unit="slice", smoothing=0.05)
     if num_processes == 1:
@@ -215,7 +209,7 @@ def convert_pclt20k(source, dataset_id: int, name: str = "PCLT20K", folds: int =
         raise InputError(f"-np must be >= 1, got {num_processes}")
     if normalization not in CHANNEL_NAMES:
         raise InputError(f"--normalization must be one of {sorted(CHANNEL_NAMES)}, got {normalization!r}")
-    raw = _raw_root()
+    raw = required_folder("nnUNet_raw")
     target = raw / f"Dataset{dataset_id:03d}_{name}"
     clashes = sorted(raw.glob(f"Dataset{dataset_id:03d}_*")) if raw.is_dir() else []
     for existing in clashes:

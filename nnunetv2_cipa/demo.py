@@ -7,13 +7,14 @@ the work directory; each stage's full output goes to ``WORKDIR/logs/``.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from nnunetv2_cipa.paths import cli_environment
 
 DATASET_ID = 990
 DATASET_NAME = f"Dataset{DATASET_ID}_PCLT20Ksynthetic"
@@ -42,18 +43,11 @@ class DemoRunner:
     """Runs the stages, echoing progress, with one log file per stage."""
 
     def __init__(self, workdir: Path, device: str):
-        from nnunetv2_cipa.training.discovery import ext_trainer_path
-
         self.workdir = workdir
         self.device = device
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.env = dict(os.environ, nnUNet_extTrainer=str(ext_trainer_path()), nnUNet_def_n_proc="2",
-                        PYTHONUNBUFFERED="1")
-        for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-            (workdir / name).mkdir(exist_ok=True)
-            self.env[name] = str(workdir / name)
-        self.env.pop("nnUNet_n_proc_DA", None)
+        self.env = cli_environment(workdir)
         self.start = time.time()
         self.step = 0
 

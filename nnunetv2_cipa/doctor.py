@@ -6,7 +6,9 @@ import importlib.metadata
 import os
 import platform
 
-PATH_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer")
+from nnunetv2_cipa.paths import NNUNET_FOLDERS
+
+PATH_VARIABLES = (*NNUNET_FOLDERS, "nnUNet_extTrainer")
 
 
 def _version(distribution: str) -> str:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from nnunetv2_cipa.paths import cli_environment
 
 BIN = Path(sys.executable).parent
 DATASET_ID = 901
@@ -49,17 +50,8 @@ class PlannedDataset:
 
 
 def nnunet_env(root: Path) -> dict:
-    """Environment for the nnU-Net CLI on a small CPU machine, with our trainers discoverable."""
-    from nnunetv2_cipa.training.discovery import ext_trainer_path
-
-    env = dict(os.environ)
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        env[name] = str(root / name)
-    env.update(nnUNet_extTrainer=str(ext_trainer_path()), nnUNet_def_n_proc="2", nnUNet_compile="false",
-               OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
-    env.pop("nnUNet_n_proc_DA", None)  # planning crashes with 0; training sets it itself
-    return env
+    """The library's CLI environment, pinned to 2 threads and no torch.compile (a small CPU machine)."""
+    return dict(cli_environment(root), nnUNet_compile="false", OMP_NUM_THREADS="2")
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
 
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -50,12 +50,10 @@ def make_trainer(name: str, planned_dataset, patch_size=None):
 
 
 def ds_targets(target: torch.Tensor, scales) -> list[torch.Tensor]:
-    """What nnU-Net's DownsampleSegForDSTransform produces for a (B, 1, H, W) label map."""
-    out = []
-    for s in scales:
-        shape = [round(i * j) for i, j in zip(target.shape[2:], s)]
-        out.append(target if all(j == 1 for j in s) else F.interpolate(target, shape, mode="nearest-exact"))
-    return out
+    """nnU-Net's own DownsampleSegForDSTransform applied to each (1, H, W) label map of a (B, 1, H, W) batch."""
+    transform = DownsampleSegForDSTransform(ds_scales=scales)
+    per_sample = [transform(segmentation=t)["segmentation"] for t in target]
+    return [torch.stack(level) for level in zip(*per_sample)]
 
 
 @pytest.mark.parametrize("patch_size", [None, (80, 112)], ids=["planned", "80x112"])

@@ -4,7 +4,6 @@ metrics, paired Wilcoxon tests on per-patient Dice, costs, figures, and a paste-
 from __future__ import annotations
 
 import json
-import os
 from itertools import combinations
 from pathlib import Path
 
@@ -12,25 +11,18 @@ import numpy as np
 from scipy.stats import wilcoxon
 
 from nnunetv2_cipa.errors import InputError
+from nnunetv2_cipa.paths import required_folder
 from nnunetv2_cipa.evaluation.costs import model_costs
 from nnunetv2_cipa.evaluation.figures import plot_dice_distribution, plot_examples
 from nnunetv2_cipa.evaluation.metrics import evaluate_pairs, json_safe, list_label_pngs, match_cases, read_label_png
 from nnunetv2_cipa.evaluation.report import render_report
 
 
-def _env_dir(name: str) -> Path:
-    value = os.environ.get(name)
-    if not value:
-        raise InputError(f"environment variable {name} is not set (nnU-Net's data folders, see "
-                         f"NNUNET_INTEGRATION.md)")
-    return Path(value)
-
-
 def resolve_dataset(dataset: int | str) -> tuple[str, Path, Path]:
     """Dataset ID or name -> (DatasetXXX_Name, raw folder, results folder)."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    raw, results = _env_dir("nnUNet_raw"), _env_dir("nnUNet_results")
+    raw, results = required_folder("nnUNet_raw"), required_folder("nnUNet_results")
     try:
         name = maybe_convert_to_dataset_name(dataset)
     except (RuntimeError, ValueError) as e:

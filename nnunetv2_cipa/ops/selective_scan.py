@@ -80,7 +80,10 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
 
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """Plain sequential loop over L in at least float32 (for tests only). (batch, dim, L) -> (batch, dim, L)."""
+    """Plain sequential loop over L in at least float32 (for tests only). (batch, dim, L) -> (batch, dim, L).
+
+    Deliberately independent of ``scan_with_core`` (bias, softplus, D, z written out again): it is the test oracle
+    for the whole operator, so it shares no code with the backends it checks."""
     dtype_out, dtype = u.dtype, compute_dtype(u, delta, A, B, C, D, z, delta_bias)
     u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
     dim = u.shape[1]
