@@ -132,13 +132,13 @@ def test_fixed_seed_gives_identical_output_and_bf16_autocast_is_finite():
 
 
 def test_cross_scan_orders_and_merge():
-    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
+    x = torch.arange(2 * 4 * 5 * 3, dtype=torch.float32).view(2, 4, 5, 3)  # (B, H, W, D)
     xs = cross_scan(x)
-    assert xs.shape == (2, 4, 3, 20)
-    torch.testing.assert_close(xs[:, 0], x.flatten(2))                   # row-major
-    assert xs[0, 1, 0, 3 * 4 + 2] == x[0, 0, 2, 3]                        # column-major: index w*H + h
-    torch.testing.assert_close(xs[:, 2], xs[:, 0].flip(-1))
-    torch.testing.assert_close(xs[:, 3], xs[:, 1].flip(-1))
+    assert xs.shape == (2, 20, 4, 3)
+    torch.testing.assert_close(xs[:, :, 0], x.flatten(1, 2))             # row-major
+    torch.testing.assert_close(xs[0, 3 * 4 + 2, 1], x[0, 2, 3])           # column-major: index w*H + h
+    torch.testing.assert_close(xs[:, :, 2], xs[:, :, 0].flip(1))
+    torch.testing.assert_close(xs[:, :, 3], xs[:, :, 1].flip(1))
     torch.testing.assert_close(cross_merge(xs, 4, 5), 4 * x)
 
 

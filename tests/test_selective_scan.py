@@ -204,6 +204,24 @@ def test_cpu_backend_uses_torch_thread_count():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
+@pytest.mark.parametrize(
+    "batch, dim, groups, length",
+    [(1, 64, None, 100),  # one group of 4 blocks: the backward splits it across work items
+     (2, 96, 2, 70),      # 3 blocks per group, several chunks, L not a multiple of the chunk
+     (2, 40, 2, 33)],     # 20 channels per group: zero-padded to 32 lanes
+)
+def test_cpu_kernel_block_layouts_match_reference(batch, dim, groups, length):
+    """The numba kernel with whole lane blocks, split work items and padding, from channels-innermost inputs (as SS2D
+    passes them): values and gradients equal the reference, and the output keeps the channels-innermost layout."""
+    inputs = make_inputs(batch=batch, dim=dim, length=length, n_state=5, groups=groups)
+    for i in (0, 1):  # u, delta: (b, d, L) views of (b, L, d) memory
+        inputs[i] = inputs[i].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    compare_to_reference("cpu", inputs, 1e-6)
+    y, _ = run_with_grads(inputs, "cpu", use_optional=(True, False, True))
+    assert y.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
 def test_cpu_kernel_float32_exp_accuracy():
     """The vectorisable float32 exp of the numba kernels: decays within about 2 float32 ulps, finite, flushed to 0
     below float32's normal range."""

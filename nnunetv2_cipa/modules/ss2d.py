@@ -16,18 +16,20 @@ from nnunetv2_cipa.ops.selective_scan import selective_scan
 
 
 def cross_scan(x: torch.Tensor) -> torch.Tensor:
-    """(B, D, H, W) -> (B, 4, D, H*W): row-major, column-major, and both reversed."""
-    rows = x.flatten(2)
-    cols = x.transpose(2, 3).flatten(2)
-    return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
+    """(B, H, W, D) -> (B, H*W, 4, D): row-major, column-major, and both reversed, channels innermost (the layout
+    the CPU scan kernel reads without a copy)."""
+    batch, height, width, dim = x.shape
+    rows = x.reshape(batch, height * width, dim)
+    cols = x.transpose(1, 2).reshape(batch, height * width, dim)
+    return torch.stack([rows, cols, rows.flip(1), cols.flip(1)], dim=2)
 
 
 def cross_merge(ys: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, 4, D, H*W) from :func:`cross_scan` order -> (B, D, H, W), the sum of the 4 directions in image order."""
-    batch, _, dim, _ = ys.shape
-    ys = ys[:, :2] + ys[:, 2:].flip(-1)
-    rows = ys[:, 0].view(batch, dim, height, width)
-    cols = ys[:, 1].view(batch, dim, width, height).transpose(2, 3)
+    """(B, H*W, 4, D) in :func:`cross_scan` order -> (B, H, W, D), the sum of the 4 directions in image order."""
+    batch, _, _, dim = ys.shape
+    ys = ys[:, :, :2] + ys[:, :, 2:].flip(1)
+    rows = ys[:, :, 0].reshape(batch, height, width, dim)
+    cols = ys[:, :, 1].reshape(batch, width, height, dim).transpose(1, 2)
     return rows + cols
 
 
@@ -87,18 +89,21 @@ class DirectionalSSM(nn.Module):
         self.Ds.fill_(1.0)
 
     def scan(self, xs: torch.Tensor) -> torch.Tensor:
-        """(B, K, D, L) -> (B, K, D, L); direction k uses its own projections and one B/C group."""
-        batch, k, dim, length = xs.shape
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
-        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
-        u, delta = xs.reshape(batch, k * dim, length), dts.reshape(batch, k * dim, length)
+        """(B, L, K, D) -> (B, L, K, D); direction k uses its own projections and one B/C group. The scan sees
+        u, delta as (B, K*D, L) views of channels-innermost memory."""
+        batch, length, k, dim = xs.shape
+        x_dbl = torch.einsum("blkd,kcd->bklc", xs, self.x_proj_weight)
+        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=3)
+        dts = torch.einsum("bklr,kdr->blkd", dts, self.dt_projs_weight)
+        u = xs.reshape(batch, length, k * dim).transpose(1, 2)
+        delta = dts.reshape(batch, length, k * dim).transpose(1, 2)
+        Bs, Cs = Bs.transpose(2, 3), Cs.transpose(2, 3)  # (B, K, N, L)
         if self.use_mamba:
-            y = selective_scan(u, delta, -torch.exp(self.A_logs.float()), Bs.contiguous(), Cs.contiguous(),
+            y = selective_scan(u, delta, -torch.exp(self.A_logs.float()), Bs, Cs,
                                D=self.Ds, delta_bias=self.dt_projs_bias.flatten(), delta_softplus=True)
         else:
             y = self._memoryless(u, delta, Bs, Cs)
-        return y.view(batch, k, dim, length)
+        return y.transpose(1, 2).reshape(batch, length, k, dim)
 
     def _memoryless(self, u, delta, Bs, Cs) -> torch.Tensor:
         """No-Mamba control, (B, K*D, L) -> (B, K*D, L), see the class docstring."""
@@ -126,9 +131,8 @@ class SS2D(DirectionalSSM):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, height, width, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)
-        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))
-        y = cross_merge(self.scan(cross_scan(x)), height, width)
-        y = self.out_norm(y.permute(0, 2, 3, 1))
+        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+        y = self.out_norm(cross_merge(self.scan(cross_scan(x)), height, width))
         return self.out_proj(y * F.silu(z))
 
 
@@ -145,5 +149,5 @@ class SS1D(DirectionalSSM):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, z = F.silu(self.in_proj(x)).chunk(2, dim=-1)
-        y = self.scan(x.transpose(1, 2).unsqueeze(1)).squeeze(1)
-        return self.out_proj(self.out_norm(y.transpose(1, 2)) * z)
+        y = self.scan(x.unsqueeze(2)).squeeze(2)
+        return self.out_proj(self.out_norm(y) * z)

@@ -220,7 +220,7 @@ def scan_with_core(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     Computes in at least float32 and returns u's dtype; autograd covers everything outside the core."""
     dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
     out_dtype = u.dtype
-    u, delta, A, B, C = (t.to(dtype).contiguous() for t in (u, delta, A, B, C))
+    u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))  # any memory layout; each core picks its own
     if delta_bias is not None:
         delta = delta + delta_bias.to(dtype)[None, :, None]
     if delta_softplus:
