@@ -6,7 +6,9 @@ size and (via get_network_from_plans) the network. Every model then does one war
 (forward + CE loss over all deep-supervision outputs + backward) at that patch and batch, each in a fresh
 subprocess; peak memory is VmHWM minus the RSS once the model and inputs exist. FLOPs: one forward under
 torch.utils.flop_counter.FlopCounterMode (matmul/conv only; the selective scan's elementwise work is not counted).
-Usage: python benchmarks/bench_network.py [--size 256] [--cases 20] [--presets micro tiny]
+Usage: python benchmarks/bench_network.py [--size 256] [--cases 20] [--steps 3] [--presets micro tiny]
+The step time is the median of ``--steps`` timed steps; for CIPA one more step runs under torch.profiler to split
+off the selective scan's share (its autograd Function's forward and backward).
 Prints a markdown table and writes benchmarks/results/bench_network.json.
 """
 
@@ -87,8 +89,22 @@ def training_step(model, x, target) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def worker(name: str, config: dict) -> dict:
+SCAN_EVENTS = ("NumbaScan", "NumbaScanBackward", "_ChunkedScan", "_ChunkedScanBackward")
+
+
+def scan_seconds(model, x, target) -> float:
+    """Self CPU time of the selective-scan autograd Functions in one profiled training step."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        training_step(model, x, target)
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in SCAN_EVENTS) / 1e6
+
+
+def worker(name: str, config: dict, steps: int) -> dict:
     """Measure one model in this (fresh) process."""
+    import statistics
+
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -101,11 +117,14 @@ def worker(name: str, config: dict) -> dict:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     training_step(model, x, target)  # warm-up (numba/oneDNN compilation, allocator growth)
-    start = time.perf_counter()
-    training_step(model, x, target)
-    seconds = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        training_step(model, x, target)
+        times.append(time.perf_counter() - start)
     peak = rss_kib("VmHWM")
-    return {"model": name, "params": sum(p.numel() for p in model.parameters()), "step_s": seconds,
+    return {"model": name, "params": sum(p.numel() for p in model.parameters()), "step_s": statistics.median(times),
+            "step_times_s": times, "scan_s": 0.0 if name == "vanilla" else scan_seconds(model, x, target),
             "peak_rss_increase_mib": max(peak - before, 0) / 1024, "peak_rss_mib": peak / 1024,
             "forward_gflop": counter.get_total_flops() / 1e9}
 
@@ -114,12 +133,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256, help="side of the random PNG images (default 256)")
     parser.add_argument("--cases", type=int, default=20, help="number of training cases to plan on")
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps per model (median reported)")
     parser.add_argument("--presets", nargs="+", default=["micro", "tiny"])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, json.loads(args.config))))
+        print(json.dumps(worker(args.worker, json.loads(args.config), args.steps)))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,7 +147,8 @@ def main() -> None:
     config = {k: config[k] for k in ("patch_size", "batch_size", "architecture")}
     rows = []
     for name in ["vanilla", *args.presets]:
-        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--config", json.dumps(config)],
+        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--config", json.dumps(config),
+                               "--steps", str(args.steps)],
                               capture_output=True, text=True, check=True)
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(f"measured {name}: {rows[-1]['step_s']:.2f} s", file=sys.stderr)
@@ -137,12 +158,13 @@ def main() -> None:
         row["flop_ratio_vs_vanilla"] = row["forward_gflop"] / base["forward_gflop"]
     print(f"\nCPU training step, planned 2d patch {config['patch_size']}, batch {config['batch_size']} "
           f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads default)\n")
-    print("| model | params | fwd GFLOP | step (s) | step / vanilla | peak RSS +MiB |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| model | params | fwd GFLOP | step (s) | step / vanilla | of which scan (s) | peak RSS +MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         label = "nnU-Net PlainConvUNet" if r["model"] == "vanilla" else f"CIPA-{r['model']}"
+        scan = "-" if r["model"] == "vanilla" else f"{r['scan_s']:.2f}"
         print(f"| {label} | {r['params'] / 1e6:.2f} M | {r['forward_gflop']:.1f} | {r['step_s']:.2f} | "
-              f"{r['step_ratio_vs_vanilla']:.2f}x | {r['peak_rss_increase_mib']:.0f} |")
+              f"{r['step_ratio_vs_vanilla']:.2f}x | {scan} | {r['peak_rss_increase_mib']:.0f} |")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     import torch
 
