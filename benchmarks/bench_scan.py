@@ -6,6 +6,8 @@ Shapes are CIPA's SS2D scans (batch 2, dim = 4 directions x 2C, N = 16, B/C grou
 `repeats` timed forward + backward passes (median reported); peak memory is ru_maxrss after the timed passes minus
 ru_maxrss before them. pscan is wrapped the way mambapy's mamba.py builds its selective scan (exp(delta A) and
 delta B u materialised as (B, L, D, N)); cells whose estimated memory exceeds --max-gb are skipped with a note.
+``cpu`` gets u, delta as contiguous (B, dim, L) tensors (the kernel then copies them channels-innermost); ``cpu-cl``
+gets them as views of channels-innermost memory, the way SS2D passes them.
 Usage: python benchmarks/bench_scan.py [--quick] [--max-gb 16]
 Prints a markdown table and writes benchmarks/results/bench_scan.json.
 """
@@ -28,12 +30,12 @@ N_STATE = 16
 SMALL = [(2, 64, 1024, 1, 5), (2, 128, 1024, 1, 5)]
 CIPA = [(2, dim, length, 4, {1024: 5, 4096: 3, 16384: 1}[length]) for length in (1024, 4096, 16384) for dim in (768, 1536)]
 QUICK = SMALL + [(2, 768, 1024, 4, 3), (2, 768, 4096, 4, 1)]
-METHODS = ("cpu", "torch", "pscan", "reference")
+METHODS = ("cpu", "cpu-cl", "torch", "pscan", "reference")
 PSCAN_TENSORS = 8  # (B, L, D, N) float32 tensors alive at pscan's peak (forward inputs, states, backward buffers)
 
 
 def make_inputs(batch, dim, length, groups, seed=0):
-    """float32 u, delta, A, B, C, D, delta_bias as an SS2D layer passes them, all requiring grad."""
+    """float32 u, delta, A, B, C, D, delta_bias with SS2D's shapes, contiguous, all requiring grad."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -73,11 +75,17 @@ def run_case(method, batch, dim, length, groups, repeats):
         if method == "pscan":
             y = pscan_selective_scan(u, delta, A, B, C, D, bias)
         else:
-            y = selective_scan(u, delta, A, B, C, D=D, delta_bias=bias, delta_softplus=True, backend=method)
+            y = selective_scan(u, delta, A, B, C, D=D, delta_bias=bias, delta_softplus=True, backend=backend)
         y.sum().backward()
 
-    step(make_inputs(1, 2 * groups, 64, groups))
-    inputs = make_inputs(batch, dim, length, groups)
+    def prepare(inputs):
+        if method == "cpu-cl":  # u, delta: (B, dim, L) views of (B, L, dim) memory
+            inputs[:2] = [t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in inputs[:2]]
+        return inputs
+
+    backend = "cpu" if method == "cpu-cl" else method
+    step(prepare(make_inputs(1, 2 * groups, 64, groups)))
+    inputs = prepare(make_inputs(batch, dim, length, groups))
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for _ in range(repeats):
@@ -93,7 +101,7 @@ def run_case(method, batch, dim, length, groups, repeats):
 def skip_reason(method, batch, dim, length, max_gb):
     if method == "reference" and length > 1024:
         return "reference: L > 1024 too slow"
-    if method == "cpu":
+    if method.startswith("cpu"):
         from nnunetv2_cipa.ops.selective_scan import available_backends
 
         if "cpu" not in available_backends():
