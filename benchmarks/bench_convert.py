@@ -45,7 +45,8 @@ def write_source(root: Path, triples: int, size: int, pool_size: int = 48) -> in
     for n in range(triples):
         patient = f"B{n // SLICES_PER_PATIENT:04d}"
         slice_id = f"{patient}_{n % SLICES_PER_PATIENT:03d}"
-        (root / patient).mkdir(parents=True, exist_ok=True)
+        if n % SLICES_PER_PATIENT == 0:
+            (root / patient).mkdir(parents=True, exist_ok=True)
         for kind, data in encoded[n % len(encoded)].items():
             (root / patient / f"{slice_id}_{kind}.png").write_bytes(data)
             total += len(data)

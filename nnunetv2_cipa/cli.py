@@ -56,8 +56,6 @@ def _cmd_evaluate(args) -> int:
 def _cmd_compare(args) -> int:
     from nnunetv2_cipa.evaluation.compare import compare_trainers
 
-    if args.test and len(args.test) != len(args.trainers):
-        raise InputError(f"--test needs one prediction folder per trainer ({len(args.trainers)}), got {len(args.test)}")
     compare_trainers(args.dataset, args.trainers, args.output, configuration=args.configuration, plans=args.plans,
                      folds=tuple(args.folds), test_predictions=args.test, patient_sep=args.patient_sep,
                      time_inference=not args.no_time_inference)

@@ -17,7 +17,8 @@ from pathlib import Path
 from nnunetv2_cipa.paths import cli_environment
 
 DATASET_ID = 990
-DATASET_NAME = f"Dataset{DATASET_ID}_PCLT20Ksynthetic"
+DATASET_SHORT_NAME = "PCLT20Ksynthetic"
+DATASET_NAME = f"Dataset{DATASET_ID}_{DATASET_SHORT_NAME}"
 _ECHO = re.compile(r"^(.*(Epoch \d+|train_loss|val_loss|Pseudo dice|Epoch time|Mean Validation Dice).*)$")
 
 
@@ -42,9 +43,8 @@ QUICK = DemoSettings(patients=8, test_patients=3, slices=3, size=64, cipa_traine
 class DemoRunner:
     """Runs the stages, echoing progress, with one log file per stage."""
 
-    def __init__(self, workdir: Path, device: str):
+    def __init__(self, workdir: Path):
         self.workdir = workdir
-        self.device = device
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.env = cli_environment(workdir)
@@ -76,7 +76,7 @@ def run_demo(workdir: str | Path = "demo_workdir", quick: bool = False) -> Path:
     settings = QUICK if quick else FULL
     workdir = Path(workdir).resolve()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    runner = DemoRunner(workdir, device)
+    runner = DemoRunner(workdir)
     source = workdir / "PCLT20K_synthetic"
     report_dir = workdir / "report"
     print(f"nnunetv2-cipa demo ({'quick' if quick else 'full'}) in {workdir} on {device}")
@@ -87,7 +87,7 @@ def run_demo(workdir: str | Path = "demo_workdir", quick: bool = False) -> Path:
                   str(settings.slices), "--size", str(settings.size), "--test-patients", str(settings.test_patients),
                   "--overwrite"])
     runner.stage("Converting it to an nnU-Net raw dataset with patient-level folds", "convert",
-                 ["nnunetv2_cipa", "convert", str(source), "-d", str(DATASET_ID), "--name", "PCLT20Ksynthetic",
+                 ["nnunetv2_cipa", "convert", str(source), "-d", str(DATASET_ID), "--name", DATASET_SHORT_NAME,
                   "--overwrite", "-np", "2"])
     runner.stage("nnU-Net planning and preprocessing (2d)", "plan",
                  ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "--verify_dataset_integrity",

@@ -30,8 +30,7 @@ def collect_report() -> list[tuple[str, str, bool]]:
         rows.append((dist, version, version != "not installed"))
 
     try:
-        import timm.layers  # noqa: F401  (nnU-Net's trainer lookup imports it for every -tr but the default)
-        import timm
+        import timm.layers  # nnU-Net's trainer lookup imports it for every -tr but the default
 
         rows.append(("timm", timm.__version__, True))
     except Exception as e:  # an old timm, or the CUDA-torchvision trap on a CPU torch

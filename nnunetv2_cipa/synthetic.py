@@ -255,16 +255,15 @@ def _write_patient(task: tuple[Path, int, str, int, int, int, float]) -> dict:
     out_dir, seed, pid, index, slices, size, tumor_free_fraction = task
     folder = out_dir / pid
     folder.mkdir()
-    tumor_slices, counts = 0, {"tumor": 0, "benign": 0, "physiological": 0}
+    counts = {"tumor": 0, "benign": 0, "physiological": 0}
     for z, sl in enumerate(generate_patient(seed, index, slices, size, tumor_free_fraction)):
         stem = folder / f"{pid}_{z:03d}"
         save_png(sl.ct, Path(f"{stem}_CT.png"))
         save_png(sl.pet, Path(f"{stem}_PET.png"))
         save_png(sl.mask, Path(f"{stem}_mask.png"))
-        tumor_slices += bool(sl.mask.any())
         for kind in counts:
             counts[kind] += bool(getattr(sl, kind).any())
-    return {"patient": pid, "tumor_slices": tumor_slices, "slices_with": counts}
+    return {"patient": pid, "tumor_slices": counts["tumor"], "slices_with": counts}  # mask == tumour
 
 
 def generate_pclt20k_like(out_dir, patients: int = 20, slices: int = 8, size: int = 128, test_patients: int = 4,

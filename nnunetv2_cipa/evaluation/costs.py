@@ -48,12 +48,9 @@ def time_inference(model_dir: Path, checkpoint: Path, images_dir: Path, cases: l
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    try:
-        from nnunetv2_cipa.training.discovery import register
-    except ImportError:  # trainer discovery not installed: rely on nnUNet_extTrainer as set by the user
-        register = None
-    if register is not None:
-        register()
+    from nnunetv2_cipa.training.discovery import register
+
+    register()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     predictor = nnUNetPredictor(use_mirroring=False, perform_everything_on_device=device.type == "cuda",
                                 device=device, verbose=False, verbose_preprocessing=False, allow_tqdm=False)

@@ -34,9 +34,10 @@ def plot_dice_distribution(dice_by_trainer: dict[str, list[float]], title: str, 
     plt.close(fig)
 
 
-def _crop_window(masks: list[np.ndarray], shape: tuple[int, int], min_side: int = 128) -> tuple[slice, slice]:
+def _crop_window(masks: list[np.ndarray], min_side: int = 128) -> tuple[slice, slice]:
     """Square-ish window around the union of ``masks`` (H, W), padded, at least ``min_side`` px (clipped)."""
     union = np.logical_or.reduce(masks)
+    shape = union.shape
     if not union.any():
         return slice(0, shape[0]), slice(0, shape[1])
     rows, cols = np.nonzero(union)
@@ -48,8 +49,8 @@ def _crop_window(masks: list[np.ndarray], shape: tuple[int, int], min_side: int 
     return windows[0], windows[1]
 
 
-def _overlay(colours: list[tuple[np.ndarray, tuple[float, float, float]]], shape) -> np.ndarray:
-    rgba = np.zeros((*shape, 4))
+def _overlay(colours: list[tuple[np.ndarray, tuple[float, float, float]]]) -> np.ndarray:
+    rgba = np.zeros((*colours[0][0].shape, 4))
     for mask, colour in colours:
         rgba[mask] = (*colour, 0.65)
     return rgba
@@ -64,18 +65,18 @@ def plot_examples(rows: list[dict], trainers: list[str], title: str, path: Path)
     for ax, name in zip(axes[0], ("CT", "PET", "ground truth", *trainers)):
         ax.set_title(name, fontsize=9)
     for axes_row, row in zip(axes, rows):
-        window = _crop_window([row["gt"], *row["preds"].values()], row["gt"].shape)
+        window = _crop_window([row["gt"], *row["preds"].values()])
         ct, pet = row["ct"][window], row["pet"][window]
         gt = row["gt"][window]
         axes_row[0].imshow(ct, cmap="gray")
         axes_row[0].set_ylabel(f"{row['label']}\n{row['case']}", fontsize=9)
         axes_row[1].imshow(pet, cmap="hot")
         axes_row[2].imshow(ct, cmap="gray")
-        axes_row[2].imshow(_overlay([(gt, GT_COLOUR)], gt.shape))
+        axes_row[2].imshow(_overlay([(gt, GT_COLOUR)]))
         for ax, trainer in zip(axes_row[3:], trainers):
             pred = row["preds"][trainer][window]
             ax.imshow(ct, cmap="gray")
-            ax.imshow(_overlay([(pred & gt, TP_COLOUR), (pred & ~gt, FP_COLOUR), (gt & ~pred, FN_COLOUR)], gt.shape))
+            ax.imshow(_overlay([(pred & gt, TP_COLOUR), (pred & ~gt, FP_COLOUR), (gt & ~pred, FN_COLOUR)]))
             dice = row["dice"][trainer]
             ax.set_xlabel(f"slice Dice {'n/a' if dice is None else f'{dice:.3f}'}", fontsize=8)
         for ax in axes_row:

@@ -50,22 +50,17 @@ def _foreground_window(mask: np.ndarray) -> tuple[slice, slice]:
     return slice(max(rows[0] - 1, 0), rows[-1] + 2), slice(max(cols[0] - 1, 0), cols[-1] + 2)
 
 
-def surface_distances(source: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Distances (px) from each border pixel of ``source`` to the nearest border pixel of ``target``.
-
-    source, target: (H, W) bool, both non-empty -> (n_border_source,) float64. Borders as in medpy (4-connected)."""
-    window = _foreground_window(source | target)
-    source, target = source[window], target[window]
-    source_border = source ^ ndimage.binary_erosion(source, structure=FOUR_CONNECTED)
-    target_border = target ^ ndimage.binary_erosion(target, structure=FOUR_CONNECTED)
-    return ndimage.distance_transform_edt(~target_border)[source_border]
-
-
 def hd95(pred: np.ndarray, gt: np.ndarray) -> float:
-    """medpy-equivalent 95th-percentile symmetric Hausdorff distance (px) of two non-empty (H, W) masks."""
+    """medpy-equivalent 95th-percentile symmetric Hausdorff distance (px) of two non-empty (H, W) masks: distances
+    from each 4-connected border pixel of one mask to the nearest border pixel of the other, both ways."""
     if not pred.any() or not gt.any():
         raise ValueError("hd95 needs two non-empty masks")
-    return float(np.percentile(np.hstack((surface_distances(pred, gt), surface_distances(gt, pred))), 95))
+    window = _foreground_window(pred | gt)
+    pred_border, gt_border = (mask[window] ^ ndimage.binary_erosion(mask[window], structure=FOUR_CONNECTED)
+                              for mask in (pred, gt))
+    distances = (ndimage.distance_transform_edt(~gt_border)[pred_border],
+                 ndimage.distance_transform_edt(~pred_border)[gt_border])
+    return float(np.percentile(np.hstack(distances), 95))
 
 
 def hd95_paper_rule(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -222,9 +217,9 @@ def evaluate_pairs(pairs: dict[str, tuple[Path, Path]], patient_sep: str = "_", 
         by_patient.setdefault(case.split(patient_sep, 1)[0], {})[case] = metrics
     per_patient = {pid: _aggregate(slices, empty=math.nan) for pid, slices in sorted(by_patient.items())}
     pooled = _aggregate(per_case, empty=1.0)
-    cipa = {k: pooled[k] for k in ("iou", "dice", "balanced_accuracy", "sensitivity", "specificity",
-                                   "hd95_px", "hd95_px_paper_rule", "tp", "fp", "fn", "tn")}
-    cipa.update(n_slices=len(cases), n_slices_hd95=pooled["n_slices_hd95"], n_slices_hd95_paper_rule=len(cases),
+    cipa = {k: pooled[k] for k in ("iou", "dice", "balanced_accuracy", "sensitivity", "specificity", "hd95_px",
+                                   "hd95_px_paper_rule", "tp", "fp", "fn", "tn", "n_slices", "n_slices_hd95")}
+    cipa.update(n_slices_hd95_paper_rule=len(cases),
                 n_slices_gt_empty=sum(c["tp"] + c["fn"] == 0 for c in results),
                 n_slices_pred_empty=sum(c["tp"] + c["fp"] == 0 for c in results))
     return json_safe({"cipa_protocol": cipa, "n_patients": len(per_patient), "patient_sep": patient_sep,
@@ -254,15 +249,16 @@ def evaluate_folders(gt_dir, pred_dir, patient_sep: str = "_", num_workers: int 
     return {"gt_dir": str(gt_dir), "pred_dir": str(pred_dir), **result}
 
 
-def _fmt(value, digits: int = 4) -> str:
+def format_number(value, digits: int = 4) -> str:
+    """A metric for text reports: ``digits`` significant digits, "n/a" for None."""
     return "n/a" if value is None else f"{value:.{digits}g}"
 
 
 def format_summary(result: dict) -> str:
     """Two-line headline: CIPA-protocol IoU/Dice/Acc/HD95 and patient-level mean ± std Dice."""
     c, s = result["cipa_protocol"], result["summary"]["dice"]
-    return (f"CIPA protocol ({c['n_slices']} slices): IoU {_fmt(c['iou'])}  Dice {_fmt(c['dice'])}  "
-            f"Acc {_fmt(c['balanced_accuracy'])}  HD95 {_fmt(c['hd95_px'])} px ({c['n_slices_hd95']} slices with "
-            f"both masks) / {_fmt(c['hd95_px_paper_rule'])} px (paper rule, all slices)\n"
-            f"Patients ({result['n_patients']}): Dice {_fmt(s['mean'])} ± {_fmt(s['std'])} (mean ± std), "
-            f"median {_fmt(s['median'])}")
+    return (f"CIPA protocol ({c['n_slices']} slices): IoU {format_number(c['iou'])}  Dice {format_number(c['dice'])}  "
+            f"Acc {format_number(c['balanced_accuracy'])}  HD95 {format_number(c['hd95_px'])} px ({c['n_slices_hd95']} slices with "
+            f"both masks) / {format_number(c['hd95_px_paper_rule'])} px (paper rule, all slices)\n"
+            f"Patients ({result['n_patients']}): Dice {format_number(s['mean'])} ± {format_number(s['std'])} (mean ± std), "
+            f"median {format_number(s['median'])}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from nnunetv2_cipa.evaluation.metrics import format_number
+
 METHODS = (
     "**Metrics.** Predictions are nnU-Net label PNGs (0/1) compared with the raw labels of the same case name. "
     "*CIPA protocol* (as in the CIPA paper's evaluation code): true/false positives/negatives are summed over all"
@@ -19,12 +21,8 @@ METHODS = (
 )
 
 
-def _g(value, digits: int = 4) -> str:
-    return "n/a" if value is None else f"{value:.{digits}g}"
-
-
 def _mean_std(stat: dict) -> str:
-    return "n/a" if stat["mean"] is None else f"{_g(stat['mean'])} ± {_g(stat['std'])}"
+    return "n/a" if stat["mean"] is None else f"{format_number(stat['mean'])} ± {format_number(stat['std'])}"
 
 
 def _metrics_table(split: dict, trainers: list[str]) -> list[str]:
@@ -33,8 +31,8 @@ def _metrics_table(split: dict, trainers: list[str]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for trainer in trainers:
         c, s = split["results"][trainer]["cipa_protocol"], split["results"][trainer]["summary"]
-        lines.append(f"| {trainer} | {_g(c['iou'])} | {_g(c['dice'])} | {_g(c['balanced_accuracy'])} | "
-                     f"{_g(c['hd95_px'])} | {_g(c['hd95_px_paper_rule'])} | {_mean_std(s['dice'])} | "
+        lines.append(f"| {trainer} | {format_number(c['iou'])} | {format_number(c['dice'])} | {format_number(c['balanced_accuracy'])} | "
+                     f"{format_number(c['hd95_px'])} | {format_number(c['hd95_px_paper_rule'])} | {_mean_std(s['dice'])} | "
                      f"{_mean_std(s['iou'])} | {_mean_std(s['fp_area_px'])} | {_mean_std(s['fn_area_px'])} |")
     c = split["results"][trainers[0]]["cipa_protocol"]
     lines += ["", f"IoU, Dice, Acc: pooled over {c['n_slices']} slices; HD95 over the slices where both masks are "
@@ -49,8 +47,8 @@ def _wilcoxon_table(split: dict) -> list[str]:
     lines = ["| A | B | Patients | Median ΔDice (A−B) | Mean ΔDice (A−B) | W | p | Note |",
              "|---|---|---|---|---|---|---|---|"]
     for t in split["wilcoxon_patient_dice"]:
-        lines.append(f"| {t['a']} | {t['b']} | {t['n_patients']} | {_g(t['median_difference'])} | "
-                     f"{_g(t['mean_difference'])} | {_g(t['statistic'])} | {_g(t['pvalue'], 3)} | {t['note']} |")
+        lines.append(f"| {t['a']} | {t['b']} | {t['n_patients']} | {format_number(t['median_difference'])} | "
+                     f"{format_number(t['mean_difference'])} | {format_number(t['statistic'])} | {format_number(t['pvalue'], 3)} | {t['note']} |")
     return lines
 
 
@@ -61,9 +59,9 @@ def _costs_table(report: dict) -> list[str]:
         cost = report["costs"][trainer]
         params = "n/a" if cost["parameters"] is None else f"{cost['parameters']:,}"
         epoch = cost["epoch_time_s"]
-        epoch_text = "n/a" if epoch is None else f"{_g(epoch['mean'])} (mean of {epoch['n_epochs']} epochs)"
+        epoch_text = "n/a" if epoch is None else f"{format_number(epoch['mean'])} (mean of {epoch['n_epochs']} epochs)"
         inf = cost["inference"]
-        inf_text = "n/a" if inf is None else (f"{_g(inf['seconds_per_slice'])} ({inf['device']}, "
+        inf_text = "n/a" if inf is None else (f"{format_number(inf['seconds_per_slice'])} ({inf['device']}, "
                                               f"{inf['n_slices_timed']} slices, no mirroring)")
         lines.append(f"| {trainer} | {params} | {epoch_text} | {inf_text} |")
         notes += [f"- {trainer}: {n}" for n in cost["notes"]]
