@@ -171,10 +171,11 @@ def main() -> None:
     from nnunetv2_cipa.ops.selective_scan import resolve_backend
 
     env = {k: os.environ[k] for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS") if k in os.environ}
-    print(f"\nscan backend: {resolve_backend(None, torch.device('cpu'))}; thread env: {env or 'default'}")
+    backend = resolve_backend(None, torch.device("cpu"))
+    print(f"\nscan backend: {backend}; thread env: {env or 'default'}")
     RESULTS.write_text(json.dumps({"patch_size": config["patch_size"], "batch_size": config["batch_size"],
                                    "machine": platform.platform(), "cpu_count": os.cpu_count(),
-                                   "scan_backend": resolve_backend(None, torch.device("cpu")), "thread_env": env,
+                                   "scan_backend": backend, "thread_env": env,
                                    "rows": rows}, indent=2))
     print(f"\nwrote {RESULTS}")
 

@@ -26,6 +26,7 @@ from nnunetv2_cipa.modules.decoder import CIPADecoder
 from nnunetv2_cipa.modules.vmamba import VMambaEncoder
 
 DEEP_SUPERVISION_STRIDES = (4, 8, 16)
+OFFICIAL_INPUT_SCALE_SHIFT = (3.2, -1.6)  # the official model maps [0, 1] inputs to [-1.6, 1.6]
 ENCODER_STRIDE = 32
 
 
@@ -81,12 +82,11 @@ class CIPA(nn.Module):
     first (official: x*3.2 - 1.6 on [0, 1] inputs).
     """
 
-    DEEP_SUPERVISION_STRIDES = DEEP_SUPERVISION_STRIDES
-
     def __init__(self, num_classes: int, patch_size, preset: str = "tiny", in_channels: int = 2,
                  ct_channel: int = 0, pet_channel: int = 1, use_crm: bool = True, use_dcim: bool = True,
-                 use_mamba: bool = True, deep_supervision: bool = False, input_scale: float = 3.2,
-                 input_shift: float = -1.6):
+                 use_mamba: bool = True, deep_supervision: bool = False,
+                 input_scale: float = OFFICIAL_INPUT_SCALE_SHIFT[0],
+                 input_shift: float = OFFICIAL_INPUT_SCALE_SHIFT[1]):
         super().__init__()
         if preset not in PRESETS:
             raise InputError(f"CIPA: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")

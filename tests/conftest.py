@@ -30,8 +30,6 @@ def run_cli(args: list[str], env: dict, timeout: int = 600, check: bool = True) 
 @dataclass
 class PlannedDataset:
     env: dict
-    root: Path
-    source: Path  # the synthetic PCLT20K-like tree
 
     @property
     def raw(self) -> Path:
@@ -65,4 +63,4 @@ def planned_dataset(tmp_path_factory) -> PlannedDataset:
     run_cli(["nnunetv2_cipa", "convert", str(source), "-d", str(DATASET_ID), "--folds", "5", "-np", "2"], env)
     run_cli(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "--verify_dataset_integrity",
              "-np", "2", "-npfp", "2"], env)
-    return PlannedDataset(env=env, root=root, source=source)
+    return PlannedDataset(env=env)

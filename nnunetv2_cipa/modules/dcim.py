@@ -101,4 +101,4 @@ class DualCrossInteraction(nn.Module):
         tokens = self.pet_stem(pet).permute(0, 2, 3, 1).contiguous()
         words = self.interaction(words, tokens)
         out = window_unpartition(words, height + pad_h, width + pad_w).permute(0, 3, 1, 2)
-        return out[:, :, :height, :width].contiguous()
+        return out[:, :, :height, :width]

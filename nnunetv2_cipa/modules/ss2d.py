@@ -111,7 +111,7 @@ class DirectionalSSM(nn.Module):
         k = self.num_directions
         delta = F.softplus(delta + self.dt_projs_bias.flatten()[None, :, None])
         weight = self.state_weight.view(k, -1, self.d_state).to(Bs.dtype)
-        mixed = torch.einsum("bknl,kdn->bkdl", Bs * Cs, weight).reshape(batch, -1, length)
+        mixed = torch.einsum("bknl,kdn->blkd", Bs * Cs, weight).reshape(batch, length, -1).transpose(1, 2)  # u's layout
         return self.Ds[None, :, None] * u + delta * u * mixed
 
 

@@ -6,8 +6,8 @@ What differs from nnU-Net's default trainer, and why:
   normalisation the network maps [0, 1] to the official [-1.6, 1.6] range itself.
 - optimiser: AdamW (betas 0.9/0.999, weight decay 0.01 as in the official recipe) with no weight decay on norms,
   biases and SSM parameters (A_log, D, dt bias); every parameter is optimised (the official grouping froze 8.67 M).
-- schedule: linear warm-up over ``warmup_epochs`` (at most a tenth of the epochs) then nnU-Net's polynomial decay; nnU-Net's epoch length is kept so
-  CIPA and vanilla nnU-Net get the same number of iterations.
+- schedule: linear warm-up over ``warmup_epochs`` (at most a tenth of the epochs) then nnU-Net's polynomial decay;
+  nnU-Net's epoch length is kept so CIPA and vanilla nnU-Net get the same number of iterations.
 - deep supervision: on, with the network's auxiliary heads at strides 4, 8 and 16; targets are downsampled by nnU-Net
   to the same sizes; loss weights 1, 1/2, 1/4, 1/8 (normalised; unlike nnU-Net's default the last head is not
   zero-weighted, because its parameters would otherwise never train).
@@ -25,15 +25,14 @@ from torch import nn
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
+from nnunetv2.preprocessing.normalization.default_normalization_schemes import RGBTo01Normalization
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunetv2_cipa.network import CIPA, DEEP_SUPERVISION_STRIDES
+from nnunetv2_cipa.network import CIPA, DEEP_SUPERVISION_STRIDES, OFFICIAL_INPUT_SCALE_SHIFT
 from nnunetv2_cipa.training.lr_schedule import WarmupPolyLRScheduler
 
-RGB_TO_0_1 = "RGBTo01Normalization"
-OFFICIAL_INPUT_SCALE_SHIFT = (3.2, -1.6)
 
 
 def unwrap(network: nn.Module) -> nn.Module:
@@ -73,7 +72,6 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         self.initial_lr = 2e-4
         self.weight_decay = 1e-2
         self.warmup_epochs = 10
-        self.enable_deep_supervision = True
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -87,7 +85,8 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
             raise ValueError(f"{cls.__name__} needs 2 input channels (_0000 = CT, _0001 = PET), the dataset has "
                              f"{num_input_channels}")
         schemes = configuration_manager.normalization_schemes
-        scale, shift = OFFICIAL_INPUT_SCALE_SHIFT if all(s == RGB_TO_0_1 for s in schemes) else (1.0, 0.0)
+        rgb_to_0_1 = all(s == RGBTo01Normalization.__name__ for s in schemes)
+        scale, shift = OFFICIAL_INPUT_SCALE_SHIFT if rgb_to_0_1 else (1.0, 0.0)
         return CIPA(num_classes=num_output_channels, patch_size=patch_size, preset=cls.cipa_preset,
                     in_channels=num_input_channels, ct_channel=0, pet_channel=1, use_crm=cls.use_crm,
                     use_dcim=cls.use_dcim, use_mamba=cls.use_mamba, deep_supervision=enable_deep_supervision,
@@ -105,12 +104,8 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
             loss.weight_factors = tuple(weights / weights.sum())
         return loss
 
-    def set_deep_supervision_enabled(self, enabled: bool):
-        unwrap(self.network).deep_supervision = enabled
-
     def _do_i_compile(self):
-        opted_in = os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t")
-        return opted_in and super()._do_i_compile()
+        return "nnUNet_compile" in os.environ and super()._do_i_compile()  # opt-in: off when unset
 
     def configure_optimizers(self):
         groups = weight_decay_groups(unwrap(self.network), self.weight_decay)

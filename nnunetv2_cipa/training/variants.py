@@ -46,7 +46,8 @@ class nnUNetTrainerCIPA_pretrained(nnUNetTrainerCIPA):
 
         super().initialize()
         report = load_vmamba_checkpoint(unwrap(self.network), self.pretrained_checkpoint)
-        self.print_to_log_file(f"Loaded the ImageNet VMamba encoder from {self.pretrained_checkpoint}: {report}")
+        self.print_to_log_file(f"Loaded the ImageNet VMamba encoder from {self.pretrained_checkpoint.parent}/"
+                               f"{report.summary()}")
 
 
 def pretrained_checkpoint_path() -> Path:
@@ -78,13 +79,16 @@ def _shorten_schedule(trainer: nnUNetTrainer, epochs: int, iterations: int, val_
     trainer.num_val_iterations_per_epoch = val_iterations
 
 
+DEBUG_SCHEDULE = {"epochs": 2, "iterations": 4, "val_iterations": 2}
+
+
 class nnUNetTrainerCIPA_debug(nnUNetTrainerCIPAMicro):
     """micro preset, 2 epochs of 4 iterations and 2 validation iterations: smoke tests and ``demo --quick``."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        _shorten_schedule(self, epochs=2, iterations=4, val_iterations=2)
+        _shorten_schedule(self, **DEBUG_SCHEDULE)
 
 
 class nnUNetTrainerVanilla_debug(nnUNetTrainer):
@@ -93,7 +97,7 @@ class nnUNetTrainerVanilla_debug(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        _shorten_schedule(self, epochs=2, iterations=4, val_iterations=2)
+        _shorten_schedule(self, **DEBUG_SCHEDULE)
 
 
 DEMO_SCHEDULE = {"epochs": 30, "iterations": 25, "val_iterations": 5}
