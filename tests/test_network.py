@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.modules.crm import ChannelRectification
 from nnunetv2_cipa.modules.dcim import RegionGlobalInteraction, window_partition, window_unpartition
-from nnunetv2_cipa.modules.ss2d import SS2D, cross_merge, cross_scan
+from nnunetv2_cipa.modules.ss2d import SS1D, SS2D, cross_scan_positions
 from nnunetv2_cipa.network import CIPA, DEEP_SUPERVISION_STRIDES, PRESETS
+from nnunetv2_cipa.ops.selective_scan import available_backends, selective_scan_reference
 
 
 def n_params(module) -> int:
@@ -131,15 +133,71 @@ def test_fixed_seed_gives_identical_output_and_bf16_autocast_is_finite():
     assert torch.isfinite(out).all()
 
 
-def test_cross_scan_orders_and_merge():
-    x = torch.arange(2 * 4 * 5 * 3, dtype=torch.float32).view(2, 4, 5, 3)  # (B, H, W, D)
-    xs = cross_scan(x)
-    assert xs.shape == (2, 20, 4, 3)
-    torch.testing.assert_close(xs[:, :, 0], x.flatten(1, 2))             # row-major
-    torch.testing.assert_close(xs[0, 3 * 4 + 2, 1], x[0, 2, 3])           # column-major: index w*H + h
-    torch.testing.assert_close(xs[:, :, 2], xs[:, :, 0].flip(1))
-    torch.testing.assert_close(xs[:, :, 3], xs[:, :, 1].flip(1))
-    torch.testing.assert_close(cross_merge(xs, 4, 5), 4 * x)
+def test_cross_scan_positions_are_the_four_vmamba_orders():
+    positions = cross_scan_positions(4, 5)  # H = 4, W = 5: position h*W + w
+    assert positions.shape == (4, 20) and positions.dtype == torch.int64
+    assert positions[0].tolist() == list(range(20))                                   # row-major
+    assert positions[1].tolist() == [h * 5 + w for w in range(5) for h in range(4)]   # column-major
+    assert positions[2].tolist() == positions[0].flip(0).tolist()
+    assert positions[3].tolist() == positions[1].flip(0).tolist()
+
+
+def official_ss2d(ssm: SS2D, x: torch.Tensor) -> torch.Tensor:
+    """SS2D written out the way the official VMamba code computes it (spec §2.3): explicit cross-scan copies,
+    per-direction einsum projections in scan order, the sequential reference scan, explicit cross-merge."""
+    batch, height, width, _ = x.shape
+    xi, z = ssm.in_proj(x).chunk(2, dim=-1)
+    xi = F.silu(ssm.conv2d(xi.permute(0, 3, 1, 2)))  # (B, D, H, W)
+    dim = xi.shape[1]
+    rows, cols = xi.flatten(2), xi.transpose(2, 3).flatten(2)
+    xs = torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)  # (B, 4, D, L)
+    x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, ssm.x_proj_weight)
+    dts, Bs, Cs = torch.split(x_dbl, [ssm.dt_rank, ssm.d_state, ssm.d_state], dim=2)
+    dts = torch.einsum("bkrl,kdr->bkdl", dts, ssm.dt_projs_weight)
+    y = selective_scan_reference(xs.flatten(1, 2), dts.flatten(1, 2), -torch.exp(ssm.A_logs), Bs, Cs, D=ssm.Ds,
+                                 delta_bias=ssm.dt_projs_bias.flatten(), delta_softplus=True).view(*xs.shape)
+    cols_merged = (y[:, 1] + y[:, 3].flip(-1)).view(batch, dim, width, height).transpose(2, 3).flatten(2)
+    y = y[:, 0] + y[:, 2].flip(-1) + cols_merged
+    y = ssm.out_norm(y.transpose(1, 2).reshape(batch, height, width, dim))
+    return ssm.out_proj(y * F.silu(z))
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "torch") if b in available_backends()])
+@pytest.mark.parametrize("height, width, ssm_ratio", [(5, 7, 2.0), (6, 4, 1.5)])
+def test_ss2d_equals_the_official_cross_scan_formulation(monkeypatch, backend, height, width, ssm_ratio):
+    """Values and gradients of SS2D (position-order scan, no cross-scan copies) against the official formulation;
+    d_inner 16 and 12 (padded to the kernel's 16 lanes)."""
+    monkeypatch.setenv("NNUNETV2_CIPA_SCAN_BACKEND", backend)
+    torch.manual_seed(0)
+    ssm = SS2D(8, d_state=3, ssm_ratio=ssm_ratio).double()
+    with torch.no_grad():
+        ssm.A_logs.add_(torch.randn_like(ssm.A_logs) * 0.3)
+    x = torch.randn(2, height, width, 8, dtype=torch.float64, requires_grad=True)
+    results = []
+    for fn in (ssm, lambda t: official_ss2d(ssm, t)):
+        out = fn(x)
+        weight = torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out)
+        results.append((out, torch.autograd.grad((out * weight).sum(), [x, *ssm.parameters()])))
+    (ours, our_grads), (official, official_grads) = results
+    torch.testing.assert_close(ours, official, rtol=1e-9, atol=1e-10)
+    for name, g, g_ref in zip(["x"] + [n for n, _ in ssm.named_parameters()], our_grads, official_grads):
+        torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-9, msg=name)
+
+
+def test_ss1d_scans_the_tokens_in_order():
+    torch.manual_seed(0)
+    ssm = SS1D(8, d_state=3).double()
+    tokens = torch.randn(2, 11, 8, dtype=torch.float64)
+    with torch.no_grad():
+        x, z = F.silu(ssm.in_proj(tokens)).chunk(2, dim=-1)
+        u = x.transpose(1, 2)
+        x_dbl = torch.einsum("bdl,cd->bcl", u, ssm.x_proj_weight[0])
+        dts, Bs, Cs = torch.split(x_dbl, [ssm.dt_rank, ssm.d_state, ssm.d_state], dim=1)
+        y = selective_scan_reference(u, torch.einsum("brl,dr->bdl", dts, ssm.dt_projs_weight[0]),
+                                     -torch.exp(ssm.A_logs), Bs, Cs, D=ssm.Ds,
+                                     delta_bias=ssm.dt_projs_bias.flatten(), delta_softplus=True)
+        expected = ssm.out_proj(ssm.out_norm(y.transpose(1, 2)) * z)
+        torch.testing.assert_close(ssm(tokens), expected, rtol=1e-9, atol=1e-10)
 
 
 def test_window_partition_layout_and_roundtrip():

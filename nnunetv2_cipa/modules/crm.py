@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nnunetv2_cipa.modules.linear import Linear
 from nnunetv2_cipa.modules.ss2d import SS1D
 
 
@@ -21,11 +22,11 @@ class ChannelRectification(nn.Module):
         super().__init__()
         self.channels, self.spatial_size = channels, spatial_size
         self.spatial_norm = nn.LayerNorm(spatial_size)
-        self.embed = nn.Linear(spatial_size, token_dim)
+        self.embed = Linear(spatial_size, token_dim)
         self.act = nn.GELU()
         self.channel_ssm = SS1D(token_dim, d_state, use_mamba=use_mamba)
         self.token_norm = nn.LayerNorm(token_dim)
-        self.to_weight = nn.Linear(token_dim, 1)
+        self.to_weight = Linear(token_dim, 1)
 
     def forward(self, ct: torch.Tensor, pet: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, channels, height, width = ct.shape

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.regularization import DropPath
 from torch import nn
 
+from nnunetv2_cipa.modules.linear import Linear
 from nnunetv2_cipa.modules.ss2d import SS2D, linspace
 
 
@@ -21,7 +22,7 @@ class PatchExpand(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.expand = nn.Linear(dim, 2 * dim, bias=False)
+        self.expand = Linear(dim, 2 * dim, bias=False)
         self.norm = nn.LayerNorm(dim // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +37,7 @@ class UpsampleExpand(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.linear = nn.Linear(dim, dim // 2, bias=False)
+        self.linear = Linear(dim, dim // 2, bias=False)
         self.norm = nn.LayerNorm(dim // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,8 +108,8 @@ class FinalUpsampleX4(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.linear1 = nn.Linear(dim, dim, bias=False)
-        self.linear2 = nn.Linear(dim, dim, bias=False)
+        self.linear1 = Linear(dim, dim, bias=False)
+        self.linear2 = Linear(dim, dim, bias=False)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

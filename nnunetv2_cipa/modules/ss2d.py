@@ -6,31 +6,33 @@ Both hold VMamba's per-direction SSM parameters under the official names (``x_pr
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunetv2_cipa.ops.selective_scan import selective_scan
+from nnunetv2_cipa.modules.linear import Linear, linear
+from nnunetv2_cipa.ops.directional_scan import directional_scan
 
 
-def cross_scan(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, D) -> (B, H*W, 4, D): row-major, column-major, and both reversed, channels innermost (the layout
-    the CPU scan kernel reads without a copy)."""
-    batch, height, width, dim = x.shape
-    rows = x.reshape(batch, height * width, dim)
-    cols = x.transpose(1, 2).reshape(batch, height * width, dim)
-    return torch.stack([rows, cols, rows.flip(1), cols.flip(1)], dim=2)
+@functools.lru_cache(maxsize=64)
+def _cross_scan_positions(height: int, width: int, device: torch.device) -> torch.Tensor:
+    rows = torch.arange(height * width, device=device)
+    cols = rows.view(height, width).t().reshape(-1)
+    return torch.stack([rows, cols, rows.flip(0), cols.flip(0)])
 
 
-def cross_merge(ys: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, H*W, 4, D) in :func:`cross_scan` order -> (B, H, W, D), the sum of the 4 directions in image order."""
-    batch, _, _, dim = ys.shape
-    ys = ys[:, :, :2] + ys[:, :, 2:].flip(1)
-    rows = ys[:, :, 0].reshape(batch, height, width, dim)
-    cols = ys[:, :, 1].reshape(batch, width, height, dim).transpose(1, 2)
-    return rows + cols
+def cross_scan_positions(height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """VMamba's 4 scan orders of an H x W map, (4, H*W) int64: step t of direction k visits row-major position
+    ``[k, t]``; k = 0 row-major, 1 column-major (step w*H + h visits h*W + w), 2 and 3 the same reversed."""
+    return _cross_scan_positions(height, width, torch.device(device))
+
+
+def sequence_positions(length: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The one scan order of a token sequence, (1, L) int64."""
+    return _cross_scan_positions(1, length, torch.device(device))[:1]
 
 
 def linspace(start: float, stop: float, num: int) -> list[float]:
@@ -44,7 +46,7 @@ def dt_rank_for(d_model: int) -> int:
 
 
 class DirectionalSSM(nn.Module):
-    """Per-direction selective-scan parameters and the scan itself: (B, K, D, L) -> (B, K, D, L).
+    """Per-direction selective-scan parameters and the scan itself: (B, L, D) scanned in K orders -> (B, L, D).
 
     ``use_mamba=False`` gives the no-Mamba control: a memoryless gated mixer with the same projections,
     y_t = D*u_t + softplus(dt_t + bias) * u_t * sum_n(state_weight[d, n] * B_t[n] * C_t[n]) (``state_weight``
@@ -88,31 +90,29 @@ class DirectionalSSM(nn.Module):
             self.state_weight.fill_(1.0)
         self.Ds.fill_(1.0)
 
-    def scan(self, xs: torch.Tensor) -> torch.Tensor:
-        """(B, L, K, D) -> (B, L, K, D); direction k uses its own projections and one B/C group. The scan sees
-        u, delta as (B, K*D, L) views of channels-innermost memory."""
-        batch, length, k, dim = xs.shape
-        x_dbl = torch.einsum("blkd,kcd->bklc", xs, self.x_proj_weight)
+    def scan(self, u: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) -> (B, L, D): direction k scans u in the order ``positions[k]`` with its own projections and
+        one B/C group; the K outputs are summed in position order. The projections are position-wise, so they are
+        computed in position order, once for all directions."""
+        batch, length, dim = u.shape
+        k = self.num_directions
+        x_dbl = linear(u, self.x_proj_weight.flatten(0, 1)).view(batch, length, k, -1)  # (B, L, K, R + 2N)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=3)
-        dts = torch.einsum("bklr,kdr->blkd", dts, self.dt_projs_weight)
-        u = xs.reshape(batch, length, k * dim).transpose(1, 2)
-        delta = dts.reshape(batch, length, k * dim).transpose(1, 2)
-        Bs, Cs = Bs.transpose(2, 3), Cs.transpose(2, 3)  # (B, K, N, L)
-        if self.use_mamba:
-            y = selective_scan(u, delta, -torch.exp(self.A_logs.float()), Bs, Cs,
-                               D=self.Ds, delta_bias=self.dt_projs_bias.flatten(), delta_softplus=True)
-        else:
-            y = self._memoryless(u, delta, Bs, Cs)
-        return y.transpose(1, 2).reshape(batch, length, k, dim)
+        dts = torch.bmm(dts.reshape(batch * length, k, self.dt_rank).transpose(0, 1),
+                        self.dt_projs_weight.transpose(1, 2)).view(k, batch, length, dim)  # (K, B, L, D)
+        if not self.use_mamba:
+            return self._memoryless(u, dts, Bs, Cs)
+        return directional_scan(u, dts, -torch.exp(self.A_logs.float()), Bs, Cs, positions, D=self.Ds,
+                                delta_bias=self.dt_projs_bias.flatten(), delta_softplus=True)
 
     def _memoryless(self, u, delta, Bs, Cs) -> torch.Tensor:
-        """No-Mamba control, (B, K*D, L) -> (B, K*D, L), see the class docstring."""
-        batch, _, length = u.shape
-        k = self.num_directions
-        delta = F.softplus(delta + self.dt_projs_bias.flatten()[None, :, None])
-        weight = self.state_weight.view(k, -1, self.d_state).to(Bs.dtype)
-        mixed = torch.einsum("bknl,kdn->blkd", Bs * Cs, weight).reshape(batch, length, -1).transpose(1, 2)  # u's layout
-        return self.Ds[None, :, None] * u + delta * u * mixed
+        """No-Mamba control, u (B, L, D), delta (K, B, L, D), Bs, Cs (B, L, K, N) -> (B, L, D), summed over the
+        directions (see the class docstring; position-wise, so the scan orders do not matter)."""
+        k, dim = self.num_directions, u.shape[-1]
+        delta = F.softplus(delta + self.dt_projs_bias[:, None, None, :])
+        weight = self.state_weight.view(k, dim, self.d_state).to(Bs.dtype)
+        mixed = torch.einsum("blkn,kdn->kbld", Bs * Cs, weight)
+        return u * (self.Ds.view(k, dim).sum(0) + (delta * mixed).sum(0))
 
 
 class SS2D(DirectionalSSM):
@@ -123,16 +123,17 @@ class SS2D(DirectionalSSM):
                  use_mamba: bool = True):
         d_inner = int(ssm_ratio * d_model)
         super().__init__(d_inner, d_state, dt_rank_for(d_model), num_directions=4, use_mamba=use_mamba)
-        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.in_proj = Linear(d_model, 2 * d_inner, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=True)
         self.out_norm = nn.LayerNorm(d_inner)
-        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.out_proj = Linear(d_inner, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, height, width, _ = x.shape
+        batch, height, width, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)
-        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
-        y = self.out_norm(cross_merge(self.scan(cross_scan(x)), height, width))
+        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)  # channels-last memory from the conv
+        y = self.scan(x.reshape(batch, height * width, -1), cross_scan_positions(height, width, x.device))
+        y = self.out_norm(y.view(batch, height, width, -1))
         return self.out_proj(y * F.silu(z))
 
 
@@ -143,11 +144,11 @@ class SS1D(DirectionalSSM):
     def __init__(self, d_model: int, d_state: int = 16, ssm_ratio: float = 2.0, use_mamba: bool = True):
         d_inner = int(ssm_ratio * d_model)
         super().__init__(d_inner, d_state, dt_rank_for(d_model), num_directions=1, use_mamba=use_mamba)
-        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.in_proj = Linear(d_model, 2 * d_inner, bias=False)
         self.out_norm = nn.LayerNorm(d_inner)
-        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.out_proj = Linear(d_inner, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, z = F.silu(self.in_proj(x)).chunk(2, dim=-1)
-        y = self.scan(x.unsqueeze(2)).squeeze(2)
+        y = self.scan(x.contiguous(), sequence_positions(x.shape[1], x.device))
         return self.out_proj(self.out_norm(y) * z)

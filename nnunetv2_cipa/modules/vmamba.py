@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.regularization import DropPath
 from torch import nn
 
+from nnunetv2_cipa.modules.linear import Linear
 from nnunetv2_cipa.modules.ss2d import SS2D, linspace
 
 
@@ -41,7 +42,7 @@ class PatchMerging2D(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.norm = nn.LayerNorm(4 * dim)
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[1:3]

@@ -214,18 +214,25 @@ class _ChunkedScan(torch.autograd.Function):
         return _chunked_blocks(*ctx.saved_tensors, gy=gy.contiguous())
 
 
+def _torch_core(u, delta, A, B, C, delta_bias, delta_softplus):
+    """The torch backend's core: bias and softplus in torch, then the chunked scan."""
+    if delta_bias is not None:
+        delta = delta + delta_bias[None, :, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    return _ChunkedScan.apply(u, delta, A, B, C)
+
+
 def scan_with_core(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    """Apply bias, softplus, D skip and z gate around ``core(u, delta, A, B4, C4) -> (b, d, L)`` (B4, C4 grouped).
+    """Apply the D skip and z gate around ``core(u, delta, A, B4, C4, delta_bias, delta_softplus) -> (b, d, L)``
+    (B4, C4 grouped; the core applies bias and softplus itself).
 
     Computes in at least float32 and returns u's dtype; autograd covers everything outside the core."""
     dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
     out_dtype = u.dtype
     u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))  # any memory layout; each core picks its own
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(dtype)[None, :, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    y = core(u, delta, A, B if B.dim() == 4 else B.unsqueeze(1), C if C.dim() == 4 else C.unsqueeze(1))
+    y = core(u, delta, A, B if B.dim() == 4 else B.unsqueeze(1), C if C.dim() == 4 else C.unsqueeze(1),
+             None if delta_bias is None else delta_bias.to(dtype), delta_softplus)
     if D is not None:
         y = y + D.to(dtype)[None, :, None] * u
     if z is not None:
@@ -243,19 +250,19 @@ def _cuda_scan_fn():
 
 
 @functools.cache
-def _numba_scan():
-    """The numba kernel's autograd Function, imported lazily; None when numba is missing."""
+def cpu_kernels():
+    """The numba kernels' module (imported lazily); None when numba is missing."""
     try:
-        from nnunetv2_cipa.ops.selective_scan_cpu import NumbaScan
+        from nnunetv2_cipa.ops import selective_scan_cpu
     except ImportError:
         return None
-    return NumbaScan
+    return selective_scan_cpu
 
 
 def available_backends() -> list[str]:
     """Backends usable on this machine (``cuda`` needs a GPU and an importable mamba-ssm, ``cpu`` needs numba)."""
     names = ["torch", "reference"]
-    if _numba_scan() is not None:
+    if cpu_kernels() is not None:
         names.insert(0, "cpu")
     if torch.cuda.is_available() and _cuda_scan_fn() is not None:
         names.insert(0, "cuda")
@@ -274,10 +281,10 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         if device.type == "cuda" and _cuda_scan_fn() is not None:
             name = "cuda"
         else:
-            name = "cpu" if device.type == "cpu" and _numba_scan() is not None else "torch"
+            name = "cpu" if device.type == "cpu" and cpu_kernels() is not None else "torch"
     elif name == "cuda" and (device.type != "cuda" or _cuda_scan_fn() is None):
         raise ValueError("selective_scan: backend 'cuda' needs CUDA tensors and an importable mamba-ssm")
-    elif name == "cpu" and (device.type != "cpu" or _numba_scan() is None):
+    elif name == "cpu" and (device.type != "cpu" or cpu_kernels() is None):
         raise ValueError("selective_scan: backend 'cpu' needs CPU tensors and numba (pip install numba)")
     if name not in _logged_backends:
         _logged_backends.add(name)
@@ -297,6 +304,6 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                                   delta_softplus=delta_softplus)
             return out.to(u.dtype)
         if name in ("torch", "cpu"):
-            core = _ChunkedScan.apply if name == "torch" else _numba_scan().apply
+            core = _torch_core if name == "torch" else cpu_kernels().cpu_selective_scan
             return scan_with_core(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

@@ -1,0 +1,89 @@
+"""Multi-directional selective scan over one channels-last map: VMamba's cross-scan -> scan -> cross-merge as one op.
+
+Direction k scans the L positions of u in the order ``positions[k]`` (step t visits position ``positions[k, t]``) with
+its own parameters, and the K outputs are summed back in position order:
+
+    y[b, p] = sum_k ( scan_k(u)[b, step of p in direction k] + D_k * u[b, p] )
+
+where scan_k is :func:`~nnunetv2_cipa.ops.selective_scan.selective_scan` with delta_k, A_k, and B_k, C_k shared by
+the direction's channels. Shapes: u (b, L, d); delta (K, b, L, d) in position order (pre-bias, pre-softplus);
+A (K*d, N); B, C (b, L, K, N) in position order; D, delta_bias (K*d,); positions (K, L), each row a permutation of
+0..L-1. The ``cpu`` backend reads everything in position order (no per-direction copies); the others gather the K
+scan orders, call ``selective_scan`` once with grouped B/C and scatter the outputs back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nnunetv2_cipa.ops.selective_scan import cpu_kernels, compute_dtype, resolve_backend, selective_scan
+
+
+def _check_inputs(u, delta, A, B, C, positions, D, delta_bias) -> None:
+    """Raise ValueError naming the argument whose shape or type is wrong."""
+    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"directional_scan: {name} must be a floating-point tensor")
+    if u.dim() != 3:
+        raise ValueError(f"directional_scan: u must have shape (batch, L, d), got {tuple(u.shape)}")
+    batch, length, dim = u.shape
+    if not isinstance(positions, torch.Tensor) or positions.dim() != 2 or positions.shape[1] != length \
+            or positions.dtype != torch.int64:
+        shape = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
+        raise ValueError(f"directional_scan: positions must be an int64 tensor (K, {length}), got {shape}")
+    n_dirs = positions.shape[0]
+    order = torch.arange(length, device=positions.device).expand(n_dirs, length)
+    if not torch.equal(positions.sort(dim=1).values, order):
+        raise ValueError("directional_scan: every row of positions must be a permutation of 0..L-1")
+    if tuple(delta.shape) != (n_dirs, batch, length, dim):
+        raise ValueError(f"directional_scan: delta must have shape {(n_dirs, batch, length, dim)}, "
+                         f"got {tuple(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != n_dirs * dim:
+        raise ValueError(f"directional_scan: A must have shape ({n_dirs * dim}, N), got {tuple(A.shape)}")
+    for name, t in (("B", B), ("C", C)):
+        if tuple(t.shape) != (batch, length, n_dirs, A.shape[1]):
+            raise ValueError(f"directional_scan: {name} must have shape {(batch, length, n_dirs, A.shape[1])}, "
+                             f"got {tuple(t.shape)}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (n_dirs * dim,)):
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"directional_scan: {name} must have shape ({n_dirs * dim},), got {shape}")
+
+
+def _gathered_scan(u, delta, A, B, C, positions, delta_bias, delta_softplus, backend):
+    """The bare directional scan through ``selective_scan``: gather each direction's order, one grouped call,
+    scatter back and sum. (b, L, d) -> (b, L, d)."""
+    batch, length, dim = u.shape
+    n_dirs = positions.shape[0]
+    steps = positions.to(u.device)
+    in_order = [steps[k] for k in range(n_dirs)]
+    us = torch.stack([u.index_select(1, idx) for idx in in_order], 1)  # (b, K, L, d)
+    deltas = torch.stack([delta[k].index_select(1, idx) for k, idx in enumerate(in_order)], 1)
+    Bs = torch.stack([B[:, :, k].index_select(1, idx) for k, idx in enumerate(in_order)], 1)  # (b, K, L, N)
+    Cs = torch.stack([C[:, :, k].index_select(1, idx) for k, idx in enumerate(in_order)], 1)
+    y = selective_scan(us.transpose(2, 3).reshape(batch, n_dirs * dim, length),
+                       deltas.transpose(2, 3).reshape(batch, n_dirs * dim, length), A,
+                       Bs.transpose(2, 3), Cs.transpose(2, 3), delta_bias=delta_bias, delta_softplus=delta_softplus,
+                       backend=backend)
+    y = y.view(batch, n_dirs, dim, length).transpose(2, 3)  # (b, K, L, d) in scan order
+    step_of = torch.argsort(steps, dim=1)  # step_of[k, p]: the step at which direction k visits position p
+    return sum(y[:, k].index_select(1, step_of[k]) for k in range(n_dirs))
+
+
+def directional_scan(u, delta, A, B, C, positions, D=None, delta_bias=None, delta_softplus=False, backend=None):
+    """K-direction selective scan of u summed in position order, (b, L, d) -> (b, L, d) (see the module docstring);
+    computed in float32 whatever the autocast state, returned in u's dtype."""
+    _check_inputs(u, delta, A, B, C, positions, D, delta_bias)
+    name = resolve_backend(backend, u.device)
+    dtype = compute_dtype(u, delta, A, B, C, D, delta_bias)
+    with torch.autocast(u.device.type, enabled=False):
+        x = u.to(dtype)
+        args = [t.to(dtype) for t in (delta, A, B, C)]
+        bias = None if delta_bias is None else delta_bias.to(dtype)
+        if name == "cpu":
+            y = cpu_kernels().cpu_directional_scan(x, *args, positions, bias, delta_softplus)
+        else:
+            y = _gathered_scan(x, *args, positions, bias, delta_softplus, name)
+        if D is not None:
+            y = torch.addcmul(y, x, D.to(dtype).view(positions.shape[0], -1).sum(0))
+    return y.to(u.dtype)
