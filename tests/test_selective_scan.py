@@ -222,26 +222,30 @@ def test_cpu_kernel_block_layouts_match_reference(batch, dim, groups, length):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
-def test_cpu_kernel_float32_exp_accuracy():
-    """The vectorisable float32 exp of the numba kernels: decays within about 2 float32 ulps, finite, flushed to 0
-    below float32's normal range."""
+def test_cpu_kernel_float32_exp_and_softplus_accuracy():
+    """The vectorisable float32 exp and softplus of the numba kernels: decays within 1e-7 absolute, about 1 float32
+    ulp relative near 0, at most 1.2e-38 (finite) below float32's normal range; float64 keeps numpy's functions."""
     import numba
     import numpy as np
 
-    from nnunetv2_cipa.ops.selective_scan_cpu import _exp
+    from nnunetv2_cipa.ops.selective_scan_cpu import _exp, _softplus
 
-    @numba.njit
-    def apply(x):
+    @numba.njit(error_model="numpy")
+    def apply(x, softplus):
         out = np.empty_like(x)
         for i in range(x.size):
-            out[i] = _exp(x[i])
+            out[i] = _softplus(x[i]) if softplus else _exp(x[i])
         return out
 
     x = np.linspace(-87.0, 0.0, 200001).astype(np.float32)  # decays exp(delta * A) lie in (0, 1]
-    assert np.max(np.abs(apply(x) - np.exp(x.astype(np.float64)))) < 2e-7  # about 2 float32 ulps
+    assert np.max(np.abs(apply(x, False) - np.exp(x.astype(np.float64)))) < 1e-7
     x = np.linspace(-1.0, 1.0, 20001).astype(np.float32)
     exact = np.exp(x.astype(np.float64))
-    assert np.max(np.abs(apply(x) - exact) / exact) < 5e-7
-    tiny = apply(np.array([-100.0, -1e4], dtype=np.float32))
-    assert np.all(np.isfinite(tiny)) and np.all(tiny < 1e-37)
-    assert apply(np.array([0.5], dtype=np.float64))[0] == np.exp(0.5)  # float64 keeps np.exp
+    assert np.max(np.abs(apply(x, False) - exact) / exact) < 2e-7
+    tiny = apply(np.array([-100.0, -1e4], dtype=np.float32), False)
+    assert np.all(np.isfinite(tiny)) and np.all(tiny <= 1.2e-38)
+    x = np.linspace(-10.0, 10.0, 20001).astype(np.float32)
+    exact = np.log1p(np.exp(x.astype(np.float64)))
+    assert np.max(np.abs(apply(x, True) - exact) / exact) < 1e-6
+    assert apply(np.array([0.5], dtype=np.float64), False)[0] == np.exp(0.5)  # float64 keeps np.exp
+    assert abs(apply(np.array([0.5], dtype=np.float64), True)[0] - np.log1p(np.exp(0.5))) < 1e-15
