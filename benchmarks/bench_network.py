@@ -7,8 +7,8 @@ size and (via get_network_from_plans) the network. Every model then does one war
 subprocess; peak memory is VmHWM minus the RSS once the model and inputs exist. FLOPs: one forward under
 torch.utils.flop_counter.FlopCounterMode (matmul/conv only; the selective scan's elementwise work is not counted).
 Usage: python benchmarks/bench_network.py [--size 256] [--cases 20] [--steps 3] [--presets micro tiny]
-The step time is the median of ``--steps`` timed steps; for CIPA one more step runs under torch.profiler to split
-off the selective scan's share (its autograd Function's forward and backward).
+The step time is the median of ``--steps`` timed steps; one more step runs under torch.profiler to split it into the
+selective scan (its autograd Functions), matmul + convolution kernels (forward and backward) and the rest.
 Prints a markdown table and writes benchmarks/results/bench_network.json.
 """
 
@@ -90,15 +90,23 @@ def training_step(model, x, target) -> None:
 
 
 SCAN_EVENTS = ("NumbaScan", "NumbaScanBackward", "_ChunkedScan", "_ChunkedScanBackward")
+GEMM_EVENTS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::mkldnn_convolution",
+               "aten::convolution_backward", "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward")
 
 
-def scan_seconds(model, x, target) -> float:
-    """Self CPU time of the selective-scan autograd Functions in one profiled training step."""
+def profile_split(model, x, target) -> dict:
+    """One training step under torch.profiler: its wall time and the self CPU time of the selective-scan autograd
+    Functions and of the matmul / convolution kernels (forward and backward)."""
     import torch
 
+    start = time.perf_counter()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         training_step(model, x, target)
-    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in SCAN_EVENTS) / 1e6
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    return {"profiled_step_s": wall,
+            "scan_s": sum(e.self_cpu_time_total for e in events if e.key in SCAN_EVENTS) / 1e6,
+            "gemm_conv_s": sum(e.self_cpu_time_total for e in events if e.key in GEMM_EVENTS) / 1e6}
 
 
 def worker(name: str, config: dict, steps: int) -> dict:
@@ -124,7 +132,7 @@ def worker(name: str, config: dict, steps: int) -> dict:
         times.append(time.perf_counter() - start)
     peak = rss_kib("VmHWM")
     return {"model": name, "params": sum(p.numel() for p in model.parameters()), "step_s": statistics.median(times),
-            "step_times_s": times, "scan_s": 0.0 if name == "vanilla" else scan_seconds(model, x, target),
+            "step_times_s": times, **profile_split(model, x, target),
             "peak_rss_increase_mib": max(peak - before, 0) / 1024, "peak_rss_mib": peak / 1024,
             "forward_gflop": counter.get_total_flops() / 1e9}
 
@@ -158,24 +166,27 @@ def main() -> None:
         row["flop_ratio_vs_vanilla"] = row["forward_gflop"] / base["forward_gflop"]
     print(f"\nCPU training step, planned 2d patch {config['patch_size']}, batch {config['batch_size']} "
           f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads default)\n")
-    print("| model | params | fwd GFLOP | step (s) | step / vanilla | of which scan (s) | peak RSS +MiB |")
+    print("| model | params | fwd GFLOP | step (s) | step / vanilla | profiled step: scan / matmul+conv / rest (s) "
+          "| peak RSS +MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         label = "nnU-Net PlainConvUNet" if r["model"] == "vanilla" else f"CIPA-{r['model']}"
-        scan = "-" if r["model"] == "vanilla" else f"{r['scan_s']:.2f}"
+        rest = r["profiled_step_s"] - r["scan_s"] - r["gemm_conv_s"]
         print(f"| {label} | {r['params'] / 1e6:.2f} M | {r['forward_gflop']:.1f} | {r['step_s']:.2f} | "
-              f"{r['step_ratio_vs_vanilla']:.2f}x | {scan} | {r['peak_rss_increase_mib']:.0f} |")
+              f"{r['step_ratio_vs_vanilla']:.2f}x | {r['scan_s']:.2f} / {r['gemm_conv_s']:.2f} / {rest:.2f} | "
+              f"{r['peak_rss_increase_mib']:.0f} |")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     import torch
 
+    from nnunetv2_cipa.modules.linear import cpu_linear_backend
     from nnunetv2_cipa.ops.selective_scan import resolve_backend
 
     env = {k: os.environ[k] for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS") if k in os.environ}
-    backend = resolve_backend(None, torch.device("cpu"))
-    print(f"\nscan backend: {backend}; thread env: {env or 'default'}")
+    backend, linear = resolve_backend(None, torch.device("cpu")), cpu_linear_backend()
+    print(f"\nscan backend: {backend}; CIPA linear layers: {linear}; thread env: {env or 'default'}")
     RESULTS.write_text(json.dumps({"patch_size": config["patch_size"], "batch_size": config["batch_size"],
                                    "machine": platform.platform(), "cpu_count": os.cpu_count(),
-                                   "scan_backend": backend, "thread_env": env,
+                                   "scan_backend": backend, "linear_backend": linear, "thread_env": env,
                                    "rows": rows}, indent=2))
     print(f"\nwrote {RESULTS}")
 

@@ -7,7 +7,9 @@ Shapes are CIPA's SS2D scans (batch 2, dim = 4 directions x 2C, N = 16, B/C grou
 ru_maxrss before them. pscan is wrapped the way mambapy's mamba.py builds its selective scan (exp(delta A) and
 delta B u materialised as (B, L, D, N)); cells whose estimated memory exceeds --max-gb are skipped with a note.
 ``cpu`` gets u, delta as contiguous (B, dim, L) tensors (the kernel then copies them channels-innermost); ``cpu-cl``
-gets them as views of channels-innermost memory, the way SS2D passes them.
+gets them as views of channels-innermost memory. ``cpu-dir`` is ``directional_scan``, the op SS2D calls: the groups
+are the 4 cross-scan orders of one shared (B, L, dim / 4) map (L = side**2), summed back in position order (1 order
+for the ungrouped rows); the same number of state updates, without the 4 per-direction copies.
 Usage: python benchmarks/bench_scan.py [--quick] [--max-gb 16]
 Prints a markdown table and writes benchmarks/results/bench_scan.json.
 """
@@ -30,7 +32,7 @@ N_STATE = 16
 SMALL = [(2, 64, 1024, 1, 5), (2, 128, 1024, 1, 5)]
 CIPA = [(2, dim, length, 4, {1024: 5, 4096: 3, 16384: 1}[length]) for length in (1024, 4096, 16384) for dim in (768, 1536)]
 QUICK = SMALL + [(2, 768, 1024, 4, 3), (2, 768, 4096, 4, 1)]
-METHODS = ("cpu", "cpu-cl", "torch", "pscan", "reference")
+METHODS = ("cpu", "cpu-cl", "cpu-dir", "torch", "pscan", "reference")
 PSCAN_TENSORS = 8  # (B, L, D, N) float32 tensors alive at pscan's peak (forward inputs, states, backward buffers)
 
 
@@ -44,6 +46,31 @@ def make_inputs(batch, dim, length, groups, seed=0):
                -torch.arange(1, N_STATE + 1.0).repeat(dim, 1), torch.randn(*shape_bc, generator=gen),
                torch.randn(*shape_bc, generator=gen), torch.ones(dim), torch.rand(dim, generator=gen) * 0.1)
     return [t.requires_grad_() for t in tensors]
+
+
+def make_directional_inputs(batch, dim, length, groups, seed=0):
+    """The same inputs for directional_scan: u (b, L, dim / groups) shared by the groups, delta (groups, b, L, d),
+    B, C (b, L, groups, N), all requiring grad."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    per_group = dim // groups
+    shape_bc = (batch, length, groups, N_STATE)
+    tensors = (torch.randn(batch, length, per_group, generator=gen),
+               torch.randn(groups, batch, length, per_group, generator=gen) * 0.5,
+               -torch.arange(1, N_STATE + 1.0).repeat(dim, 1), torch.randn(*shape_bc, generator=gen),
+               torch.randn(*shape_bc, generator=gen), torch.ones(dim), torch.rand(dim, generator=gen) * 0.1)
+    return [t.requires_grad_() for t in tensors]
+
+
+def directional_positions(length, groups):
+    """The 4 cross-scan orders of a square map of L positions, or the plain order for one group."""
+    from nnunetv2_cipa.modules.ss2d import cross_scan_positions, sequence_positions
+
+    if groups == 1:
+        return sequence_positions(length)
+    side = round(length ** 0.5)
+    return cross_scan_positions(side, side)
 
 
 def pscan_selective_scan(u, delta, A, B, C, D, delta_bias):
@@ -68,12 +95,16 @@ def run_case(method, batch, dim, length, groups, repeats):
     """Runs in the subprocess: warm-up, timed passes; returns median seconds and peak MB over the baseline."""
     import torch
 
+    from nnunetv2_cipa.ops.directional_scan import directional_scan
     from nnunetv2_cipa.ops.selective_scan import selective_scan
 
     def step(inputs):
         u, delta, A, B, C, D, bias = inputs
         if method == "pscan":
             y = pscan_selective_scan(u, delta, A, B, C, D, bias)
+        elif method == "cpu-dir":
+            y = directional_scan(u, delta, A, B, C, directional_positions(B.shape[1], B.shape[2]), D=D,
+                                 delta_bias=bias, delta_softplus=True, backend="cpu")
         else:
             y = selective_scan(u, delta, A, B, C, D=D, delta_bias=bias, delta_softplus=True, backend=backend)
         y.sum().backward()
@@ -84,8 +115,9 @@ def run_case(method, batch, dim, length, groups, repeats):
         return inputs
 
     backend = "cpu" if method == "cpu-cl" else method
-    step(prepare(make_inputs(1, 2 * groups, 64, groups)))
-    inputs = prepare(make_inputs(batch, dim, length, groups))
+    make = make_directional_inputs if method == "cpu-dir" else make_inputs
+    step(prepare(make(1, 16 * groups, 64, groups)))
+    inputs = prepare(make(batch, dim, length, groups))
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for _ in range(repeats):

@@ -50,6 +50,15 @@ def collect_report() -> list[tuple[str, str, bool]]:
     rows.append(("scan backends", f"{', '.join(available_backends())} (auto on {device.type}: "
                                   f"{resolve_backend('auto', device)})", True))
 
+    from nnunetv2_cipa.modules.linear import cpu_linear_backend
+
+    try:
+        linear = cpu_linear_backend()
+        how = "1x1 convolutions on oneDNN" if linear == "onednn" else "torch matmul"
+        rows.append(("CPU linear layers", f"{linear} ({how}; NNUNETV2_CIPA_CPU_LINEAR=onednn|blas)", True))
+    except ValueError as e:
+        rows.append(("CPU linear layers", str(e), False))
+
     for name in PATH_VARIABLES:
         value = os.environ.get(name)
         rows.append((name, value or "not set", bool(value) or name == "nnUNet_extTrainer"))

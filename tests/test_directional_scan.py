@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -41,7 +43,7 @@ def loop_over_directions(u, delta, A, B, C, D, delta_bias, positions, delta_soft
 
 def with_grads(fn, inputs):
     y = fn()
-    weight = torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y)
+    weight = torch.cos(torch.arange(y.numel(), dtype=y.dtype, device=y.device)).view_as(y)
     return y, torch.autograd.grad((y * weight).sum(), inputs)
 
 
@@ -74,6 +76,22 @@ def test_optional_arguments_and_bf16_autocast(backend):
                                 backend=backend)
     assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
     torch.testing.assert_close(half.float(), bare, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and importlib.util.find_spec("mamba_ssm")),
+                    reason="needs CUDA and mamba-ssm")
+def test_cuda_matches_the_per_direction_loop():
+    """The gathered path through mamba-ssm's kernel, float32 on the GPU, against the loop on the CPU."""
+    inputs, positions = make_inputs(dim=32, n_state=16, n_dirs=4, dtype=torch.float32)
+    y_ref, g_ref = with_grads(lambda: loop_over_directions(*inputs, positions), inputs)
+    gpu = [t.detach().cuda().requires_grad_() for t in inputs]
+    u, delta, A, B, C, D, bias = gpu
+    y, grads = with_grads(lambda: directional_scan(u, delta, A, B, C, positions.cuda(), D=D, delta_bias=bias,
+                                                   delta_softplus=True, backend="cuda"), gpu)
+    torch.testing.assert_close(y.cpu(), y_ref, rtol=1e-4, atol=1e-4)
+    for name, g, g_expected in zip(NAMES, grads, g_ref):
+        torch.testing.assert_close(g.cpu(), g_expected, rtol=1e-3, atol=1e-3, msg=name)
 
 
 @pytest.mark.parametrize("index, bad, message", [

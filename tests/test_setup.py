@@ -59,8 +59,8 @@ def test_ext_path_and_doctor_commands(tmp_path):
     assert run_cli(["nnunetv2_cipa", "ext-path"], {"PATH": str(BIN)}).stdout.strip() == str(ext_trainer_path())
     assert (ext_trainer_path() / "nnunetv2_cipa_trainers.py").is_file()
     result = run_cli(["nnunetv2_cipa", "doctor"], nnunet_env(tmp_path))
-    for expected in ("torch", "nnunetv2", "dynamic-network-architectures", "timm", "scan backends", "nnUNet_raw",
-                     "nnUNetTrainerCIPA"):
+    for expected in ("torch", "nnunetv2", "dynamic-network-architectures", "timm", "scan backends", "CPU linear layers",
+                     "nnUNet_raw", "nnUNetTrainerCIPA"):
         assert expected in result.stdout
     assert "discoverable" in result.stdout and "NOT discoverable" not in result.stdout
 
