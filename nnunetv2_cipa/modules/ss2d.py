@@ -98,11 +98,11 @@ class DirectionalSSM(nn.Module):
         k = self.num_directions
         x_dbl = linear(u, self.x_proj_weight.flatten(0, 1)).view(batch, length, k, -1)  # (B, L, K, R + 2N)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=3)
-        dts = torch.bmm(dts.reshape(batch * length, k, self.dt_rank).transpose(0, 1),
-                        self.dt_projs_weight.transpose(1, 2)).view(k, batch, length, dim)  # (K, B, L, D)
+        delta = torch.bmm(dts.reshape(batch * length, k, self.dt_rank).transpose(0, 1),
+                          self.dt_projs_weight.transpose(1, 2)).view(k, batch, length, dim)  # (K, B, L, D)
         if not self.use_mamba:
-            return self._memoryless(u, dts, Bs, Cs)
-        return directional_scan(u, dts, -torch.exp(self.A_logs.float()), Bs, Cs, positions, D=self.Ds,
+            return self._memoryless(u, delta, Bs, Cs)
+        return directional_scan(u, delta, -torch.exp(self.A_logs.float()), Bs, Cs, positions, D=self.Ds,
                                 delta_bias=self.dt_projs_bias.flatten(), delta_softplus=True)
 
     def _memoryless(self, u, delta, Bs, Cs) -> torch.Tensor:
@@ -117,7 +117,8 @@ class DirectionalSSM(nn.Module):
 
 class SS2D(DirectionalSSM):
     """VMamba SS2D on channels-last maps, (B, H, W, C) -> (B, H, W, C): in_proj -> depthwise conv + SiLU ->
-    4-direction cross-scan (one grouped scan call) -> cross-merge -> LayerNorm -> SiLU(z) gate -> out_proj."""
+    4-direction cross-scan + cross-merge (one ``directional_scan`` over the map) -> LayerNorm -> SiLU(z) gate ->
+    out_proj."""
 
     def __init__(self, d_model: int, d_state: int = 16, ssm_ratio: float = 2.0, d_conv: int = 3,
                  use_mamba: bool = True):
