@@ -14,9 +14,27 @@ scan orders, call ``selective_scan`` once with grouped B/C and scatter the outpu
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from nnunetv2_cipa.ops.selective_scan import cpu_kernels, compute_dtype, resolve_backend, selective_scan
+
+
+# Position lists on a GPU that passed the permutation check: checking needs a device-to-host sync, so each tensor
+# (SS2D passes the same cached ones every call) is checked once. On CPU the check runs every call: the numba kernel
+# indexes memory with the positions.
+_checked_positions: dict[int, weakref.ref] = {}
+
+
+def _was_checked(positions: torch.Tensor) -> bool:
+    ref = _checked_positions.get(id(positions))
+    return ref is not None and ref() is positions
+
+
+def _mark_checked(positions: torch.Tensor) -> None:
+    key = id(positions)
+    _checked_positions[key] = weakref.ref(positions, lambda _: _checked_positions.pop(key, None))
 
 
 def _check_inputs(u, delta, A, B, C, positions, D, delta_bias) -> None:
@@ -32,9 +50,12 @@ def _check_inputs(u, delta, A, B, C, positions, D, delta_bias) -> None:
         shape = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
         raise ValueError(f"directional_scan: positions must be an int64 tensor (K, {length}), got {shape}")
     n_dirs = positions.shape[0]
-    order = torch.arange(length, device=positions.device).expand(n_dirs, length)
-    if not torch.equal(positions.sort(dim=1).values, order):
-        raise ValueError("directional_scan: every row of positions must be a permutation of 0..L-1")
+    if positions.device.type == "cpu" or not _was_checked(positions):
+        order = torch.arange(length, device=positions.device).expand(n_dirs, length)
+        if not torch.equal(positions.sort(dim=1).values, order):
+            raise ValueError("directional_scan: every row of positions must be a permutation of 0..L-1")
+        if positions.device.type != "cpu":
+            _mark_checked(positions)
     if tuple(delta.shape) != (n_dirs, batch, length, dim):
         raise ValueError(f"directional_scan: delta must have shape {(n_dirs, batch, length, dim)}, "
                          f"got {tuple(delta.shape)}")
