@@ -49,18 +49,13 @@ def make_inputs(batch, dim, length, groups, seed=0):
 
 
 def make_directional_inputs(batch, dim, length, groups, seed=0):
-    """The same inputs for directional_scan: u (b, L, dim / groups) shared by the groups, delta (groups, b, L, d),
-    B, C (b, L, groups, N), all requiring grad."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
+    """``make_inputs`` rearranged for directional_scan: u (b, L, dim / groups), the first group's channels, shared by
+    the groups; delta (groups, b, L, d); B, C (b, L, groups, N); all requiring grad."""
+    u, delta, A, B, C, D, bias = (t.detach() for t in make_inputs(batch, dim, length, groups, seed))
     per_group = dim // groups
-    shape_bc = (batch, length, groups, N_STATE)
-    tensors = (torch.randn(batch, length, per_group, generator=gen),
-               torch.randn(groups, batch, length, per_group, generator=gen) * 0.5,
-               -torch.arange(1, N_STATE + 1.0).repeat(dim, 1), torch.randn(*shape_bc, generator=gen),
-               torch.randn(*shape_bc, generator=gen), torch.ones(dim), torch.rand(dim, generator=gen) * 0.1)
-    return [t.requires_grad_() for t in tensors]
+    tensors = (u[:, :per_group].transpose(1, 2), delta.unflatten(1, (groups, per_group)).permute(1, 0, 3, 2), A,
+               B.permute(0, 3, 1, 2), C.permute(0, 3, 1, 2), D, bias)
+    return [t.contiguous().requires_grad_() for t in tensors]
 
 
 def directional_positions(length, groups):

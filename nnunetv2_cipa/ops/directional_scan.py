@@ -18,7 +18,8 @@ import weakref
 
 import torch
 
-from nnunetv2_cipa.ops.selective_scan import cpu_kernels, compute_dtype, resolve_backend, selective_scan
+from nnunetv2_cipa.ops.selective_scan import (check_floating, check_optional, compute_dtype, cpu_kernels,
+                                              resolve_backend, selective_scan)
 
 
 # Position lists on a GPU that passed the permutation check: checking needs a device-to-host sync, so each tensor
@@ -39,9 +40,7 @@ def _mark_checked(positions: torch.Tensor) -> None:
 
 def _check_inputs(u, delta, A, B, C, positions, D, delta_bias) -> None:
     """Raise ValueError naming the argument whose shape or type is wrong."""
-    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise ValueError(f"directional_scan: {name} must be a floating-point tensor")
+    check_floating("directional_scan", (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)))
     if u.dim() != 3:
         raise ValueError(f"directional_scan: u must have shape (batch, L, d), got {tuple(u.shape)}")
     batch, length, dim = u.shape
@@ -65,10 +64,8 @@ def _check_inputs(u, delta, A, B, C, positions, D, delta_bias) -> None:
         if tuple(t.shape) != (batch, length, n_dirs, A.shape[1]):
             raise ValueError(f"directional_scan: {name} must have shape {(batch, length, n_dirs, A.shape[1])}, "
                              f"got {tuple(t.shape)}")
-    for name, t in (("D", D), ("delta_bias", delta_bias)):
-        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (n_dirs * dim,)):
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"directional_scan: {name} must have shape ({n_dirs * dim},), got {shape}")
+    check_optional("directional_scan", "D", D, (n_dirs * dim,))
+    check_optional("directional_scan", "delta_bias", delta_bias, (n_dirs * dim,))
 
 
 def _gathered_scan(u, delta, A, B, C, positions, delta_bias, delta_softplus, backend):
@@ -77,18 +74,15 @@ def _gathered_scan(u, delta, A, B, C, positions, delta_bias, delta_softplus, bac
     batch, length, dim = u.shape
     n_dirs = positions.shape[0]
     steps = positions.to(u.device)
-    in_order = [steps[k] for k in range(n_dirs)]
-    us = torch.stack([u.index_select(1, idx) for idx in in_order], 1)  # (b, K, L, d)
-    deltas = torch.stack([delta[k].index_select(1, idx) for k, idx in enumerate(in_order)], 1)
-    Bs = torch.stack([B[:, :, k].index_select(1, idx) for k, idx in enumerate(in_order)], 1)  # (b, K, L, N)
-    Cs = torch.stack([C[:, :, k].index_select(1, idx) for k, idx in enumerate(in_order)], 1)
+    dirs = torch.arange(n_dirs, device=u.device)[:, None]
+    us, deltas = u[:, steps], delta.transpose(0, 1)[:, dirs, steps]  # (b, K, L, d) in scan order
+    Bs, Cs = B[:, steps, dirs], C[:, steps, dirs]  # (b, K, L, N)
     y = selective_scan(us.transpose(2, 3).reshape(batch, n_dirs * dim, length),
                        deltas.transpose(2, 3).reshape(batch, n_dirs * dim, length), A,
                        Bs.transpose(2, 3), Cs.transpose(2, 3), delta_bias=delta_bias, delta_softplus=delta_softplus,
                        backend=backend)
     y = y.view(batch, n_dirs, dim, length).transpose(2, 3)  # (b, K, L, d) in scan order
-    step_of = torch.argsort(steps, dim=1)  # step_of[k, p]: the step at which direction k visits position p
-    return sum(y[:, k].index_select(1, step_of[k]) for k in range(n_dirs))
+    return y[:, dirs, torch.argsort(steps, dim=1)].sum(1)  # argsort[k, p]: the step at which k visits p
 
 
 def directional_scan(u, delta, A, B, C, positions, D=None, delta_bias=None, delta_softplus=False, backend=None):

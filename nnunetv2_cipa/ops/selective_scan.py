@@ -26,13 +26,25 @@ _logger = logging.getLogger(__name__)
 _logged_backends: set[str] = set()
 
 
+def check_floating(op: str, named) -> None:
+    """Raise ValueError unless every (name, t) of ``named`` is a floating-point tensor."""
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+
+
+def check_optional(op: str, name: str, t, shape: tuple[int, ...]) -> None:
+    """Raise ValueError unless ``t`` is None or a tensor of ``shape``."""
+    if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape):
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{op}: {name} must have shape {shape}, got {got}")
+
+
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
     """Raise ValueError naming the argument whose shape or dtype is wrong."""
-    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"selective_scan: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise ValueError(f"selective_scan: {name} must be a floating-point tensor, got {t.dtype}")
+    check_floating("selective_scan", (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)))
     if u.dim() != 3:
         raise ValueError(f"selective_scan: u must have shape (batch, dim, L), got {tuple(u.shape)}")
     batch, dim, length = u.shape
@@ -57,13 +69,9 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
             )
     if B.dim() == 4 and C.dim() == 4 and B.shape[1] != C.shape[1]:
         raise ValueError(f"selective_scan: B and C must have the same number of groups, got {B.shape[1]} and {C.shape[1]}")
-    for name, t in (("D", D), ("delta_bias", delta_bias)):
-        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (dim,)):
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"selective_scan: {name} must have shape ({dim},), got {shape}")
-    if z is not None and (not isinstance(z, torch.Tensor) or tuple(z.shape) != (batch, dim, length)):
-        shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-        raise ValueError(f"selective_scan: z must have shape {(batch, dim, length)}, got {shape}")
+    check_optional("selective_scan", "D", D, (dim,))
+    check_optional("selective_scan", "delta_bias", delta_bias, (dim,))
+    check_optional("selective_scan", "z", z, (batch, dim, length))
 
 
 def expand_groups(t: torch.Tensor, dim: int) -> torch.Tensor:
