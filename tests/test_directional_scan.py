@@ -78,6 +78,35 @@ def test_optional_arguments_and_bf16_autocast(backend):
     torch.testing.assert_close(half.float(), bare, rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs numba")
+@pytest.mark.parametrize("splits", [1, 3])
+def test_cpu_backward_channel_blocks(monkeypatch, splits):
+    """The numba backward split into 1 or 3 channel blocks per work item (gB, gC summed over the blocks) gives the
+    loop's gradients; d = 40 pads to 48 channels, three 16-channel blocks."""
+    from nnunetv2_cipa.ops import selective_scan_cpu
+
+    monkeypatch.setattr(selective_scan_cpu, "_backward_splits", lambda dim, items: splits)
+    inputs, positions = make_inputs(batch=1, dim=40)
+    u, delta, A, B, C, D, bias = inputs
+    _, g_ref = with_grads(lambda: loop_over_directions(*inputs, positions), inputs)
+    _, grads = with_grads(lambda: directional_scan(u, delta, A, B, C, positions, D=D, delta_bias=bias,
+                                                   delta_softplus=True, backend="cpu"), inputs)
+    for name, g, g_expected in zip(NAMES, grads, g_ref):
+        torch.testing.assert_close(g, g_expected, rtol=1e-9, atol=1e-9, msg=name)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs numba")
+@pytest.mark.parametrize("threads, dim, items, expected", [
+    (2, 192, 2, 1), (2, 192, 3, 2), (2, 192, 1, 2), (2, 192, 512, 1), (2, 1536, 2, 2), (16, 192, 4, 4),
+    (16, 48, 1, 3)])
+def test_cpu_backward_blocks_spread_the_work_evenly(monkeypatch, threads, dim, items, expected):
+    """The fewest channel blocks (at most 768 channels each) that keep every thread equally busy."""
+    from nnunetv2_cipa.ops import selective_scan_cpu
+
+    monkeypatch.setattr(selective_scan_cpu.numba, "get_num_threads", lambda: threads)
+    assert selective_scan_cpu._backward_splits(dim, items) == expected
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and importlib.util.find_spec("mamba_ssm")),
                     reason="needs CUDA and mamba-ssm")

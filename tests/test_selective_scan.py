@@ -224,17 +224,25 @@ def test_cpu_kernel_block_layouts_match_reference(batch, dim, groups, length):
 @pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
 def test_cpu_kernel_float32_exp_and_softplus_accuracy():
     """The vectorisable float32 exp and softplus of the numba kernels: decays within 1e-7 absolute, about 1 float32
-    ulp relative near 0, at most 1.2e-38 (finite) below float32's normal range; float64 keeps numpy's functions."""
+    ulp relative near 0, at most 1.2e-38 (finite) below float32's normal range; softplus' derivative from its output
+    within 5e-7 relative; float64 keeps numpy's functions."""
     import numba
     import numpy as np
 
-    from nnunetv2_cipa.ops.selective_scan_cpu import _exp, _softplus
+    from nnunetv2_cipa.ops.selective_scan_cpu import _exp, _sigmoid_of_softplus, _softplus
 
     @numba.njit(error_model="numpy")
     def apply(x, softplus):
         out = np.empty_like(x)
         for i in range(x.size):
             out[i] = _softplus(x[i]) if softplus else _exp(x[i])
+        return out
+
+    @numba.njit(error_model="numpy")
+    def apply_sigmoid(s):
+        out = np.empty_like(s)
+        for i in range(s.size):
+            out[i] = _sigmoid_of_softplus(s[i])
         return out
 
     x = np.linspace(-87.0, 0.0, 200001).astype(np.float32)  # decays exp(delta * A) lie in (0, 1]
@@ -247,5 +255,12 @@ def test_cpu_kernel_float32_exp_and_softplus_accuracy():
     x = np.linspace(-10.0, 10.0, 20001).astype(np.float32)
     exact = np.log1p(np.exp(x.astype(np.float64)))
     assert np.max(np.abs(apply(x, True) - exact) / exact) < 1e-6
+    # softplus' derivative from softplus' output: sigmoid(x) = 1 - exp(-softplus(x)), relative, also where it is tiny
+    x = np.linspace(-30.0, 30.0, 60001)
+    softplus = np.log1p(np.exp(x)).astype(np.float32)
+    sigmoid = apply_sigmoid(softplus)
+    assert sigmoid.dtype == np.float32
+    assert np.max(np.abs(sigmoid - 1 / (1 + np.exp(-x))) * (1 + np.exp(-x))) < 5e-7
+    assert abs(apply_sigmoid(np.array([1e-3]))[0] + np.expm1(-1e-3)) < 1e-18  # float64 keeps np.expm1
     assert apply(np.array([0.5], dtype=np.float64), False)[0] == np.exp(0.5)  # float64 keeps np.exp
     assert abs(apply(np.array([0.5], dtype=np.float64), True)[0] - np.log1p(np.exp(0.5))) < 1e-15

@@ -13,11 +13,11 @@ B, C (b, L, K, N). d is a multiple of LANES (the wrappers zero-pad). A forward w
 SIMD register per state index), a backward work item a wider block, so the recurrences need no horizontal sums and
 nothing of size (b, d, L, N) exists. Forward stores the state at every CHUNK-th step; backward recomputes one chunk
 of states at a time into small cache-resident buffers and runs the adjoint recurrence over it. delta = softplus(raw +
-bias) is formed by a separate elementwise kernel (inside the scan loops LLVM did not vectorise it) and recomputed in
-backward. The first call of each dtype compiles (seconds); ``cache=True`` keeps the machine code on disk.
+bias) is formed by a separate elementwise kernel (inside the scan loops LLVM did not vectorise it) and kept for
+backward in place of the raw input; softplus' derivative is sigmoid(x) = 1 - exp(-softplus(x)). The first call of each dtype compiles (seconds); ``cache=True`` keeps the machine code on disk.
 In float32 the kernels use a polynomial exp and softplus that LLVM vectorises (pip's llvmlite has no SVML, so np.exp
 runs scalar): exp within 1.1e-7 relative on [-1, 1] and 6e-8 absolute on the decays (x <= 0; at most 1.2e-38 below
-float32's normal range), softplus within 7e-7 relative on [-10, 10]; float64 keeps np.exp / np.log1p.
+float32's normal range), softplus within 7e-7 relative on [-10, 10]; float64 keeps np.exp / np.log1p / np.expm1.
 ``error_model="numpy"``: Python's zero-division check would keep the divisions (softplus, sigmoid) scalar.
 """
 
@@ -102,6 +102,7 @@ def _softplus_overload(x):
 
 LANES = 16  # channels scanned together: one float32 AVX-512 register (two AVX2 registers)
 CHUNK = 32  # steps between stored states; backward recomputes one chunk at a time (16 / 32 / 64: within 7%)
+MAX_BACKWARD_LANES = 768  # widest backward block: wider ones are 1.3x faster up to here, slower beyond (cache)
 
 
 @numba.njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
@@ -259,15 +260,34 @@ def _delta_kernel(raw, bias, softplus, out):  # pragma: no cover - compiled
                 out[k, m, c] = raw[k, m, c] + bias[k, c]
 
 
+def _sigmoid_of_softplus(s):
+    """sigmoid(x) from s = softplus(x) (s > 0): 1 - exp(-s), by its series below 0.1 (no cancellation)."""
+    return -np.expm1(-s)
+
+
+@overload(_sigmoid_of_softplus, inline="always", jit_options={"fastmath": True, "error_model": "numpy"})
+def _sigmoid_of_softplus_overload(s):
+    if s != types.float32:
+        return lambda s: -np.expm1(-s)
+
+    def sigmoid_float32(s):  # 1 - e^-s = s (1 - s/2 (1 - s/3 (1 - s/4 (1 - s/5 (1 - s/6))))), error < 2e-10 rel.
+        one = np.float32(1.0)
+        series = s * (one - s * np.float32(1 / 2) * (one - s * np.float32(1 / 3) * (
+            one - s * np.float32(1 / 4) * (one - s * np.float32(1 / 5) * (one - s * np.float32(1 / 6))))))
+        return series if s < np.float32(0.1) else one - _exp(-s)
+
+    return sigmoid_float32
+
+
 @numba.njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
-def _delta_grad_kernel(raw, bias, grad):  # pragma: no cover - compiled
-    """grad *= sigmoid(raw + bias) in place (the derivative of softplus), raw, grad (K, M, d), bias (K, d)."""
-    n_dirs, rows, dim = raw.shape
-    one = np.ones(1, dtype=raw.dtype)
+def _softplus_grad_kernel(delta, grad):  # pragma: no cover - compiled
+    """grad *= sigmoid(raw + bias) in place, from delta = softplus(raw + bias) (the forward's output, so raw is
+    neither kept nor recomputed); delta, grad (K, M, d)."""
+    n_dirs, rows, dim = delta.shape
     for item in numba.prange(n_dirs * rows):
         k, m = item // rows, item % rows
         for c in range(dim):
-            grad[k, m, c] *= one[0] / (one[0] + _exp(-(raw[k, m, c] + bias[k, c])))
+            grad[k, m, c] *= _sigmoid_of_softplus(delta[k, m, c])
 
 
 def _use_threads(torch_threads: int) -> None:
@@ -278,20 +298,20 @@ def _use_threads(torch_threads: int) -> None:
 
 
 def _backward_splits(dim: int, items: int) -> int:
-    """Fewest (widest) channel blocks per work item that still give every thread >= 2 work items; a block is a
-    multiple of LANES channels."""
-    blocks = dim // LANES
-    splits = min(blocks, -(-2 * numba.get_num_threads() // items))
-    while blocks % splits:
-        splits += 1
-    return splits
+    """Channel blocks per work item in backward: the fewest (widest, at most MAX_BACKWARD_LANES channels; a block is
+    a multiple of LANES) that spread the work items evenly over the threads, i.e. that minimise
+    ceil(items * splits / threads) / splits."""
+    blocks, threads = dim // LANES, numba.get_num_threads()
+    splits = [s for s in range(1, blocks + 1) if blocks % s == 0 and dim // s <= MAX_BACKWARD_LANES]
+    return min(splits, key=lambda s: (-(-items * s // threads) / s, s))
 
 
 class NumbaScan(torch.autograd.Function):
     """The kernels on CPU tensors in kernel layout (see the module docstring; float32 or float64):
     u (b, L, Du), raw delta (K, b, L, d), A_t (K, N, d), delta_bias (K, d), B, C (b, L, K, N), positions (K, L)
-    int64 -> y (b, L, Du), with delta = softplus(raw + bias) (or raw + bias). Saved for backward: the inputs and the
-    chunk-start states (b, K, L / CHUNK, N, d); delta is recomputed from raw there."""
+    int64 -> y (b, L, Du), with delta = softplus(raw + bias) (or raw + bias). Saved for backward: delta in place of
+    the raw input (softplus' derivative is computed from it), the other inputs and the chunk-start states
+    (b, K, L / CHUNK, N, d)."""
 
     @staticmethod
     def forward(ctx, u, delta_raw, A_t, delta_bias, B, C, positions, u_stride: int, softplus: bool):
@@ -306,18 +326,17 @@ class NumbaScan(torch.autograd.Function):
         starts = u.new_empty(batch, n_dirs, -(-length // CHUNK), n_state, dim)
         _forward_kernel(u.numpy(), delta.numpy(), A_t.numpy(), B.numpy(), C.numpy(), positions.numpy(), u_stride,
                         y.numpy(), starts.numpy())
-        ctx.save_for_backward(u, delta_raw, A_t, delta_bias, B, C, positions, starts)
+        ctx.save_for_backward(u, delta, A_t, B, C, positions, starts)
         ctx.u_stride, ctx.softplus = u_stride, softplus
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        u, delta_raw, A_t, delta_bias, B, C, positions, starts = ctx.saved_tensors
+        u, delta, A_t, B, C, positions, starts = ctx.saved_tensors
         batch, length = u.shape[:2]
         n_dirs, n_state, dim = A_t.shape
         _use_threads(ctx.torch_threads)
         splits = _backward_splits(dim, batch * (1 if ctx.u_stride == 0 else n_dirs))
-        delta = _delta(delta_raw, delta_bias, ctx.softplus)
         gy = gy.detach().contiguous()
         gu, gdelta = torch.empty_like(u), torch.empty_like(delta)
         gA = u.new_empty(batch, n_dirs, n_state, dim)
@@ -325,8 +344,7 @@ class NumbaScan(torch.autograd.Function):
         _backward_kernel(u.numpy(), delta.numpy(), A_t.numpy(), B.numpy(), C.numpy(), positions.numpy(), ctx.u_stride,
                          starts.numpy(), gy.numpy(), gu.numpy(), gdelta.numpy(), gA.numpy(), gB.numpy(), gC.numpy())
         if ctx.softplus:
-            _delta_grad_kernel(delta_raw.view(n_dirs, -1, dim).numpy(), delta_bias.numpy(),
-                               gdelta.view(n_dirs, -1, dim).numpy())
+            _softplus_grad_kernel(delta.view(n_dirs, -1, dim).numpy(), gdelta.view(n_dirs, -1, dim).numpy())
         return (gu, gdelta, gA.sum(0), gdelta.sum((1, 2)), gB.sum(0), gC.sum(0), None, None, None)
 
 
