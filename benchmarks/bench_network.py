@@ -6,9 +6,12 @@ size and (via get_network_from_plans) the network. Every model then does one war
 (forward + CE loss over all deep-supervision outputs + backward) at that patch and batch, each in a fresh
 subprocess; peak memory is VmHWM minus the RSS once the model and inputs exist. FLOPs: one forward under
 torch.utils.flop_counter.FlopCounterMode (matmul/conv only; the selective scan's elementwise work is not counted).
-Usage: python benchmarks/bench_network.py [--size 256] [--cases 20] [--steps 3] [--presets micro tiny]
+Usage: python benchmarks/bench_network.py [--size 256] [--cases 20] [--steps 5] [--presets micro tiny tiny-no-scan]
 The step time is the median of ``--steps`` timed steps; one more step runs under torch.profiler to split it into the
 selective scan (its autograd Functions), matmul + convolution kernels (forward and backward) and the rest.
+A preset with the suffix ``-no-scan`` runs with the CPU scan replaced by a no-op of the same interface (zero outputs
+and gradients of the right shapes): everything else in the step still runs, so its step time is what CIPA would cost
+with an infinitely fast scan kernel, a lower bound for any CPU scan implementation.
 Prints a markdown table and writes benchmarks/results/bench_network.json.
 """
 
@@ -69,7 +72,27 @@ def build_model(name: str, config: dict):
                                       arch["_kw_requires_import"], 2, 2, allow_init=True, deep_supervision=True)
     from nnunetv2_cipa.network import CIPA
 
-    return CIPA(2, config["patch_size"], preset=name, deep_supervision=True)
+    return CIPA(2, config["patch_size"], preset=name.removesuffix("-no-scan"), deep_supervision=True)
+
+
+def install_no_op_scan() -> None:
+    """Replace the numba scan's autograd Function in this process by one that does no scan work: zero outputs and
+    zero gradients of the same shapes (their zero fills, about 50 ms of a CIPA-tiny step, are all it costs)."""
+    import torch
+
+    from nnunetv2_cipa.ops import selective_scan_cpu
+
+    class NoOpScan(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, u, delta_raw, A_t, delta_bias, B, C, positions, u_stride, softplus):
+            ctx.save_for_backward(u, delta_raw, A_t, delta_bias, B, C)
+            return torch.zeros_like(u)
+
+        @staticmethod
+        def backward(ctx, gy):
+            return (*(torch.zeros_like(t) for t in ctx.saved_tensors), None, None, None)
+
+    selective_scan_cpu.NumbaScan = NoOpScan
 
 
 def rss_kib(field: str = "VmRSS") -> int:
@@ -89,7 +112,8 @@ def training_step(model, x, target) -> None:
     model.zero_grad(set_to_none=True)
 
 
-SCAN_EVENTS = ("NumbaScan", "NumbaScanBackward", "_ChunkedScan", "_ChunkedScanBackward")
+SCAN_EVENTS = ("NumbaScan", "NumbaScanBackward", "_ChunkedScan", "_ChunkedScanBackward", "NoOpScan",
+               "NoOpScanBackward")
 GEMM_EVENTS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::mkldnn_convolution",
                "aten::convolution_backward", "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward")
 
@@ -116,6 +140,8 @@ def worker(name: str, config: dict, steps: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    if name.endswith("-no-scan"):
+        install_no_op_scan()
     torch.manual_seed(0)
     model = build_model(name, config).train()
     batch, patch = config["batch_size"], config["patch_size"]
@@ -141,8 +167,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256, help="side of the random PNG images (default 256)")
     parser.add_argument("--cases", type=int, default=20, help="number of training cases to plan on")
-    parser.add_argument("--steps", type=int, default=3, help="timed training steps per model (median reported)")
-    parser.add_argument("--presets", nargs="+", default=["micro", "tiny"])
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps per model (median reported)")
+    parser.add_argument("--presets", nargs="+", default=["micro", "tiny", "tiny-no-scan"],
+                        help="CIPA presets to measure; the suffix -no-scan replaces the scan by a no-op")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -171,6 +198,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         label = "nnU-Net PlainConvUNet" if r["model"] == "vanilla" else f"CIPA-{r['model']}"
+        label = label.replace("-no-scan", ", no-op scan")
         rest = r["profiled_step_s"] - r["scan_s"] - r["gemm_conv_s"]
         print(f"| {label} | {r['params'] / 1e6:.2f} M | {r['forward_gflop']:.1f} | {r['step_s']:.2f} | "
               f"{r['step_ratio_vs_vanilla']:.2f}x | {r['scan_s']:.2f} / {r['gemm_conv_s']:.2f} / {rest:.2f} | "
