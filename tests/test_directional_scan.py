@@ -108,16 +108,20 @@ def test_cpu_backward_blocks_spread_the_work_evenly(monkeypatch, threads, dim, i
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (torch.cuda.is_available() and importlib.util.find_spec("mamba_ssm")),
-                    reason="needs CUDA and mamba-ssm")
-def test_cuda_matches_the_per_direction_loop():
-    """The gathered path through mamba-ssm's kernel, float32 on the GPU, against the loop on the CPU."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", [
+    "torch",  # the pure-PyTorch path, what runs on a GPU without mamba-ssm
+    pytest.param("cuda", marks=pytest.mark.skipif(not importlib.util.find_spec("mamba_ssm"),
+                                                  reason="needs mamba-ssm")),  # gathered through mamba-ssm's kernel
+])
+def test_gpu_backends_match_the_per_direction_loop(backend):
+    """float32 on the GPU against the loop on the CPU, values and gradients."""
     inputs, positions = make_inputs(dim=32, n_state=16, n_dirs=4, dtype=torch.float32)
     y_ref, g_ref = with_grads(lambda: loop_over_directions(*inputs, positions), inputs)
     gpu = [t.detach().cuda().requires_grad_() for t in inputs]
     u, delta, A, B, C, D, bias = gpu
     y, grads = with_grads(lambda: directional_scan(u, delta, A, B, C, positions.cuda(), D=D, delta_bias=bias,
-                                                   delta_softplus=True, backend="cuda"), gpu)
+                                                   delta_softplus=True, backend=backend), gpu)
     torch.testing.assert_close(y.cpu(), y_ref, rtol=1e-4, atol=1e-4)
     for name, g, g_expected in zip(NAMES, grads, g_ref):
         torch.testing.assert_close(g.cpu(), g_expected, rtol=1e-3, atol=1e-3, msg=name)

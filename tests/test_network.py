@@ -252,3 +252,32 @@ def test_no_mamba_mixer_is_the_scan_without_memory():
         ssm.A_logs.fill_(30.0)
         x = torch.randn(2, 5, 6, 8)
         torch.testing.assert_close(control(x), ssm(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_forward_matches_cpu_and_fp16_autocast_training_is_finite():
+    """CIPA-micro on the GPU with the default backend (cuda with mamba-ssm, else torch): float32 logits equal the
+    CPU's (TF32 convolutions off), and fp16 autocast steps with a GradScaler keep the loss and weights finite."""
+    torch.manual_seed(0)
+    net = CIPA(2, (96, 96), preset="micro", deep_supervision=True)
+    x = torch.rand(2, 2, 96, 96)
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        expected = net.eval()(x)[0]
+        got = net.cuda()(x.cuda())[0].cpu()
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    net.train()
+    before = [p.detach().clone() for p in net.parameters()]
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
+    scaler = torch.amp.GradScaler("cuda")
+    target = (x[:, 1] > 0.7).long().cuda()
+    for _ in range(5):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = F.cross_entropy(net(x.cuda())[0].float(), target)
+        assert torch.isfinite(loss)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # skipped by the scaler if fp16 gradients overflowed
+        scaler.update()
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert any(not torch.equal(p.detach(), b) for p, b in zip(net.parameters(), before))

@@ -1,0 +1,286 @@
+"""GPU checks and figures for a lent GPU (docs/benchmarks.md "GPU"): scan backends, fp16 AMP training steps at the
+planned patch size against nnU-Net's PlainConvUNet, and torch-vs-cuda agreement.
+
+Three parts, each model / backend in its own subprocess (fresh CUDA memory statistics):
+- **agreement**: ``directional_scan`` and ``selective_scan`` of every usable backend on the device against the
+  sequential reference on the CPU (float32, values and all gradients, max error relative to the largest value);
+- **scan**: forward + backward time (CUDA events, median) and peak device memory of ``directional_scan`` at CIPA-tiny's
+  four encoder-stage shapes for the planned patch (4 x (P/4)^2 x 192 up to 4 x (P/32)^2 x 1536), per backend;
+- **network**: ``--iterations`` fp16-AMP training steps (autocast + GradScaler + SGD with nnU-Net's momentum, deep
+  supervision CE) of the planned PlainConvUNet and of CIPA-tiny with each backend, on random data: median step time,
+  peak device memory, whether every loss was finite, and the largest |logit| difference between the CIPA-tiny
+  backends (float32 eval forward, same weights).
+
+The plan comes from nnU-Net's planner, which the GPU machine may lack: ``--write-plan FILE`` runs it here (as
+bench_network does, 2-channel random PNGs of ``--size``) and ``--plan FILE`` reads it there. ``--device cpu --quick``
+with a plan of small images (``--write-plan ... --size 64``) runs every code path on a CPU (torch backend, no AMP,
+CIPA-micro, 2 repeats; the cpu backend in place of cuda) to test this script.
+Usage: python benchmarks/bench_gpu.py --write-plan .gpu/plan.json [--size 512]
+       python benchmarks/bench_gpu.py --plan .gpu/plan.json [--iterations 20] [--quick] [--device cuda] [--out DIR]
+Prints markdown tables and writes bench_gpu.json to --out (default benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STAGE_DIMS = (192, 384, 768, 1536)  # CIPA-tiny's SS2D d_inner per encoder stage (2 x 96, 192, 384, 768)
+
+
+def scan_backends(device: str) -> list[str]:
+    """The compiled backend for ``device`` first (cuda, or cpu with numba) when usable, then torch."""
+    from nnunetv2_cipa.ops.selective_scan import available_backends
+
+    return [b for b in available_backends() if b in (device, "torch")]
+
+
+def agreement(backend: str, device: str) -> dict:
+    """Max error of ``backend`` on ``device`` against the CPU reference, relative to the reference's largest value."""
+    import torch
+
+    from bench_scan import directional_positions, make_directional_inputs, make_inputs
+    from nnunetv2_cipa.ops.directional_scan import directional_scan
+    from nnunetv2_cipa.ops.selective_scan import selective_scan
+
+    def run(op, inputs, target, name):
+        moved = [t.detach().to(target).requires_grad_() for t in inputs]
+        u, delta, A, B, C, D, bias = moved
+        if op == "directional":
+            y = directional_scan(u, delta, A, B, C, directional_positions(B.shape[1], 4).to(target), D=D,
+                                 delta_bias=bias, delta_softplus=True, backend=name)
+        else:
+            y = selective_scan(u, delta, A, B, C, D=D, delta_bias=bias, delta_softplus=True, backend=name)
+        weight = torch.cos(torch.arange(y.numel(), device=target, dtype=y.dtype)).view_as(y)
+        grads = torch.autograd.grad((y * weight).sum(), moved)
+        return [t.detach().cpu() for t in (y, *grads)]
+
+    names = ("y", "u", "delta", "A", "B", "C", "D", "delta_bias")
+    out = {}
+    for op, make in (("directional", make_directional_inputs), ("selective", make_inputs)):
+        inputs = make(2, 4 * 32, 256, 4)  # 16 x 16 map, 4 directions x 32 channels
+        expected = run(op, inputs, "cpu", "reference")
+        got = run(op, inputs, device, backend)
+        out[op] = {n: float((g - e).abs().max() / e.abs().max().clamp_min(1e-30)) for n, g, e in zip(names, got, expected)}
+    return out
+
+
+def scan_timing(backend: str, device: str, patch: int, quick: bool) -> list[dict]:
+    """fwd + bwd of directional_scan at CIPA-tiny's encoder-stage shapes (siamese batch 4)."""
+    import torch
+
+    from bench_scan import directional_positions, make_directional_inputs
+    from nnunetv2_cipa.ops.directional_scan import directional_scan
+
+    rows = []
+    for stage, dim in enumerate(STAGE_DIMS):
+        side = patch // (4 * 2 ** stage)
+        inputs = [t.detach().to(device).requires_grad_() for t in make_directional_inputs(4, 4 * dim, side * side, 4)]
+        positions = directional_positions(side * side, 4).to(device)
+
+        def step():
+            u, delta, A, B, C, D, bias = inputs
+            directional_scan(u, delta, A, B, C, positions, D=D, delta_bias=bias, delta_softplus=True,
+                             backend=backend).sum().backward()
+
+        seconds = timed(step, device, repeats=2 if quick else 10)
+        rows.append({"shape": f"4 x {side}x{side} x {dim}", "seconds": seconds, **memory(device)})
+    return rows
+
+
+def timed(step, device: str, repeats: int) -> float:
+    """Median seconds of ``step`` after one warm-up (CUDA events on a GPU) with fresh peak-memory statistics."""
+    import time
+
+    import torch
+
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+def memory(device: str) -> dict:
+    import torch
+
+    return {"peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30} if device == "cuda" else {}
+
+
+def network(name: str, backend: str | None, config: dict, device: str, iterations: int) -> dict:
+    """fp16-AMP training steps (AMP only on CUDA) of ``name`` with the scan backend ``backend``; also the float32
+    eval logits of a fixed input, saved for the cross-backend comparison."""
+    import torch
+    import torch.nn.functional as F
+
+    from bench_network import build_model
+
+    if backend:
+        os.environ["NNUNETV2_CIPA_SCAN_BACKEND"] = backend
+    torch.manual_seed(0)
+    model = build_model(name, config).to(device).train()
+    batch, patch = config["batch_size"], config["patch_size"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    scaler = torch.amp.GradScaler(device, enabled=device == "cuda")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(batch, 2, *patch, generator=gen).to(device)
+    target = (x[:, 1:2] > 0.7).long().to(device)  # a learnable target: bright PET
+    losses = []
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.float16, enabled=device == "cuda"):
+            outputs = model(x)
+            outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+            weights = [0.5 ** i for i in range(len(outputs))]
+            loss = sum(w * F.cross_entropy(o.float(), F.interpolate(target.float(), o.shape[2:]).long()[:, 0])
+                       for w, o in zip(weights, outputs)) / sum(weights)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 12)
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(float(loss))
+
+    seconds = timed(step, device, repeats=iterations)
+    row = {"model": name, "backend": backend, "step_s": seconds, **memory(device),
+           "params": sum(p.numel() for p in model.parameters()), "losses_finite": all(map(_finite, losses)),
+           "first_loss": losses[0], "last_loss": losses[-1]}
+    if name != "vanilla":
+        torch.manual_seed(0)
+        fresh = build_model(name, config).to(device).eval()
+        with torch.no_grad():
+            logits = fresh(torch.rand(1, 2, *patch, generator=gen).to(device))
+        row["logits_file"] = str(Path(tempfile.gettempdir()) / f"bench_gpu_logits_{name}_{backend}.pt")
+        torch.save((logits[0] if isinstance(logits, (list, tuple)) else logits).cpu(), row["logits_file"])
+    return row
+
+
+def _finite(value: float) -> bool:
+    return value == value and abs(value) != float("inf")
+
+
+def worker(args) -> dict:
+    config = json.loads(Path(args.plan).read_text())
+    patch = config["patch_size"]
+    if args.worker == "agreement":
+        return agreement(args.backend, args.device)
+    if args.worker == "scan":
+        return {"rows": scan_timing(args.backend, args.device, patch[0], args.quick)}
+    return network(args.worker, args.backend, config, args.device, args.iterations)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plan", help="2d configuration JSON written by --write-plan")
+    parser.add_argument("--write-plan", help="run nnU-Net's planner (needs nnunetv2) and save the 2d configuration")
+    parser.add_argument("--size", type=int, default=512, help="image side for --write-plan (default 512)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--iterations", type=int, default=20, help="timed AMP training steps per model")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and models (tests this script on a CPU)")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for bench_gpu.json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--backend", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.write_plan:
+        from bench_network import plan_vanilla
+
+        with tempfile.TemporaryDirectory() as tmp:
+            config = plan_vanilla(Path(tmp), args.size, 20)
+        config = {k: config[k] for k in ("patch_size", "batch_size", "architecture")}
+        Path(args.write_plan).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.write_plan).write_text(json.dumps(config, indent=2))
+        print(f"wrote {args.write_plan}: patch {config['patch_size']}, batch {config['batch_size']}")
+        return
+    if not args.plan:
+        parser.error("--plan (or --write-plan) is required")
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    def sub(worker_name, backend=None):
+        command = [sys.executable, __file__, "--plan", args.plan, "--device", args.device, "--worker", worker_name,
+                   "--iterations", str(2 if args.quick else args.iterations)] + (["--quick"] if args.quick else [])
+        proc = subprocess.run(command + (["--backend", backend] if backend else []), capture_output=True, text=True)
+        if proc.returncode:
+            print(f"{worker_name} ({backend}) failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            return {"error": proc.stderr[-3000:]}
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    import torch
+
+    backends = scan_backends(args.device)
+    preset = "micro" if args.quick else "tiny"
+    report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
+              "backends": backends, "plan": json.loads(Path(args.plan).read_text())}
+    report["agreement"] = {b: sub("agreement", b) for b in backends}
+    report["scan"] = {b: sub("scan", b) for b in backends}
+    report["network"] = [sub("vanilla")] + [sub(preset, b) for b in backends]
+    cipa = [r for r in report["network"][1:] if "logits_file" in r]
+    if len(cipa) > 1:
+        reference = torch.load(cipa[0]["logits_file"])
+        for row in cipa[1:]:
+            row["max_logit_diff_vs_" + cipa[0]["backend"]] = float((torch.load(row["logits_file"]) - reference)
+                                                                   .abs().max())
+    print_tables(report)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_gpu.json").write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {out / 'bench_gpu.json'}")
+
+
+def peak(row: dict) -> str:
+    return f"{row['peak_gib']:.2f} GiB" if "peak_gib" in row else "-"
+
+
+def print_tables(report: dict) -> None:
+    print(f"\n{report['device']}, torch {report['torch']}, scan backends {report['backends']}, plan patch "
+          f"{report['plan']['patch_size']} batch {report['plan']['batch_size']}\n")
+    print("| backend | op | max rel. error of y / worst gradient (name) |\n|---|---|---|")
+    for backend, result in report["agreement"].items():
+        for op, errors in result.items():
+            if op == "error":
+                print(f"| {backend} | - | failed |")
+                continue
+            worst = max((n for n in errors if n != "y"), key=errors.get)
+            print(f"| {backend} | {op} | {errors['y']:.1e} / {errors[worst]:.1e} ({worst}) |")
+    print("\n| backend | directional_scan shape | fwd+bwd | peak |\n|---|---|---:|---:|")
+    for backend, result in report["scan"].items():
+        for row in result.get("rows", []):
+            print(f"| {backend} | {row['shape']} | {row['seconds'] * 1e3:.2f} ms | {peak(row)} |")
+    print("\n| model | scan backend | AMP step | peak | losses finite | first -> last loss | logits vs first backend |"
+          "\n|---|---|---:|---:|---|---|---:|")
+    for row in report["network"]:
+        if "error" in row:
+            print("| failed | | | | | | |")
+            continue
+        diff = next((f"{v:.1e}" for k, v in row.items() if k.startswith("max_logit_diff")), "-")
+        print(f"| {row['model']} | {row['backend'] or '-'} | {row['step_s'] * 1e3:.1f} ms | "
+              f"{peak(row)} | {row['losses_finite']} | {row['first_loss']:.3f} -> "
+              f"{row['last_loss']:.3f} | {diff} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The lent-GPU checklist of docs/benchmarks.md in one command, after benchmarks/gpu_prepare.sh here:
+#   device run, carry [".gpu"], command "bash benchmarks/gpu_check.sh", timeout_s 600
+# 1. mamba-ssm's selective-scan extension is built for this GPU's architecture only, in the background (bounded by
+#    MAMBA_BUILD_S, default 360 s); 2. meanwhile the GPU tests that need only CUDA run; 3. then the cuda-backend
+#    tests (when the build worked) and benchmarks/bench_gpu.py at the 512 x 512 plan. Logs and bench_gpu.json go
+#    to $OUT (the device tool's folder) or ./gpu_out.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+PY=$(command -v "${PY:-python3}")
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/wheels/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+
+build_mamba() {  # the extension selective_scan_cuda and the mamba_ssm package, into /tmp/site_mamba
+    local arch src
+    arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+    mkdir -p /tmp/mamba && tar xzf .gpu/mamba_ssm-*.tar.gz -C /tmp/mamba && src=$(ls -d /tmp/mamba/mamba_ssm-*/)
+    # only this GPU's architecture: setup.py's own -gencode list spans sm_75 to sm_121 (many times the compile time)
+    "$PY" - "$src/setup.py" "$arch" <<'PYEOF'
+import sys
+path, arch = sys.argv[1], sys.argv[2].replace(".", "")
+text = open(path).read()
+marker = "    # HACK: The compiler flag -D_GLIBCXX_USE_CXX11_ABI"
+assert marker in text, "mamba-ssm's setup.py changed: adapt gpu_check.sh"
+text = text.replace(marker, f'    cc_flag = ["-gencode", "arch=compute_{arch},code=sm_{arch}"]\n' + marker, 1)
+open(path, "w").write(text)
+PYEOF
+    cd "$src" && TORCH_CUDA_ARCH_LIST=$arch MAMBA_FORCE_BUILD=TRUE MAX_JOBS=$(nproc) NVCC_THREADS=2 \
+        timeout "${MAMBA_BUILD_S:-360}" "$PY" -m pip install -q --no-build-isolation --no-deps --no-index \
+        --target /tmp/site_mamba .
+}
+(time build_mamba) > "$OUT/mamba_build.log" 2>&1 &
+BUILD=$!
+
+echo "== GPU tests without mamba-ssm"
+"$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_selective_scan.py tests/test_directional_scan.py \
+    tests/test_network.py
+echo "== waiting for the mamba-ssm build"
+if wait "$BUILD"; then
+    export PYTHONPATH=/tmp/site_mamba:$PYTHONPATH
+    "$PY" -c "from nnunetv2_cipa.ops.selective_scan import available_backends; print('backends', available_backends())"
+    echo "== GPU tests with mamba-ssm"
+    "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_selective_scan.py tests/test_directional_scan.py \
+        tests/test_network.py
+else
+    echo "mamba-ssm build failed or ran out of time; the tail of its log:"; tail -30 "$OUT/mamba_build.log"
+fi
+echo "== bench_gpu"
+"$PY" benchmarks/bench_gpu.py --plan .gpu/plan_2d_512.json --out "$OUT"
