@@ -86,6 +86,14 @@ def test_matches_reference_long_sequence(backend):
     compare_to_reference(backend, inputs, 1e-6, expected)
 
 
+def test_torch_backend_channel_blocks(monkeypatch):
+    """The torch backend cutting each group of 8 channels into 4 blocks (its state budget forced down to 2 channels)
+    gives the loop's values and gradients."""
+    ops = importlib.import_module("nnunetv2_cipa.ops.selective_scan")
+    monkeypatch.setattr(ops, "_BLOCK_ELEMENTS", {"cpu": 2 * 2 * 16 * 104})  # b * c * padded L * N
+    compare_to_reference("torch", make_inputs(batch=2, dim=16, length=100, n_state=16, groups=2), 1e-6)
+
+
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_matches_reference_float32(backend):
     inputs = make_inputs(dim=6, length=300, groups=3, dtype=torch.float32)

@@ -119,7 +119,10 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # produces the outputs. Only exp(delta * A) of single steps or whole chunks is formed (never exp of a positive
 # cumulative sum), so large delta * |A| decays to 0 without overflow. Channels are processed in blocks inside one group
 # so that the (B, N, L) inputs are broadcast, never expanded per channel, and memory stays bounded.
-_BLOCK_ELEMENTS = 1 << 22  # state elements (batch * channels * L * N) per channel block
+# State elements (batch * channels * L * N) per channel block: cache-sized on a CPU; large on a GPU, where every block
+# costs about 3 sqrt(L) kernel launches forward and 6 sqrt(L) backward (at 4 channels per block CIPA-tiny's first stage
+# would need tens of thousands per scan), for about 6 block-sized float32 tensors alive (1.5 GiB).
+_BLOCK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 
 def _to_chunks(t: torch.Tensor, n_chunks: int, chunk: int) -> torch.Tensor:
@@ -180,7 +183,8 @@ def _chunked_blocks(u, delta, A, B, C, gy=None):
     chunk = min(length, 1 << round(math.log2(length) / 2))
     n_chunks = -(-length // chunk)
     per_group = dim // groups
-    block = max(1, min(per_group, _BLOCK_ELEMENTS // (batch * n_chunks * chunk * n_state)))
+    budget = _BLOCK_ELEMENTS.get(u.device.type, _BLOCK_ELEMENTS["cpu"])
+    block = max(1, min(per_group, budget // (batch * n_chunks * chunk * n_state)))
     outs = [torch.zeros_like(u)] if gy is None else [torch.zeros_like(t) for t in (u, delta, A, B, C)]
     for g in range(groups):
         Bc = _to_chunks(B[:, g], n_chunks, chunk).transpose(-1, -2).unsqueeze(2)  # (chunk, b, 1, n_chunks, N)
