@@ -87,10 +87,10 @@ def test_matches_reference_long_sequence(backend):
 
 
 def test_torch_backend_channel_blocks(monkeypatch):
-    """The torch backend cutting each group of 8 channels into 4 blocks (its state budget forced down to 2 channels)
-    gives the loop's values and gradients."""
+    """The torch backend cutting the 8 channels of each group into 4 blocks (its state budget forced down to 2
+    channels of both groups) gives the loop's values and gradients."""
     ops = importlib.import_module("nnunetv2_cipa.ops.selective_scan")
-    monkeypatch.setattr(ops, "_BLOCK_ELEMENTS", {"cpu": 2 * 2 * 16 * 104})  # b * c * padded L * N
+    monkeypatch.setattr(ops, "_BLOCK_ELEMENTS", {"cpu": 2 * 2 * 2 * 104 * 16})  # b * G * c * padded L * N
     compare_to_reference("torch", make_inputs(batch=2, dim=16, length=100, n_state=16, groups=2), 1e-6)
 
 
