@@ -70,7 +70,8 @@ def agreement(backend: str, device: str) -> dict:
         inputs = make(2, 4 * 32, 256, 4)  # 16 x 16 map, 4 directions x 32 channels
         expected = run(op, inputs, "cpu", "reference")
         got = run(op, inputs, device, backend)
-        out[op] = {n: float((g - e).abs().max() / e.abs().max().clamp_min(1e-30)) for n, g, e in zip(names, got, expected)}
+        out[op] = {n: float((g - e).abs().max() / e.abs().max().clamp_min(1e-30))
+                   for n, g, e in zip(names, got, expected)}
     return out
 
 

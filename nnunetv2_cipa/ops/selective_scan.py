@@ -117,9 +117,9 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # The sequence is cut into n_chunks chunks of `chunk` steps (chunk ~ sqrt(L)). A step loop runs over the position inside
 # the chunk for all chunks at once, a short loop over chunks carries the chunk-start states, and a second step loop
 # produces the outputs. Only exp(delta * A) of single steps or whole chunks is formed (never exp of a positive
-# cumulative sum), so large delta * |A| decays to 0 without overflow. Channels are processed in blocks, the same channels
-# of every group at once (a group axis), so that the (B, G, N, L) inputs are broadcast, never expanded per channel, and
-# memory stays bounded.
+# cumulative sum), so large delta * |A| decays to 0 without overflow. Channels are processed in blocks, the same
+# channels of every group at once (a group axis), so that the (B, G, N, L) inputs are broadcast, never expanded per
+# channel, and memory stays bounded.
 # State elements (batch * channels * L * N) per channel block: cache-sized on a CPU; large on a GPU, where every block
 # costs about 3 sqrt(L) kernel launches forward and 6 sqrt(L) backward (at 4 channels per block CIPA-tiny's first stage
 # would need tens of thousands per scan), for about 6 block-sized float32 tensors alive (1.5 GiB).
@@ -189,7 +189,7 @@ def _chunked_blocks(u, delta, A, B, C, gy=None):
     budget = _BLOCK_ELEMENTS.get(u.device.type, _BLOCK_ELEMENTS["cpu"])
     block = max(1, min(per_group, budget // (batch * groups * n_chunks * chunk * n_state)))
     u, delta = (t.unflatten(1, (groups, per_group)) for t in (u, delta))  # (b, G, P, L)
-    A = A.view(groups, per_group, 1, n_state)  # broadcasts against (chunk, b, G, c, n_chunks, N)
+    A = A.reshape(groups, per_group, 1, n_state)  # broadcasts against (chunk, b, G, c, n_chunks, N)
     Bc = _to_chunks(B, n_chunks, chunk).transpose(-1, -2).unsqueeze(3)  # (chunk, b, G, 1, n_chunks, N)
     Cc = _to_chunks(C, n_chunks, chunk).transpose(-1, -2).unsqueeze(3)
     outs = [torch.zeros_like(u)] if gy is None else [torch.zeros_like(t) for t in (u, delta, A[:, :, 0], B, C)]

@@ -14,7 +14,8 @@ SIMD register per state index), a backward work item a wider block, so the recur
 nothing of size (b, d, L, N) exists. Forward stores the state at every CHUNK-th step; backward recomputes one chunk
 of states at a time into small cache-resident buffers and runs the adjoint recurrence over it. delta = softplus(raw +
 bias) is formed by a separate elementwise kernel (inside the scan loops LLVM did not vectorise it) and kept for
-backward in place of the raw input; softplus' derivative is sigmoid(x) = 1 - exp(-softplus(x)). The first call of each dtype compiles (seconds); ``cache=True`` keeps the machine code on disk.
+backward in place of the raw input; softplus' derivative is sigmoid(x) = 1 - exp(-softplus(x)). The first call of each
+dtype compiles (seconds); ``cache=True`` keeps the machine code on disk.
 In float32 the kernels use a polynomial exp and softplus that LLVM vectorises (pip's llvmlite has no SVML, so np.exp
 runs scalar): exp within 1.1e-7 relative on [-1, 1] and 6e-8 absolute on the decays (x <= 0; at most 1.2e-38 below
 float32's normal range), softplus within 7e-7 relative on [-10, 10]; float64 keeps np.exp / np.log1p / np.expm1.
