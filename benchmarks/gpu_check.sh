@@ -20,9 +20,11 @@ export PYTHONPATH=/tmp/site:$PWD
 build_mamba() {  # the extension selective_scan_cuda and the mamba_ssm package, into /tmp/site_mamba
     local arch src
     arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-    mkdir -p /tmp/mamba && tar xzf .gpu/mamba_ssm-*.tar.gz -C /tmp/mamba && src=$(ls -d /tmp/mamba/mamba_ssm-*/)
+    # unpacked once: a second call on the still-warm machine continues the build (ninja keeps its objects)
+    [ -d /tmp/mamba ] || { mkdir -p /tmp/mamba && tar xzf .gpu/mamba_ssm-*.tar.gz -C /tmp/mamba; } || return 1
+    src=$(ls -d /tmp/mamba/mamba_ssm-*/)
     # only this GPU's architecture: setup.py's own -gencode list spans sm_75 to sm_121 (many times the compile time)
-    "$PY" - "$src/setup.py" "$arch" <<'PYEOF'
+    grep -q "cc_flag = \[\"-gencode\", \"arch=compute_" "$src/setup.py" || "$PY" - "$src/setup.py" "$arch" <<'PYEOF'
 import sys
 path, arch = sys.argv[1], sys.argv[2].replace(".", "")
 text = open(path).read()
