@@ -19,7 +19,9 @@ dtype compiles (seconds); ``cache=True`` keeps the machine code on disk.
 In float32 the kernels use a polynomial exp and softplus that LLVM vectorises (pip's llvmlite has no SVML, so np.exp
 runs scalar): exp within 1.1e-7 relative on [-1, 1] and 6e-8 absolute on the decays (x <= 0; at most 1.2e-38 below
 float32's normal range), softplus within 7e-7 relative on [-10, 10]; float64 keeps np.exp / np.log1p / np.expm1.
-``error_model="numpy"``: Python's zero-division check would keep the divisions (softplus, sigmoid) scalar.
+``error_model="numpy"``: Python's zero-division check would keep the divisions (softplus, sigmoid) scalar. Rows are
+read and written through 1-D slices (``delta[k, b, p, d0:d0 + LANES]``): indexed element by element with a run-time
+position p, numba's negative-index wraparound kept the per-step lane loops scalar.
 """
 
 from __future__ import annotations
@@ -120,25 +122,27 @@ def _forward_kernel(u, delta, At, B, C, positions, u_stride, y, starts):  # prag
         b, kk, d0 = item // (k_items * n_blocks), (item // n_blocks) % k_items, (item % n_blocks) * LANES
         h = np.empty((n_state, LANES), dtype=u.dtype)
         a = np.empty((n_state, LANES), dtype=u.dtype)
-        dtv = np.empty(LANES, dtype=u.dtype)
         duv = np.empty(LANES, dtype=u.dtype)
         acc = np.empty(LANES, dtype=u.dtype)
         for k in range(kk * per_item, (kk + 1) * per_item):
             uc = k * u_stride + d0
             first = k == kk * per_item
             for n in range(n_state):
+                a_src = At[k, n, d0:d0 + LANES]
                 for c in range(LANES):
-                    a[n, c] = At[k, n, d0 + c]
+                    a[n, c] = a_src[c]
                     h[n, c] = 0.0
             for t in range(length):
                 p = positions[k, t]
                 if t % CHUNK == 0:
                     for n in range(n_state):
+                        dst = starts[b, k, t // CHUNK, n, d0:d0 + LANES]
                         for c in range(LANES):
-                            starts[b, k, t // CHUNK, n, d0 + c] = h[n, c]
+                            dst[c] = h[n, c]
+                dtv = delta[k, b, p, d0:d0 + LANES]
+                uv = u[b, p, uc:uc + LANES]
                 for c in range(LANES):
-                    dtv[c] = delta[k, b, p, d0 + c]
-                    duv[c] = dtv[c] * u[b, p, uc + c]
+                    duv[c] = dtv[c] * uv[c]
                     acc[c] = 0.0
                 for n in range(n_state):
                     bn = B[b, p, k, n]
@@ -147,12 +151,13 @@ def _forward_kernel(u, delta, At, B, C, positions, u_stride, y, starts):  # prag
                     for c in range(LANES):
                         h_n[c] = _exp(dtv[c] * a_n[c]) * h_n[c] + duv[c] * bn
                         acc[c] += h_n[c] * cn
+                yv = y[b, p, uc:uc + LANES]
                 if first:
                     for c in range(LANES):
-                        y[b, p, uc + c] = acc[c]
+                        yv[c] = acc[c]
                 else:
                     for c in range(LANES):
-                        y[b, p, uc + c] += acc[c]
+                        yv[c] += acc[c]
 
 
 @numba.njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
@@ -179,10 +184,7 @@ def _backward_kernel(u, delta, At, B, C, positions, u_stride, starts, gy, gu, gd
         states = np.empty((CHUNK + 1, n_state, lanes), dtype=u.dtype)
         decays = np.empty((CHUNK, n_state, lanes), dtype=u.dtype)
         a = np.empty((n_state, lanes), dtype=u.dtype)
-        dtv = np.empty(lanes, dtype=u.dtype)
-        uv = np.empty(lanes, dtype=u.dtype)
         duv = np.empty(lanes, dtype=u.dtype)
-        gyv = np.empty(lanes, dtype=u.dtype)
         lam_b = np.empty(lanes, dtype=u.dtype)
         g_dt = np.empty(lanes, dtype=u.dtype)
         zero = np.zeros(1, dtype=u.dtype)
@@ -190,60 +192,69 @@ def _backward_kernel(u, delta, At, B, C, positions, u_stride, starts, gy, gu, gd
             uc = k * u_stride + d0
             first = k == kk * per_item
             for n in range(n_state):
+                a_src = At[k, n, d0:d0 + lanes]
                 for c in range(lanes):
-                    a[n, c] = At[k, n, d0 + c]
+                    a[n, c] = a_src[c]
                     lam[n, c] = 0.0
                     ga[n, c] = 0.0
             for ci in range(n_chunks - 1, -1, -1):
                 t0, t1 = ci * CHUNK, min((ci + 1) * CHUNK, length)
                 for n in range(n_state):
+                    src = starts[b, k, ci, n, d0:d0 + lanes]
                     for c in range(lanes):
-                        states[0, n, c] = starts[b, k, ci, n, d0 + c]
+                        states[0, n, c] = src[c]
                 for t in range(t0, t1):
                     j, p = t - t0, positions[k, t]
+                    dtv = delta[k, b, p, d0:d0 + lanes]
+                    uv = u[b, p, uc:uc + lanes]
                     for c in range(lanes):
-                        dtv[c] = delta[k, b, p, d0 + c]
-                        duv[c] = dtv[c] * u[b, p, uc + c]
+                        duv[c] = dtv[c] * uv[c]
                     for n in range(n_state):
                         bn = B[b, p, k, n]
+                        a_n, dec, s_prev, s_next = a[n], decays[j, n], states[j, n], states[j + 1, n]
                         for c in range(lanes):
-                            decays[j, n, c] = _exp(dtv[c] * a[n, c])
-                            states[j + 1, n, c] = decays[j, n, c] * states[j, n, c] + duv[c] * bn
+                            dec[c] = _exp(dtv[c] * a_n[c])
+                            s_next[c] = dec[c] * s_prev[c] + duv[c] * bn
                 for t in range(t1 - 1, t0 - 1, -1):
                     j, p = t - t0, positions[k, t]
+                    dtv = delta[k, b, p, d0:d0 + lanes]
+                    uv = u[b, p, uc:uc + lanes]
+                    gyv = gy[b, p, uc:uc + lanes]
                     for c in range(lanes):
-                        dtv[c] = delta[k, b, p, d0 + c]
-                        uv[c] = u[b, p, uc + c]
                         duv[c] = dtv[c] * uv[c]
-                        gyv[c] = gy[b, p, uc + c]
                         lam_b[c] = 0.0
                         g_dt[c] = 0.0
                     for n in range(n_state):
                         bn = B[b, p, k, n]
                         cn = C[b, p, k, n]
                         sum_b, sum_c = zero[0], zero[0]
+                        lam_n_arr, ga_n, a_n = lam[n], ga[n], a[n]
+                        s_next, s_prev, dec = states[j + 1, n], states[j, n], decays[j, n]
                         for c in range(lanes):
-                            lam_n = lam[n, c] + gyv[c] * cn
-                            sum_c += gyv[c] * states[j + 1, n, c]
+                            lam_n = lam_n_arr[c] + gyv[c] * cn
+                            sum_c += gyv[c] * s_next[c]
                             sum_b += lam_n * duv[c]
                             lam_b[c] += lam_n * bn
-                            grad_log_decay = lam_n * states[j, n, c] * decays[j, n, c]
-                            g_dt[c] += grad_log_decay * a[n, c]
-                            ga[n, c] += grad_log_decay * dtv[c]
-                            lam[n, c] = lam_n * decays[j, n, c]
+                            grad_log_decay = lam_n * s_prev[c] * dec[c]
+                            g_dt[c] += grad_log_decay * a_n[c]
+                            ga_n[c] += grad_log_decay * dtv[c]
+                            lam_n_arr[c] = lam_n * dec[c]
                         gB[s, b, p, k, n] = sum_b
                         gC[s, b, p, k, n] = sum_c
+                    gdv = gdelta[k, b, p, d0:d0 + lanes]
+                    guv = gu[b, p, uc:uc + lanes]
                     for c in range(lanes):
-                        gdelta[k, b, p, d0 + c] = g_dt[c] + lam_b[c] * uv[c]
+                        gdv[c] = g_dt[c] + lam_b[c] * uv[c]
                     if first:
                         for c in range(lanes):
-                            gu[b, p, uc + c] = lam_b[c] * dtv[c]
+                            guv[c] = lam_b[c] * dtv[c]
                     else:
                         for c in range(lanes):
-                            gu[b, p, uc + c] += lam_b[c] * dtv[c]
+                            guv[c] += lam_b[c] * dtv[c]
             for n in range(n_state):
+                dst = gA[b, k, n, d0:d0 + lanes]
                 for c in range(lanes):
-                    gA[b, k, n, d0 + c] = ga[n, c]
+                    dst[c] = ga[n, c]
 
 
 @numba.njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
@@ -253,12 +264,13 @@ def _delta_kernel(raw, bias, softplus, out):  # pragma: no cover - compiled
     n_dirs, rows, dim = raw.shape
     for item in numba.prange(n_dirs * rows):
         k, m = item // rows, item % rows
+        row, row_bias, row_out = raw[k, m], bias[k], out[k, m]
         if softplus:
             for c in range(dim):
-                out[k, m, c] = _softplus(raw[k, m, c] + bias[k, c])
+                row_out[c] = _softplus(row[c] + row_bias[c])
         else:
             for c in range(dim):
-                out[k, m, c] = raw[k, m, c] + bias[k, c]
+                row_out[c] = row[c] + row_bias[c]
 
 
 def _sigmoid_of_softplus(s):
@@ -287,8 +299,9 @@ def _softplus_grad_kernel(delta, grad):  # pragma: no cover - compiled
     n_dirs, rows, dim = delta.shape
     for item in numba.prange(n_dirs * rows):
         k, m = item // rows, item % rows
+        row, row_grad = delta[k, m], grad[k, m]
         for c in range(dim):
-            grad[k, m, c] *= _sigmoid_of_softplus(delta[k, m, c])
+            row_grad[c] *= _sigmoid_of_softplus(row[c])
 
 
 def _use_threads(torch_threads: int) -> None:
