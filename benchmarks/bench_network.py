@@ -209,7 +209,8 @@ def main() -> None:
     from nnunetv2_cipa.modules.linear import cpu_linear_backend
     from nnunetv2_cipa.ops.selective_scan import resolve_backend
 
-    env = {k: os.environ[k] for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS") if k in os.environ}
+    env = {k: os.environ[k] for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_",
+                                      "MALLOC_TRIM_THRESHOLD_") if k in os.environ}
     backend, linear = resolve_backend(None, torch.device("cpu")), cpu_linear_backend()
     print(f"\nscan backend: {backend}; CIPA linear layers: {linear}; thread env: {env or 'default'}")
     RESULTS.write_text(json.dumps({"patch_size": config["patch_size"], "batch_size": config["batch_size"],
