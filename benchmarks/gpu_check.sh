@@ -9,13 +9,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
-exec > >(tee "$OUT/gpu_check.log") 2>&1
 PY=$(command -v "${PY:-python3}")
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/wheels/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 
 build_mamba() {  # the extension selective_scan_cuda and the mamba_ssm package, into /tmp/site_mamba
     local arch src
@@ -37,21 +32,29 @@ PYEOF
         timeout "${MAMBA_BUILD_S:-300}" "$PY" -m pip install -q --no-build-isolation --no-deps --no-index \
         --target /tmp/site_mamba .
 }
-(time build_mamba) > "$OUT/mamba_build.log" 2>&1 &
-BUILD=$!
+main() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/wheels/*.whl \
+        || exit 1
+    (time build_mamba) > "$OUT/mamba_build.log" 2>&1 &
+    local build=$!
 
-echo "== GPU tests without mamba-ssm"
-"$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_selective_scan.py tests/test_directional_scan.py \
-    tests/test_network.py
-echo "== waiting for the mamba-ssm build"
-if wait "$BUILD"; then
-    export PYTHONPATH=/tmp/site_mamba:$PYTHONPATH
-    "$PY" -c "from nnunetv2_cipa.ops.selective_scan import available_backends; print('backends', available_backends())"
-    echo "== GPU tests with mamba-ssm"
+    echo "== GPU tests without mamba-ssm"
     "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_selective_scan.py tests/test_directional_scan.py \
         tests/test_network.py
-else
-    echo "mamba-ssm build failed or ran out of time; the tail of its log:"; tail -30 "$OUT/mamba_build.log"
-fi
-echo "== bench_gpu"
-"$PY" benchmarks/bench_gpu.py --plan .gpu/plan_2d_512.json --iterations 10 --out "$OUT"
+    echo "== waiting for the mamba-ssm build"
+    if wait "$build"; then
+        export PYTHONPATH=/tmp/site_mamba:$PYTHONPATH
+        "$PY" -c "from nnunetv2_cipa.ops.selective_scan import available_backends as a; print('backends', a())"
+        echo "== GPU tests with mamba-ssm"
+        "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_selective_scan.py tests/test_directional_scan.py \
+            tests/test_network.py
+    else
+        echo "mamba-ssm build failed or ran out of time; the tail of its log:"; tail -30 "$OUT/mamba_build.log"
+    fi
+    echo "== bench_gpu"
+    "$PY" benchmarks/bench_gpu.py --plan .gpu/plan_2d_512.json --iterations 10 --out "$OUT"
+}
+
+main 2>&1 | tee "$OUT/gpu_check.log"
