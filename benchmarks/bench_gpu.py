@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -48,18 +49,11 @@ def agreement(backend: str, device: str) -> dict:
     """Max error of ``backend`` on ``device`` against the CPU reference, relative to the reference's largest value."""
     import torch
 
-    from bench_scan import directional_positions, make_directional_inputs, make_inputs
-    from nnunetv2_cipa.ops.directional_scan import directional_scan
-    from nnunetv2_cipa.ops.selective_scan import selective_scan
+    from bench_scan import make_directional_inputs, make_inputs, scan
 
     def run(op, inputs, target, name):
         moved = [t.detach().to(target).requires_grad_() for t in inputs]
-        u, delta, A, B, C, D, bias = moved
-        if op == "directional":
-            y = directional_scan(u, delta, A, B, C, directional_positions(B.shape[1], 4).to(target), D=D,
-                                 delta_bias=bias, delta_softplus=True, backend=name)
-        else:
-            y = selective_scan(u, delta, A, B, C, D=D, delta_bias=bias, delta_softplus=True, backend=name)
+        y = scan(moved, name, directional=op == "directional")
         weight = torch.cos(torch.arange(y.numel(), device=target, dtype=y.dtype)).view_as(y)
         grads = torch.autograd.grad((y * weight).sum(), moved)
         return [t.detach().cpu() for t in (y, *grads)]
@@ -77,21 +71,15 @@ def agreement(backend: str, device: str) -> dict:
 
 def scan_timing(backend: str, device: str, patch: int, quick: bool) -> list[dict]:
     """fwd + bwd of directional_scan at CIPA-tiny's encoder-stage shapes (siamese batch 4)."""
-    import torch
-
-    from bench_scan import directional_positions, make_directional_inputs
-    from nnunetv2_cipa.ops.directional_scan import directional_scan
+    from bench_scan import make_directional_inputs, scan
 
     rows = []
     for stage, dim in enumerate(STAGE_DIMS):
         side = patch // (4 * 2 ** stage)
         inputs = [t.detach().to(device).requires_grad_() for t in make_directional_inputs(4, 4 * dim, side * side, 4)]
-        positions = directional_positions(side * side, 4).to(device)
 
         def step():
-            u, delta, A, B, C, D, bias = inputs
-            directional_scan(u, delta, A, B, C, positions, D=D, delta_bias=bias, delta_softplus=True,
-                             backend=backend).sum().backward()
+            scan(inputs, backend, directional=True).sum().backward()
 
         seconds = timed(step, device, repeats=2 if quick else 10)
         rows.append({"shape": f"4 x {side}x{side} x {dim}", "seconds": seconds, **memory(device)})
@@ -134,9 +122,8 @@ def network(name: str, backend: str | None, config: dict, device: str, iteration
     """fp16-AMP training steps (AMP only on CUDA) of ``name`` with the scan backend ``backend``; also the float32
     eval logits of a fixed input, saved for the cross-backend comparison."""
     import torch
-    import torch.nn.functional as F
 
-    from bench_network import build_model
+    from bench_network import build_model, deep_supervision_loss
 
     if backend:
         os.environ["NNUNETV2_CIPA_SCAN_BACKEND"] = backend
@@ -147,17 +134,13 @@ def network(name: str, backend: str | None, config: dict, device: str, iteration
     scaler = torch.amp.GradScaler(device, enabled=device == "cuda")
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(batch, 2, *patch, generator=gen).to(device)
-    target = (x[:, 1:2] > 0.7).long().to(device)  # a learnable target: bright PET
+    target = (x[:, 1] > 0.7).long()  # a learnable target: bright PET
     losses = []
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=torch.float16, enabled=device == "cuda"):
-            outputs = model(x)
-            outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-            weights = [0.5 ** i for i in range(len(outputs))]
-            loss = sum(w * F.cross_entropy(o.float(), F.interpolate(target.float(), o.shape[2:]).long()[:, 0])
-                       for w, o in zip(weights, outputs)) / sum(weights)
+            loss = deep_supervision_loss(model(x), target)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 12)
@@ -167,7 +150,7 @@ def network(name: str, backend: str | None, config: dict, device: str, iteration
 
     seconds = timed(step, device, repeats=iterations)
     row = {"model": name, "backend": backend, "step_s": seconds, **memory(device),
-           "params": sum(p.numel() for p in model.parameters()), "losses_finite": all(map(_finite, losses)),
+           "params": sum(p.numel() for p in model.parameters()), "losses_finite": all(map(math.isfinite, losses)),
            "first_loss": losses[0], "last_loss": losses[-1]}
     if name != "vanilla":
         torch.manual_seed(0)
@@ -177,10 +160,6 @@ def network(name: str, backend: str | None, config: dict, device: str, iteration
         row["logits_file"] = str(Path(tempfile.gettempdir()) / f"bench_gpu_logits_{name}_{backend}.pt")
         torch.save((logits[0] if isinstance(logits, (list, tuple)) else logits).cpu(), row["logits_file"])
     return row
-
-
-def _finite(value: float) -> bool:
-    return value == value and abs(value) != float("inf")
 
 
 def worker(args) -> dict:

@@ -102,13 +102,18 @@ def rss_kib(field: str = "VmRSS") -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def training_step(model, x, target) -> None:
+def deep_supervision_loss(outputs, target):
+    """Sum of the cross-entropies of every output (a tensor or the deep-supervision list) against ``target``
+    (b, H, W), nearest-resized to each output's size."""
     import torch.nn.functional as F
 
-    outputs = model(x)
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-    loss = sum(F.cross_entropy(o, F.interpolate(target[:, None].float(), o.shape[2:]).long()[:, 0]) for o in outputs)
-    loss.backward()
+    return sum(F.cross_entropy(o.float(), F.interpolate(target[:, None].float(), o.shape[2:]).long()[:, 0])
+               for o in outputs)
+
+
+def training_step(model, x, target) -> None:
+    deep_supervision_loss(model(x), target).backward()
     model.zero_grad(set_to_none=True)
 
 

@@ -58,14 +58,29 @@ def make_directional_inputs(batch, dim, length, groups, seed=0):
     return [t.contiguous().requires_grad_() for t in tensors]
 
 
-def directional_positions(length, groups):
-    """The 4 cross-scan orders of a square map of L positions, or the plain order for one group."""
+def directional_positions(length, groups, device="cpu"):
+    """The 4 cross-scan orders of a square map of L positions, or the plain order for one group (cached per
+    device, so repeated calls pass the same tensor)."""
     from nnunetv2_cipa.modules.ss2d import cross_scan_positions, sequence_positions
 
     if groups == 1:
-        return sequence_positions(length)
+        return sequence_positions(length, device)
     side = round(length ** 0.5)
-    return cross_scan_positions(side, side)
+    return cross_scan_positions(side, side, device)
+
+
+def scan(inputs, backend, directional):
+    """directional_scan of ``make_directional_inputs`` over their cross-scan orders, or selective_scan of
+    ``make_inputs``; with softplus, delta bias and D, as SS2D calls them."""
+    from nnunetv2_cipa.ops.directional_scan import directional_scan
+    from nnunetv2_cipa.ops.selective_scan import selective_scan
+
+    u, delta, A, B, C, D, bias = inputs
+    if directional:
+        positions = directional_positions(B.shape[1], B.shape[2], u.device)
+        return directional_scan(u, delta, A, B, C, positions, D=D, delta_bias=bias, delta_softplus=True,
+                                backend=backend)
+    return selective_scan(u, delta, A, B, C, D=D, delta_bias=bias, delta_softplus=True, backend=backend)
 
 
 def pscan_selective_scan(u, delta, A, B, C, D, delta_bias):
@@ -90,18 +105,8 @@ def run_case(method, batch, dim, length, groups, repeats):
     """Runs in the subprocess: warm-up, timed passes; returns median seconds and peak MB over the baseline."""
     import torch
 
-    from nnunetv2_cipa.ops.directional_scan import directional_scan
-    from nnunetv2_cipa.ops.selective_scan import selective_scan
-
     def step(inputs):
-        u, delta, A, B, C, D, bias = inputs
-        if method == "pscan":
-            y = pscan_selective_scan(u, delta, A, B, C, D, bias)
-        elif method == "cpu-dir":
-            y = directional_scan(u, delta, A, B, C, directional_positions(B.shape[1], B.shape[2]), D=D,
-                                 delta_bias=bias, delta_softplus=True, backend="cpu")
-        else:
-            y = selective_scan(u, delta, A, B, C, D=D, delta_bias=bias, delta_softplus=True, backend=backend)
+        y = pscan_selective_scan(*inputs) if method == "pscan" else scan(inputs, backend, method == "cpu-dir")
         y.sum().backward()
 
     def prepare(inputs):
@@ -109,7 +114,7 @@ def run_case(method, batch, dim, length, groups, repeats):
             inputs[:2] = [t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in inputs[:2]]
         return inputs
 
-    backend = "cpu" if method == "cpu-cl" else method
+    backend = "cpu" if method in ("cpu-cl", "cpu-dir") else method
     make = make_directional_inputs if method == "cpu-dir" else make_inputs
     step(prepare(make(1, 16 * groups, 64, groups)))
     inputs = prepare(make(batch, dim, length, groups))

@@ -32,6 +32,11 @@ PYEOF
         timeout "${MAMBA_BUILD_S:-300}" "$PY" -m pip install -q --no-build-isolation --no-deps --no-index \
         --target /tmp/site_mamba .
 }
+gpu_tests() {
+    "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_selective_scan.py tests/test_directional_scan.py \
+        tests/test_network.py
+}
+
 main() {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
@@ -41,15 +46,13 @@ main() {
     local build=$!
 
     echo "== GPU tests without mamba-ssm"
-    "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_selective_scan.py tests/test_directional_scan.py \
-        tests/test_network.py
+    gpu_tests
     echo "== waiting for the mamba-ssm build"
     if wait "$build"; then
         export PYTHONPATH=/tmp/site_mamba:$PYTHONPATH
         "$PY" -c "from nnunetv2_cipa.ops.selective_scan import available_backends as a; print('backends', a())"
         echo "== GPU tests with mamba-ssm"
-        "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_selective_scan.py tests/test_directional_scan.py \
-            tests/test_network.py
+        gpu_tests
     else
         echo "mamba-ssm build failed or ran out of time; the tail of its log:"; tail -30 "$OUT/mamba_build.log"
     fi

@@ -189,6 +189,7 @@ def _chunked_blocks(u, delta, A, B, C, gy=None):
     budget = _BLOCK_ELEMENTS.get(u.device.type, _BLOCK_ELEMENTS["cpu"])
     block = max(1, min(per_group, budget // (batch * groups * n_chunks * chunk * n_state)))
     u, delta = (t.unflatten(1, (groups, per_group)) for t in (u, delta))  # (b, G, P, L)
+    gy = None if gy is None else gy.unflatten(1, (groups, per_group))
     A = A.reshape(groups, per_group, 1, n_state)  # broadcasts against (chunk, b, G, c, n_chunks, N)
     Bc = _to_chunks(B, n_chunks, chunk).transpose(-1, -2).unsqueeze(3)  # (chunk, b, G, 1, n_chunks, N)
     Cc = _to_chunks(C, n_chunks, chunk).transpose(-1, -2).unsqueeze(3)
@@ -204,7 +205,7 @@ def _chunked_blocks(u, delta, A, B, C, gy=None):
         if gy is None:
             outs[0][:, :, ch] = _from_chunks((states * Cc).sum(-1), length)
             continue
-        gyc = _to_chunks(gy.unflatten(1, (groups, per_group))[:, :, ch], n_chunks, chunk)
+        gyc = _to_chunks(gy[:, :, ch], n_chunks, chunk)
         lams = _adjoint_states(decay, gyc[..., None] * Cc, chunk_decay)
         lam_b = (lams * Bc).sum(-1)
         outs[3] += _from_chunks((lams * du[..., None]).sum(3).transpose(-1, -2), length)
