@@ -18,7 +18,7 @@ def _cmd_doctor(args) -> int:
 
 
 def _cmd_ext_path(args) -> int:
-    from nnunetv2_cipa.training.discovery import ext_trainer_path
+    from nnunetv2_cipa.trainer_discovery import ext_trainer_path
 
     print(ext_trainer_path())
     return 0
@@ -43,11 +43,11 @@ def _cmd_convert(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from nnunetv2_cipa.evaluation.metrics import evaluate_folders, format_summary
+    from nnunetv2_cipa.paths import check_output_file, write_text_atomically
 
-    output = Path(args.output) if args.output else Path(args.pred_dir) / "metrics_cipa.json"
+    output = check_output_file(args.output or Path(args.pred_dir) / "metrics_cipa.json")  # before any work
     result = evaluate_folders(args.gt_dir, args.pred_dir, patient_sep=args.patient_sep)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2, allow_nan=False))
+    write_text_atomically(output, json.dumps(result, indent=2, allow_nan=False))
     print(format_summary(result))
     print(f"metrics written to {output}")
     return 0
@@ -58,7 +58,7 @@ def _cmd_compare(args) -> int:
 
     compare_trainers(args.dataset, args.trainers, args.output, configuration=args.configuration, plans=args.plans,
                      folds=tuple(args.folds), test_predictions=args.test, patient_sep=args.patient_sep,
-                     time_inference=not args.no_time_inference)
+                     time_inference=args.time_inference)
     print(f"report written to {Path(args.output) / 'report.md'}")
     return 0
 
@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", nargs="+", help="test-set prediction folders, one per trainer, in -tr order")
     p.add_argument("-o", dest="output", required=True, help="report folder")
     p.add_argument("--patient-sep", default="_", help="separator after the patient ID in case names (default _)")
-    p.add_argument("--no-time-inference", action="store_true",
-                   help="skip measuring inference time per slice (needs the trained checkpoints)")
+    p.add_argument("--time-inference", action="store_true",
+                   help="also measure inference time per slice with nnU-Net's predictor (loads each checkpoint)")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("demo", help="synthetic data -> nnU-Net -> CIPA vs vanilla nnU-Net -> report")

@@ -105,7 +105,8 @@ def run_demo(workdir: str | Path = "demo_workdir", quick: bool = False) -> Path:
         predictions.append(str(output))
     runner.stage("Comparing CIPA with vanilla nnU-Net", "compare",
                  ["nnunetv2_cipa", "compare", "-d", str(DATASET_ID), "-tr", settings.cipa_trainer,
-                  settings.vanilla_trainer, "-f", "0", "--test", *predictions, "-o", str(report_dir)])
+                  settings.vanilla_trainer, "-f", "0", "--test", *predictions, "-o", str(report_dir),
+                  "--time-inference"])
 
     print(f"\nDemo finished in {time.time() - runner.start:.0f} s. Report: {report_dir / 'report.md'}")
     print(headline_table(report_dir / "report.json", settings))

@@ -64,7 +64,7 @@ def collect_report() -> list[tuple[str, str, bool]]:
         rows.append((name, value or "not set", bool(value) or name == "nnUNet_extTrainer"))
 
     try:
-        from nnunetv2_cipa.training.discovery import find_trainer_class
+        from nnunetv2_cipa.trainer_discovery import find_trainer_class
 
         cls = find_trainer_class("nnUNetTrainerCIPA")
         rows.append(("nnUNetTrainerCIPA", f"discoverable ({cls.__module__}); for the CLI: "

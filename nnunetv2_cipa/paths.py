@@ -1,11 +1,14 @@
-"""nnU-Net's folder variables: reading them for the user, and setting them for the console scripts we run."""
+"""nnU-Net's folder variables (reading them for the user, setting them for the console scripts we run) and the
+output files and folders our commands write."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from nnunetv2_cipa.errors import InputError
+from nnunetv2_cipa.trainer_discovery import ext_trainer_path
 
 NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
@@ -21,11 +24,58 @@ def required_folder(name: str) -> Path:
 def cli_environment(root: Path) -> dict[str, str]:
     """os.environ plus nnU-Net's three folders created under ``root``, our trainers discoverable, 2 worker processes
     for nnU-Net's pools, and no ``nnUNet_n_proc_DA`` (nnU-Net 2.8.1's planner crashes with 0; set it for training)."""
-    from nnunetv2_cipa.training.discovery import ext_trainer_path
-
     env = dict(os.environ, nnUNet_extTrainer=str(ext_trainer_path()), nnUNet_def_n_proc="2", PYTHONUNBUFFERED="1")
     for name in NNUNET_FOLDERS:
         (root / name).mkdir(parents=True, exist_ok=True)
         env[name] = str(root / name)
     env.pop("nnUNet_n_proc_DA", None)
     return env
+
+
+def output_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """``path`` created if needed (with its parents); InputError naming it if that fails or it is not a folder."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InputError(f"{path}: {what} exists and is not a folder") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot create the {what} ({e.strerror or e})") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: {what} is not writable")
+    return path
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """``path`` if a file can be written there (checked before any work): not a folder, and its nearest existing
+    ancestor a writable folder (the missing ones are created on writing). InputError naming the problem."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: output file is an existing folder")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"{path}: cannot write the output file: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: cannot write the output file: {ancestor} is not writable")
+    return path
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, so that a reader (or a crash) sees the
+    old file or the new one, never a part; InputError naming the file if it cannot be written."""
+    path = Path(path)
+    folder = output_folder(path.parent)
+    try:
+        fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise InputError(f"{path}: cannot write ({e.strerror or e})") from e
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    except OSError as e:
+        Path(temporary).unlink(missing_ok=True)
+        raise InputError(f"{path}: cannot write ({e.strerror or e})") from e

@@ -1,16 +1,21 @@
-"""Shared fixtures: an isolated nnU-Net environment and a small planned dataset built through the real CLI."""
+"""Shared fixtures: an isolated nnU-Net environment, a small planned dataset built through the real CLI, and a small
+PCLT20K-layout tree for the converter tests."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from nnunetv2_cipa.paths import cli_environment
+from nnunetv2_cipa.synthetic import generate_pclt20k_like
 
 BIN = Path(sys.executable).parent
 DATASET_ID = 901
@@ -47,6 +52,15 @@ class PlannedDataset:
         return json.loads((self.preprocessed / "nnUNetPlans.json").read_text())
 
 
+def write_decompression_bomb_png(path: Path) -> None:
+    """A valid PNG header of 30000 x 30000 pixels: over Pillow's decompression-bomb limit (not an OSError)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+
+
 def nnunet_env(root: Path) -> dict:
     """The library's CLI environment, pinned to 2 threads and no torch.compile (a small CPU machine)."""
     return dict(cli_environment(root), nnUNet_compile="false", OMP_NUM_THREADS="2")
@@ -64,3 +78,27 @@ def planned_dataset(tmp_path_factory) -> PlannedDataset:
     run_cli(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "--verify_dataset_integrity",
              "-np", "2", "-npfp", "2"], env)
     return PlannedDataset(env=env)
+
+
+@pytest.fixture(scope="session")
+def pristine(tmp_path_factory) -> Path:
+    """A small PCLT20K-layout tree (6 training + 2 test patients x 3 slices of 48 x 48); never modified."""
+    root = tmp_path_factory.mktemp("pclt") / "src"
+    generate_pclt20k_like(root, patients=6, slices=3, size=48, test_patients=2, seed=11)
+    return root
+
+
+@pytest.fixture
+def source(pristine, tmp_path) -> Path:
+    """A copy of ``pristine`` that a test may break."""
+    return Path(shutil.copytree(pristine, tmp_path / "src"))
+
+
+@pytest.fixture
+def raw(tmp_path, monkeypatch) -> Path:
+    """An empty nnUNet_raw (not created yet); nnUNet_preprocessed and nnUNet_results unset."""
+    folder = tmp_path / "raw"
+    monkeypatch.setenv("nnUNet_raw", str(folder))
+    for name in ("nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.delenv(name, raising=False)
+    return folder

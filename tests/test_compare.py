@@ -1,4 +1,5 @@
-"""compare_trainers on fabricated nnU-Net raw and results folders (two trainers, two folds)."""
+"""compare_trainers on fabricated nnU-Net raw and results folders (two trainers, two folds, a splits_final.json,
+checkpoints holding nnU-Net's logger state)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from PIL import Image
 from scipy.stats import wilcoxon
 
 from nnunetv2_cipa.errors import InputError
-from nnunetv2_cipa.evaluation.compare import compare_trainers, paired_wilcoxon
-from nnunetv2_cipa.evaluation.metrics import evaluate_folders
+from nnunetv2_cipa.evaluation.compare import compare_trainers
+from nnunetv2_cipa.evaluation.metrics import METRIC_RULES, evaluate_folders
+from nnunetv2_cipa.evaluation.statistics import paired_wilcoxon
 
 DATASET = "Dataset987_Toy"
 TRAINERS = ("nnUNetTrainerA", "nnUNetTrainerB")
@@ -53,19 +55,21 @@ def nnunet_env(tmp_path, monkeypatch):
                              pred)
                 else:
                     save_png(tmp_path / f"test_{trainer}" / f"{case}.png", pred)
-    for k, trainer in enumerate(TRAINERS):
+    splits = [{"train": [c for c in train if (int(c[1:3]) < 4) != (fold == 0)],
+               "val": [c for c in train if (int(c[1:3]) < 4) == (fold == 0)]} for fold in (0, 1)]
+    (raw / "splits_final.json").write_text(json.dumps(splits))
+    for trainer in TRAINERS:
         for fold in (0, 1):
-            fold_dir = results / f"{trainer}__nnUNetPlans__2d" / f"fold_{fold}"
-            (fold_dir / "validation" / "summary.json").write_text("{}")
-            (fold_dir / "training_log_2025_1_1_00_00_00.txt").write_text(
-                "2025-01-01 00:00:01.000000: Epoch 0\n"
-                f"2025-01-01 00:00:02.000000: Epoch time: {10 + k + fold}.5 s\n"
-                f"2025-01-01 00:00:03.000000: Epoch time: {20 + k}.25 s\n")
+            (results / f"{trainer}__nnUNetPlans__2d" / f"fold_{fold}" / "validation" / "summary.json").write_text("{}")
     conv = torch.zeros(4, 2, 3, 3)
     weights = {"conv.weight": conv, "conv.bias": torch.zeros(4), "decoder.encoder.conv.weight": conv,  # shared
                "norm.running_mean": torch.zeros(4), "norm.num_batches_tracked": torch.tensor(0)}
-    torch.save({"network_weights": weights},
-               results / f"{TRAINERS[0]}__nnUNetPlans__2d" / "fold_0" / "checkpoint_final.pth")
+    for trainer, fold, times in ((TRAINERS[0], 0, (10.5, 20.25)), (TRAINERS[0], 1, (11.5, 20.25)),
+                                 (TRAINERS[1], 1, (21.5, 21.25))):    # trainer B has no fold-0 checkpoint
+        starts = [100.0 * (epoch + 1) for epoch in range(len(times))]
+        logging = {"epoch_start_timestamps": starts, "epoch_end_timestamps": [s + t for s, t in zip(starts, times)]}
+        torch.save({"network_weights": weights, "logging": logging},   # nnU-Net's logger state in the checkpoint
+                   results / f"{trainer}__nnUNetPlans__2d" / f"fold_{fold}" / "checkpoint_final.pth")
     monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     monkeypatch.delenv("nnUNet_preprocessed", raising=False)
@@ -74,7 +78,7 @@ def nnunet_env(tmp_path, monkeypatch):
 
 def test_compare_report_matches_evaluate_and_scipy(nnunet_env):
     out = nnunet_env / "report"
-    report = compare_trainers(987, TRAINERS, out, folds=(0, 1), time_inference=False,
+    report = compare_trainers(987, TRAINERS, out, folds=(0, 1),
                               test_predictions=[nnunet_env / f"test_{t}" for t in TRAINERS])
     for name in ("report.md", "report.json", "dice_cross_validation.png", "examples_cross_validation.png",
                  "dice_test.png", "examples_test.png"):
@@ -82,6 +86,9 @@ def test_compare_report_matches_evaluate_and_scipy(nnunet_env):
     assert json.loads((out / "report.json").read_text()) == report
     cv = report["splits"]["cross-validation"]
     assert cv["n_cases"] == 16 and cv["n_patients"] == 8
+    assert cv["n_cases_per_trainer"] == {t: 16 for t in TRAINERS}
+    assert report["splits"]["test"]["n_cases_per_trainer"] == {t: 4 for t in TRAINERS}
+    assert report["splits_file"] == str(nnunet_env / "raw" / DATASET / "splits_final.json")
 
     raw = nnunet_env / "raw" / DATASET
     dice = {}
@@ -106,35 +113,70 @@ def test_compare_report_matches_evaluate_and_scipy(nnunet_env):
     assert stat["pvalue"] == pytest.approx(expected.pvalue)
 
     costs_a, costs_b = report["costs"][TRAINERS[0]], report["costs"][TRAINERS[1]]
-    assert costs_a["parameters"] == 4 * 2 * 3 * 3 + 4
-    assert costs_a["epoch_time_s"]["mean"] == pytest.approx(np.mean([10.5, 20.25, 11.5, 20.25]))
-    assert costs_b["epoch_time_s"]["n_epochs"] == 4
-    assert costs_b["parameters"] is None and any("checkpoint" in n for n in costs_b["notes"])
+    assert costs_a["parameters"] == costs_b["parameters"] == 4 * 2 * 3 * 3 + 4
+    assert costs_a["epoch_time_s"] == {"mean": np.mean([10.5, 20.25, 11.5, 20.25]), "median": 15.875, "n_epochs": 4}
+    assert costs_b["epoch_time_s"] == {"mean": 21.375, "median": 21.375, "n_epochs": 2}
+    assert costs_b["checkpoint"].endswith("fold_1/checkpoint_final.pth")
+    assert any("fold_0: its parameters and epoch times are not counted" in n for n in costs_b["notes"])
+    assert costs_a["inference"] is None and any("not measured" in n for n in costs_a["notes"])
     md = (out / "report.md").read_text()
     pooled_dice = f"{cv['results'][TRAINERS[0]]['cipa_protocol']['dice']:.4g}"
-    for text in ("## Methods", "## Cross-validation", "## Test", "Wilcoxon", "examples_test.png", pooled_dice):
+    for text in ("## Methods", "## Cross-validation", "## Test", "Wilcoxon", "examples_test.png", pooled_dice,
+                 f"| {TRAINERS[1]} | 16 |", f"| {TRAINERS[0]} | 4 |", "slices scored per trainer: nnUNetTrainerA 16",
+                 METRIC_RULES[0], "The patient separator is `_`."):
         assert text in md
 
 
 def test_missing_fold_is_a_clear_error(nnunet_env):
-    with pytest.raises(InputError, match=r"fold 2: validation folder .*nnUNetTrainerA__nnUNetPlans__2d.fold_2"):
-        compare_trainers(DATASET, TRAINERS, nnunet_env / "report", folds=(0, 1, 2), time_inference=False)
+    with pytest.raises(InputError, match=r"fold 2: .*splits_final.json defines folds 0..1"):
+        compare_trainers(DATASET, TRAINERS, nnunet_env / "report", folds=(0, 1, 2))
+    shutil.rmtree(nnunet_env / "results" / DATASET / f"{TRAINERS[1]}__nnUNetPlans__2d" / "fold_1" / "validation")
+    with pytest.raises(InputError, match=r"fold 1: validation folder .*nnUNetTrainerB__nnUNetPlans__2d.fold_1"):
+        compare_trainers(DATASET, TRAINERS, nnunet_env / "report", folds=(0, 1))
     with pytest.raises(InputError, match="dataset 986: Could not find"):
-        compare_trainers(986, TRAINERS, nnunet_env / "report", folds=(0, 1), time_inference=False)
+        compare_trainers(986, TRAINERS, nnunet_env / "report", folds=(0, 1))
     with pytest.raises(InputError, match="trained model folder .*nnUNetTrainerC"):
         compare_trainers(DATASET, ("nnUNetTrainerA", "nnUNetTrainerC"), nnunet_env / "report", folds=(0,))
 
 
+@pytest.mark.parametrize("case", ["fold_lacks_a_case", "fold_holds_an_extra_case", "unequal_test_folders"])
+def test_every_trainer_is_scored_on_the_same_cases(nnunet_env, case):
+    """A fold folder must hold exactly its fold's validation cases (splits_final.json) and a test folder exactly the
+    cases of labelsTs; otherwise an error naming the trainer, folder and case, before anything is written."""
+    model = nnunet_env / "results" / DATASET / f"{TRAINERS[1]}__nnUNetPlans__2d"
+    if case == "fold_lacks_a_case":
+        folder = model / "fold_0" / "validation"
+        (folder / "p01_001.png").unlink()
+        expected = f"{TRAINERS[1]}: {folder} lacks 1 of the 8 cases of fold 0's validation set in "
+    elif case == "fold_holds_an_extra_case":
+        folder = model / "fold_1" / "validation"
+        shutil.copy(folder / "p05_000.png", folder / "p99_000.png")
+        expected = f"{TRAINERS[1]}: {folder} holds 1 case(s) that are not in fold 1's validation set"
+    else:
+        folder = nnunet_env / f"test_{TRAINERS[1]}"
+        (folder / "t01_000.png").unlink()
+        expected = f"{TRAINERS[1]}: {folder} lacks 1 of the 4 cases of the test set"
+    out = nnunet_env / "report"
+    with pytest.raises(InputError) as error:
+        compare_trainers(DATASET, TRAINERS, out, folds=(0, 1),
+                         test_predictions=[nnunet_env / f"test_{t}" for t in TRAINERS])
+    assert expected in str(error.value) and ("p01_001" if case.startswith("fold_lacks") else "") in str(error.value)
+    assert not out.exists()
+
+
 def test_compare_cli(nnunet_env):
+    """Under ``python -OO`` too; --time-inference on the fabricated checkpoints (no plans.json beside them) fails
+    into a note instead of losing the report."""
     out = nnunet_env / "cli_report"
-    done = subprocess.run([sys.executable, "-m", "nnunetv2_cipa.cli", "compare", "-d", "987", "-tr", *TRAINERS,
-                           "-f", "0", "1", "-o", str(out)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-OO", "-m", "nnunetv2_cipa", "compare", "-d", "987", "-tr", *TRAINERS,
+                           "-f", "0", "1", "-o", str(out), "--time-inference"], capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "report.json").read_text())
     assert set(report["splits"]) == {"cross-validation"}
-    # the fabricated checkpoint has no plans.json next to it: inference timing is skipped with a note
     assert report["costs"][TRAINERS[0]]["inference"] is None
     assert any("inference timing failed" in n for n in report["costs"][TRAINERS[0]]["notes"])
+    assert METRIC_RULES[1] in (out / "report.md").read_text()
 
 
 def test_paired_wilcoxon_edge_cases():

@@ -12,9 +12,10 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from conftest import write_decompression_bomb_png
 from nnunetv2_cipa.errors import InputError
-from nnunetv2_cipa.evaluation.metrics import (evaluate_folders, format_summary, hd95, hd95_paper_rule, slice_metrics,
-                                              unmatched_component_area)
+from nnunetv2_cipa.evaluation.metrics import (NOTES, evaluate_folders, format_summary, hd95, hd95_paper_rule,
+                                              slice_metrics, unmatched_component_area)
 
 
 def brute_force_border(mask: np.ndarray) -> np.ndarray:
@@ -165,19 +166,21 @@ def test_input_errors(tmp_path, folders):
         evaluate_folders(tmp_path / "nowhere", pred)
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "nnunetv2_cipa.cli", "evaluate", *map(str, args)],
+def run_cli(*args, python_options=()):
+    return subprocess.run([sys.executable, *python_options, "-m", "nnunetv2_cipa", "evaluate", *map(str, args)],
                           capture_output=True, text=True, timeout=120)
 
 
 def test_evaluate_cli(tmp_path, folders):
+    """Also under ``python -OO`` (docstrings stripped: the metric rules must not live in one)."""
     gt, pred = folders
     out = tmp_path / "out" / "metrics.json"
-    done = run_cli(gt, pred, "-o", out)
+    done = run_cli(gt, pred, "-o", out, python_options=("-OO",))
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
     assert result["cipa_protocol"]["dice"] == pytest.approx(24 / 36)
     assert set(result["per_patient"]) == {"p1", "p2"}
+    assert result["notes"] == NOTES and "CIPA protocol" in NOTES and "Per patient" in NOTES
     assert "IoU" in done.stdout
 
     (pred / "p2_000.png").unlink()
@@ -187,6 +190,36 @@ def test_evaluate_cli(tmp_path, folders):
     write_png(pred / "p2_000.png", np.full((8, 8), 2))
     done = run_cli(gt, pred, "-o", out)
     assert done.returncode == 1 and "p2_000.png" in done.stderr and "[2]" in done.stderr
+
+
+@pytest.mark.parametrize("case", ["output_is_a_folder", "output_under_a_file", "pred_is_gt", "bomb", "truncated"])
+def test_evaluate_cli_clean_errors(tmp_path, folders, case):
+    """Exit 1 naming the file and no traceback; a bad output location is found before any metric is computed
+    (the prediction folder also holds an unreadable PNG: the output error comes first)."""
+    gt, pred = folders
+    out = tmp_path / "metrics.json"
+    if case == "output_is_a_folder":
+        out.mkdir()
+        expected = f"{out}: output file is an existing folder"
+    elif case == "output_under_a_file":
+        (tmp_path / "file").write_text("")
+        out = tmp_path / "file" / "metrics.json"
+        expected = f"{out}: cannot write the output file: {tmp_path / 'file'} is not a folder"
+    elif case == "pred_is_gt":
+        pred = gt
+        expected = f"{gt}: the prediction folder is the ground-truth folder"
+    elif case == "bomb":
+        write_decompression_bomb_png(pred / "p1_000.png")
+        expected = f"{pred / 'p1_000.png'}: unreadable PNG (DecompressionBombError"
+    else:
+        (pred / "p1_000.png").write_bytes((pred / "p1_000.png").read_bytes()[:40])
+        expected = f"{pred / 'p1_000.png'}: unreadable PNG"
+    if case.startswith("output"):
+        write_decompression_bomb_png(pred / "p1_001.png")
+    done = run_cli(gt, pred, "-o", out)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert expected in done.stderr
+    assert not out.is_file()
 
 
 def test_parallel_evaluation_equals_serial(folders):

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import BIN, nnunet_env, run_cli
 from nnunetv2_cipa import torchvision_fix
-from nnunetv2_cipa.training.discovery import ext_trainer_path, find_trainer_class
+from nnunetv2_cipa.trainer_discovery import ext_trainer_path, find_trainer_class
 
 ALL_TRAINERS = ("nnUNetTrainerCIPA", "nnUNetTrainerCIPA_noCRM", "nnUNetTrainerCIPA_noDCIM", "nnUNetTrainerCIPA_noMamba",
                 "nnUNetTrainerCIPA_pretrained", "nnUNetTrainerCIPAMicro", "nnUNetTrainerCIPA_debug",
@@ -72,7 +72,7 @@ def test_wheel_ships_the_trainer_folder(tmp_path):
     wheel = next((tmp_path / "dist").glob("nnunetv2_cipa-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
                     str(wheel)], check=True, capture_output=True)
-    code = ("from nnunetv2_cipa.training.discovery import ext_trainer_path, find_trainer_class; "
+    code = ("from nnunetv2_cipa.trainer_discovery import ext_trainer_path, find_trainer_class; "
             "print(ext_trainer_path()); print(find_trainer_class('nnUNetTrainerCIPA').__module__)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})

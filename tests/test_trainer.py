@@ -16,7 +16,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.training.cipa_trainer import nnUNetTrainerCIPA, unwrap, weight_decay_groups
-from nnunetv2_cipa.training.discovery import find_trainer_class
+from nnunetv2_cipa.trainer_discovery import find_trainer_class
 from nnunetv2_cipa.training.lr_schedule import WarmupPolyLRScheduler
 from nnunetv2_cipa.training.variants import PRETRAINED_ENV_VAR
 

@@ -13,12 +13,23 @@ from matplotlib.patches import Patch  # noqa: E402
 
 GT_COLOUR = (0.1, 0.85, 0.2)
 TP_COLOUR, FP_COLOUR, FN_COLOUR = (1.0, 0.9, 0.0), (0.95, 0.15, 0.15), (0.1, 0.75, 1.0)
+DICE_DPI, EXAMPLES_DPI = 120, 110
+
+
+def dice_figure_inches(n_trainers: int) -> tuple[float, float]:
+    """(width, height) of the Dice-distribution figure; PNG pixels = inches x DICE_DPI."""
+    return max(4.0, 1.8 * n_trainers + 1.5), 4.5
+
+
+def examples_figure_inches(n_rows: int, n_trainers: int) -> tuple[float, float]:
+    """(width, height) of the example figure (CT, PET, GT, one column per trainer); PNG pixels = x EXAMPLES_DPI."""
+    return 2.6 * (3 + n_trainers), 2.9 * n_rows + 1.0
 
 
 def plot_dice_distribution(dice_by_trainer: dict[str, list[float]], title: str, path: Path) -> None:
     """Box plot plus jittered points of per-patient Dice, one box per trainer."""
     names = list(dice_by_trainer)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.8 * len(names) + 1.5), 4.5))
+    fig, ax = plt.subplots(figsize=dice_figure_inches(len(names)))
     rng = np.random.default_rng(0)
     data = [np.asarray(dice_by_trainer[n], dtype=float) for n in names]
     ax.boxplot(data, showfliers=False, widths=0.5, medianprops={"color": "black"})
@@ -30,7 +41,7 @@ def plot_dice_distribution(dice_by_trainer: dict[str, list[float]], title: str, 
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=DICE_DPI)
     plt.close(fig)
 
 
@@ -60,8 +71,8 @@ def plot_examples(rows: list[dict], trainers: list[str], title: str, path: Path)
     """Grid: one row per example (keys label, case, ct, pet, gt, preds {trainer: mask}, dice {trainer: float|None});
     columns CT, PET, GT on CT, then each trainer's prediction on CT coloured TP / FP / FN; all (H, W) arrays are
     cropped to a window around the masks."""
-    n_cols = 3 + len(trainers)
-    fig, axes = plt.subplots(len(rows), n_cols, figsize=(2.6 * n_cols, 2.9 * len(rows) + 1.0), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 3 + len(trainers), figsize=examples_figure_inches(len(rows), len(trainers)),
+                             squeeze=False)
     for ax, name in zip(axes[0], ("CT", "PET", "ground truth", *trainers)):
         ax.set_title(name, fontsize=9)
     for axes_row, row in zip(axes, rows):
@@ -87,5 +98,5 @@ def plot_examples(rows: list[dict], trainers: list[str], title: str, path: Path)
     fig.legend(handles=legend, loc="lower center", ncol=4, fontsize=9, frameon=False)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=EXAMPLES_DPI)
     plt.close(fig)

@@ -1,19 +1,6 @@
 """CIPA-protocol, per-slice and per-patient metrics of binary 2D label PNGs (nnU-Net's output format).
 
-Conventions (also written into every result under "notes"):
-- CIPA protocol (paper, CIPA_SPEC 7.1): TP/FP/FN/TN pooled over all pixels of all slices; IoU = TP/(TP+FP+FN),
-  Dice = 2TP/(2TP+FP+FN), both 1.0 when the denominator is 0; "Acc" = balanced accuracy = mean of sensitivity and
-  specificity (a term with a zero denominator counts as 1.0).
-- HD95 (medpy.metric.binary.hd95, pixel units): borders = mask XOR 4-connected erosion; the 95th percentile of the
-  pooled distances border(pred)->border(gt) and border(gt)->border(pred). "hd95_px" averages it over slices where both
-  masks are non-empty; "hd95_px_paper_rule" averages over all slices with the official empty-mask rule: one pixel is
-  planted at (H//2, W//2) in the empty mask, both empty = 0.
-- Per slice: dice/iou are NaN (JSON null) when GT and prediction are both empty; hd95 is NaN when either is empty.
-- Per patient (ID = case name before the first separator): Dice/IoU/balanced accuracy pooled over the patient's slices
-  (NaN when TP+FP+FN = 0); hd95 means over the patient's slices; fp_area_px / fn_area_px: summed areas of the
-  8-connected components of the prediction that do not touch the GT (FP) and of the GT that do not touch the
-  prediction (FN), the 2D analogue of autoPET's false-positive / false-negative volumes.
-- Summary: mean, median and sample std (ddof=1) over patients, ignoring NaN; "n" = patients with a finite value.
+The conventions are METRIC_RULES: written into every result under "notes" and into the comparison report.
 """
 
 from __future__ import annotations
@@ -23,18 +10,35 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
+from nnunetv2_cipa.cases import patient_of
 from nnunetv2_cipa.errors import InputError
+from nnunetv2_cipa.png_io import read_label_png
 
 FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 EIGHT_CONNECTED = ndimage.generate_binary_structure(2, 2)
 PATIENT_METRICS = ("dice", "iou", "balanced_accuracy", "sensitivity", "precision", "hd95_px", "hd95_px_paper_rule",
                    "fp_area_px", "fn_area_px", "n_slices")
-NOTES = __doc__.split("Conventions (also written into every result under \"notes\"):\n", 1)[1].strip()
+METRIC_RULES = (
+    "CIPA protocol (as in the CIPA paper's evaluation code): TP/FP/FN/TN pooled over all pixels of all slices; "
+    "IoU = TP/(TP+FP+FN), Dice = 2TP/(2TP+FP+FN), both 1.0 when the denominator is 0; \"Acc\" = balanced accuracy "
+    "= mean of sensitivity and specificity (a term with a zero denominator counts as 1.0).",
+    "HD95 (medpy.metric.binary.hd95, pixel units): borders = mask XOR 4-connected erosion; the 95th percentile of "
+    "the pooled distances border(pred)->border(gt) and border(gt)->border(pred). \"hd95_px\" averages it over slices "
+    "where both masks are non-empty; \"hd95_px_paper_rule\" averages over all slices with the official empty-mask "
+    "rule: one pixel is planted at (H//2, W//2) in the empty mask, both empty = 0.",
+    "Per slice: dice/iou are NaN (JSON null) when GT and prediction are both empty; hd95 is NaN when either is empty.",
+    "Per patient (ID = case name before the first patient separator): Dice/IoU/balanced accuracy pooled over the "
+    "patient's slices (NaN when TP+FP+FN = 0); hd95 means over the patient's slices; fp_area_px / fn_area_px: "
+    "summed areas of the 8-connected components of the prediction that do not touch the GT (FP) and of the GT that "
+    "do not touch the prediction (FN), the 2D analogue of autoPET's false-positive / false-negative volumes.",
+    "Summary: mean, median and sample std (ddof=1) over patients, ignoring NaN; \"n\" = patients with a finite value.",
+)
+NOTES = "\n".join(f"- {rule}" for rule in METRIC_RULES)
 
 
 def _ratio(numerator: float, denominator: float, empty: float) -> float:
@@ -111,28 +115,17 @@ def slice_metrics(pred: np.ndarray, gt: np.ndarray) -> dict:
     }
 
 
-def read_label_png(path: Path) -> np.ndarray:
-    """Binary label PNG -> (H, W) bool; InputError naming the file unless it is single-channel with values in {0, 1}."""
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read label PNG ({e})") from e
-    if array.ndim != 2:
-        raise InputError(f"{path}: label PNG must be single-channel (H, W), got shape {array.shape}")
-    if array.dtype != bool and (array.max() > 1 or array.min() < 0):
-        values = np.unique(array)
-        shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
-        raise InputError(f"{path}: labels must be binary 0/1 (nnU-Net label PNG), found values [{shown}]")
-    return array.astype(bool)
+class CasePair(NamedTuple):
+    """The ground-truth and the predicted label PNG of one case (a process-pool task)."""
+    gt: Path
+    pred: Path
 
 
-def _pair_metrics(pair: tuple[Path, Path]) -> dict:
-    gt_path, pred_path = pair
-    gt, pred = read_label_png(gt_path), read_label_png(pred_path)
+def _pair_metrics(pair: CasePair) -> dict:
+    gt, pred = read_label_png(pair.gt), read_label_png(pair.pred)
     if gt.shape != pred.shape:
-        raise InputError(f"size mismatch: {pred_path} is {pred.shape[1]}x{pred.shape[0]} (WxH) but "
-                         f"{gt_path} is {gt.shape[1]}x{gt.shape[0]}")
+        raise InputError(f"size mismatch: {pair.pred} is {pred.shape[1]}x{pred.shape[0]} (WxH) but "
+                         f"{pair.gt} is {gt.shape[1]}x{gt.shape[0]}")
     return slice_metrics(pred, gt)
 
 
@@ -194,7 +187,7 @@ def json_safe(value):
     return value
 
 
-def evaluate_pairs(pairs: dict[str, tuple[Path, Path]], patient_sep: str = "_", num_workers: int | None = None) -> dict:
+def evaluate_pairs(pairs: dict[str, CasePair], patient_sep: str = "_", num_workers: int | None = None) -> dict:
     """Metrics of {case: (gt_png, pred_png)}: "cipa_protocol", "per_case", "per_patient", "summary", "notes".
 
     NaN values are already replaced by None (valid JSON)."""
@@ -214,7 +207,7 @@ def evaluate_pairs(pairs: dict[str, tuple[Path, Path]], patient_sep: str = "_", 
 
     by_patient: dict[str, dict[str, dict]] = {}
     for case, metrics in per_case.items():
-        by_patient.setdefault(case.split(patient_sep, 1)[0], {})[case] = metrics
+        by_patient.setdefault(patient_of(case, patient_sep), {})[case] = metrics
     per_patient = {pid: _aggregate(slices, empty=math.nan) for pid, slices in sorted(by_patient.items())}
     pooled = _aggregate(per_case, empty=1.0)
     cipa = {k: pooled[k] for k in ("iou", "dice", "balanced_accuracy", "sensitivity", "specificity", "hd95_px",
@@ -227,24 +220,37 @@ def evaluate_pairs(pairs: dict[str, tuple[Path, Path]], patient_sep: str = "_", 
                       "per_case": per_case, "notes": NOTES})
 
 
-def match_cases(gt: dict[str, Path], pred: dict[str, Path], gt_dir, pred_dir) -> dict[str, tuple[Path, Path]]:
-    """Pair GT and prediction files by case name; InputError listing a few missing / extra names."""
-    missing, extra = sorted(set(gt) - set(pred)), sorted(set(pred) - set(gt))
+def _names(cases: list[str], shown: int = 5) -> str:
+    return ", ".join(cases[:shown]) + (", ..." if len(cases) > shown else "")
+
+
+def cover_problems(expected, found, expected_from, found_in) -> list[str]:
+    """Messages for the cases of ``expected`` that ``found`` lacks and the cases of ``found`` outside ``expected``
+    (case names; ``expected_from`` / ``found_in`` name where each set comes from)."""
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     problems = []
     if missing:
-        problems.append(f"{len(missing)} case(s) of {gt_dir} have no prediction in {pred_dir}: "
-                        + ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
+        problems.append(f"{found_in} lacks {len(missing)} of the {len(set(expected))} cases of {expected_from}: "
+                        f"{_names(missing)}")
     if extra:
-        problems.append(f"{len(extra)} prediction(s) in {pred_dir} have no ground truth in {gt_dir}: "
-                        + ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else ""))
+        problems.append(f"{found_in} holds {len(extra)} case(s) that are not in {expected_from}: {_names(extra)}")
+    return problems
+
+
+def match_cases(gt: dict[str, Path], pred: dict[str, Path], gt_dir, pred_dir) -> dict[str, CasePair]:
+    """Pair GT and prediction files by case name; InputError listing a few missing / extra names."""
+    problems = cover_problems(gt, pred, gt_dir, pred_dir)
     if problems:
         raise InputError("; ".join(problems))
-    return {case: (gt[case], pred[case]) for case in gt}
+    return {case: CasePair(gt[case], pred[case]) for case in gt}
 
 
 def evaluate_folders(gt_dir, pred_dir, patient_sep: str = "_", num_workers: int | None = None) -> dict:
     """Metrics of every *.png in ``pred_dir`` against the same-named *.png in ``gt_dir`` (see ``evaluate_pairs``)."""
-    pairs = match_cases(list_label_pngs(gt_dir), list_label_pngs(pred_dir), gt_dir, pred_dir)
+    gt, pred = list_label_pngs(gt_dir), list_label_pngs(pred_dir)
+    if os.path.samefile(gt_dir, pred_dir):
+        raise InputError(f"{pred_dir}: the prediction folder is the ground-truth folder {gt_dir}")
+    pairs = match_cases(gt, pred, gt_dir, pred_dir)
     result = evaluate_pairs(pairs, patient_sep=patient_sep, num_workers=num_workers)
     return {"gt_dir": str(gt_dir), "pred_dir": str(pred_dir), **result}
 
@@ -257,8 +263,9 @@ def format_number(value, digits: int = 4) -> str:
 def format_summary(result: dict) -> str:
     """Two-line headline: CIPA-protocol IoU/Dice/Acc/HD95 and patient-level mean ± std Dice."""
     c, s = result["cipa_protocol"], result["summary"]["dice"]
-    return (f"CIPA protocol ({c['n_slices']} slices): IoU {format_number(c['iou'])}  Dice {format_number(c['dice'])}  "
-            f"Acc {format_number(c['balanced_accuracy'])}  HD95 {format_number(c['hd95_px'])} px ({c['n_slices_hd95']} slices with "
-            f"both masks) / {format_number(c['hd95_px_paper_rule'])} px (paper rule, all slices)\n"
-            f"Patients ({result['n_patients']}): Dice {format_number(s['mean'])} ± {format_number(s['std'])} (mean ± std), "
-            f"median {format_number(s['median'])}")
+    n = format_number
+    return (f"CIPA protocol ({c['n_slices']} slices): IoU {n(c['iou'])}  Dice {n(c['dice'])}  "
+            f"Acc {n(c['balanced_accuracy'])}  HD95 {n(c['hd95_px'])} px ({c['n_slices_hd95']} slices with "
+            f"both masks) / {n(c['hd95_px_paper_rule'])} px (paper rule, all slices)\n"
+            f"Patients ({result['n_patients']}): Dice {n(s['mean'])} ± {n(s['std'])} (mean ± std), "
+            f"median {n(s['median'])}")

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-from nnunetv2_cipa.evaluation.metrics import format_number
+from nnunetv2_cipa.evaluation.metrics import METRIC_RULES, format_number
+from nnunetv2_cipa.evaluation.statistics import WILCOXON_RULE
 
-METHODS = (
-    "**Metrics.** Predictions are nnU-Net label PNGs (0/1) compared with the raw labels of the same case name. "
-    "*CIPA protocol* (as in the CIPA paper's evaluation code): true/false positives/negatives are summed over all"
-    " pixels of all slices before computing IoU = TP/(TP+FP+FN) and Dice = 2TP/(2TP+FP+FN) (1 if the denominator "
-    "is 0); Acc is the balanced accuracy ½(TP/(TP+FN) + TN/(TN+FP)). HD95 is medpy's 95th-percentile symmetric "
-    "Hausdorff distance in pixels (borders from a 4-connected erosion), computed per slice and averaged: *HD95* "
-    "over slices where prediction and ground truth are both non-empty; *HD95 (paper rule)* over all slices, a "
-    "single pixel being planted at the image centre in an empty mask (0 when both are empty). *Patient level*: a "
-    "patient is the part of the case name before the first `{sep}`; Dice and IoU are pooled over the patient's "
-    "slices (undefined, and left out, when the patient has neither tumour nor prediction); FP / FN area is the "
-    "pixel area of 8-connected predicted components that touch no ground truth / ground-truth components that "
-    "touch no prediction (2D analogue of autoPET's FPV / FNV). Mean ± sample standard deviation over patients. "
-    "Trainers are compared with a two-sided paired Wilcoxon signed-rank test (scipy.stats.wilcoxon, zero "
-    "differences dropped) on per-patient Dice."
-)
+
+def _methods(sep: str) -> list[str]:
+    """The Methods section: the metric rules the numbers were computed with, and the statistical test."""
+    return [f"Predictions are nnU-Net label PNGs (0/1) compared with the raw labels of the same case name; every "
+            f"trainer is scored on the same cases. The patient separator is `{sep}`.", "",
+            *(f"- {rule}" for rule in (*METRIC_RULES, WILCOXON_RULE))]
 
 
 def _mean_std(stat: dict) -> str:
@@ -26,14 +18,15 @@ def _mean_std(stat: dict) -> str:
 
 
 def _metrics_table(split: dict, trainers: list[str]) -> list[str]:
-    lines = ["| Trainer | IoU | Dice | Acc | HD95 (px) | HD95 paper rule (px) | Patient Dice | Patient IoU | "
+    lines = ["| Trainer | Slices | IoU | Dice | Acc | HD95 (px) | HD95 paper rule (px) | Patient Dice | Patient IoU | "
              "FP area / patient (px) | FN area / patient (px) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for trainer in trainers:
         c, s = split["results"][trainer]["cipa_protocol"], split["results"][trainer]["summary"]
-        lines.append(f"| {trainer} | {format_number(c['iou'])} | {format_number(c['dice'])} | {format_number(c['balanced_accuracy'])} | "
-                     f"{format_number(c['hd95_px'])} | {format_number(c['hd95_px_paper_rule'])} | {_mean_std(s['dice'])} | "
-                     f"{_mean_std(s['iou'])} | {_mean_std(s['fp_area_px'])} | {_mean_std(s['fn_area_px'])} |")
+        cells = [trainer, str(c["n_slices"]), *(format_number(c[k]) for k in ("iou", "dice", "balanced_accuracy",
+                                                                              "hd95_px", "hd95_px_paper_rule")),
+                 *(_mean_std(s[k]) for k in ("dice", "iou", "fp_area_px", "fn_area_px"))]
+        lines.append(f"| {' | '.join(cells)} |")
     c = split["results"][trainers[0]]["cipa_protocol"]
     lines += ["", f"IoU, Dice, Acc: pooled over {c['n_slices']} slices; HD95 over the slices where both masks are "
                   f"non-empty (per trainer: " + ", ".join(
@@ -47,8 +40,10 @@ def _wilcoxon_table(split: dict) -> list[str]:
     lines = ["| A | B | Patients | Median ΔDice (A−B) | Mean ΔDice (A−B) | W | p | Note |",
              "|---|---|---|---|---|---|---|---|"]
     for t in split["wilcoxon_patient_dice"]:
-        lines.append(f"| {t['a']} | {t['b']} | {t['n_patients']} | {format_number(t['median_difference'])} | "
-                     f"{format_number(t['mean_difference'])} | {format_number(t['statistic'])} | {format_number(t['pvalue'], 3)} | {t['note']} |")
+        cells = [t["a"], t["b"], str(t["n_patients"]), format_number(t["median_difference"]),
+                 format_number(t["mean_difference"]), format_number(t["statistic"]), format_number(t["pvalue"], 3),
+                 t["note"]]
+        lines.append(f"| {' | '.join(cells)} |")
     return lines
 
 
@@ -91,11 +86,12 @@ def render_report(report: dict) -> str:
     lines = [f"# Trainer comparison on {report['dataset']}", "",
              f"- Trainers: {', '.join(trainers)}",
              f"- Configuration `{report['configuration']}`, plans `{report['plans']}`, folds "
-             f"{', '.join(map(str, report['folds']))}"]
+             f"{', '.join(map(str, report['folds']))} (validation cases from `{report['splits_file']}`)"]
     for name, split in splits.items():
+        per_trainer = ", ".join(f"{t} {n}" for t, n in split["n_cases_per_trainer"].items())
         lines.append(f"- {name}: {split['n_cases']} slices from {split['n_patients']} patients "
-                     f"(ground truth `{split['gt_dir']}`)")
-    lines += ["", "## Methods", "", METHODS.replace("{sep}", sep), ""]
+                     f"(ground truth `{split['gt_dir']}`); slices scored per trainer: {per_trainer}")
+    lines += ["", "## Methods", "", *_methods(sep), ""]
     for name, split in splits.items():
         lines += [f"## {name.capitalize()}", "", *_metrics_table(split, trainers), "",
                   "### Paired Wilcoxon signed-rank test on per-patient Dice", "", *_wilcoxon_table(split), "",

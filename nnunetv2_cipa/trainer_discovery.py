@@ -1,4 +1,8 @@
-"""Making the CIPA trainers discoverable by nnU-Net's stock CLI (``nnUNet_extTrainer``, nnU-Net >= 2.8)."""
+"""Making the CIPA trainers discoverable by nnU-Net's stock CLI (``nnUNet_extTrainer``, nnU-Net >= 2.8).
+
+Neutral ground: it imports neither ``nnunetv2_cipa.training`` nor the evaluation, so that both (and ``paths``) can
+use it; nnU-Net itself is imported only when a trainer class is looked up.
+"""
 
 from __future__ import annotations
 
