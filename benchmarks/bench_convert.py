@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from dataset_conversion.pclt20k import convert_pclt20k
+from nnunetv2_cipa.conversion.pclt20k import convert_pclt20k
 from nnunetv2_cipa.synthetic import generate_patient
 
 FULL_SIZE = 21930
@@ -71,7 +71,7 @@ def main() -> None:
         generate_s = time.perf_counter() - start
         os.environ["nnUNet_raw"] = str(work / "raw")
         start = time.perf_counter()
-        out = convert_pclt20k(work / "src", 999, name="Bench", num_processes=args.np, overwrite=True)
+        out = convert_pclt20k(work / "src", 999, name="Bench", num_processes=args.np, overwrite=True).folder
         convert_s = time.perf_counter() - start
         out_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     finally:

@@ -34,10 +34,17 @@ def _cmd_synth(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from dataset_conversion.pclt20k import convert_pclt20k
+    from nnunetv2_cipa.conversion.pclt20k import convert_pclt20k, format_summary
+    from nnunetv2_cipa.conversion.staging import Terminated
 
-    convert_pclt20k(args.source, args.dataset_id, name=args.name, folds=args.folds, seed=args.seed,
-                    num_processes=args.np, overwrite=args.overwrite, normalization=args.normalization)
+    try:
+        report = convert_pclt20k(args.source, args.dataset_id, name=args.name, folds=args.folds, seed=args.seed,
+                                 num_processes=args.np, overwrite=args.overwrite, normalization=args.normalization,
+                                 high_bit_depth=args.high_bit_depth, val_list=args.val_list)
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM as Terminated: the staging folder is already removed
+        print(f"nnunetv2_cipa convert: interrupted ({e or 'SIGINT'}); no partial dataset was left", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    print(format_summary(report))
     return 0
 
 
@@ -90,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty OUT_DIR")
     p.set_defaults(func=_cmd_synth)
 
+    from nnunetv2_cipa.conversion import BIT_DEPTH_POLICIES, VAL_LIST_POLICIES
+
     p = sub.add_parser("convert", help="convert PCLT20K (or the same layout) into an nnU-Net raw dataset")
     p.add_argument("source", metavar="PCLT20K_DIR")
     p.add_argument("-d", dest="dataset_id", type=int, required=True, help="nnU-Net dataset ID")
@@ -100,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     p.add_argument("--normalization", choices=("rgb", "ct"), default="rgb",
                    help="rgb: fixed /255 (rgb_to_0_1, default); ct: nnU-Net's CT scheme")
+    p.add_argument("--high-bit-depth", choices=BIT_DEPTH_POLICIES, default="shift",
+                   help="16-bit CT/PET PNGs: shift (default) maps every slice of a modality to 8 bits with one right "
+                        "shift from the dataset-wide bit depth; refuse rejects values above 255")
+    p.add_argument("--val-list", choices=VAL_LIST_POLICIES, default="refuse",
+                   help="a val.txt beside train.txt: refuse (default) stops with an error; merge converts its slices "
+                        "as training slices (nnU-Net validates on the patient-level folds)")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("evaluate", help="CIPA-protocol and patient-level metrics of a prediction folder")

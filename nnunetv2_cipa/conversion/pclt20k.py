@@ -1,0 +1,234 @@
+"""PCLT20K (``<root>/<patient>/<id>_{CT,PET,mask}.png`` + ``train.txt`` / ``test.txt``) -> nnU-Net v2 raw dataset.
+
+Output ``$nnUNet_raw/Dataset{ID:03d}_{name}/``: ``imagesTr/{id}_0000.png`` = CT, ``{id}_0001.png`` = PET (8-bit
+grayscale), ``labelsTr/{id}.png`` = 0/1; test.txt slices go to ``imagesTs`` / ``labelsTs``; ``dataset.json`` (with
+the 8-bit scale of each modality under "source_bit_depth"); a patient-grouped ``splits_final.json`` (nnU-Net's
+planner copies it from raw to preprocessed; it is also written to ``$nnUNet_preprocessed/Dataset.../`` when that
+folder exists).
+
+Everything is checked before the dataset appears, and every problem is reported in one run: the lists and the files
+they name (``source``), each slice's pixels (``slices``). The dataset is built in a staging folder under a lock per
+dataset ID and published in one step (``staging``); the source tree is only read.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from nnunetv2_cipa.cases import patient_of
+from nnunetv2_cipa.conversion import BIT_DEPTH_POLICIES, VAL_LIST_POLICIES
+from nnunetv2_cipa.conversion.slices import (ModalityScale, SliceResult, SliceTask, convert_slice, decide_scales,
+                                             scale_tasks, write_scaled)
+from nnunetv2_cipa.conversion.source import locate_files, read_source_lists
+from nnunetv2_cipa.conversion.staging import (DatasetLock, publish, recover_interrupted, sigterm_as_interrupt,
+                                              staging_folder, stop_point, worker_init)
+from nnunetv2_cipa.errors import InputError
+from nnunetv2_cipa.paths import NNUNET_FOLDERS, output_folder, required_folder, write_text_atomically
+
+CHANNEL_NAMES = {"rgb": "rgb_to_0_1", "ct": "CT"}  # nnU-Net picks the normalisation from the (casefolded) name
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion wrote: the dataset folder, slice IDs per split, tumour slices, image sizes, the 8-bit scale
+    of each modality, and notes (lists read, slices merged, leftovers of interrupted runs cleaned up)."""
+    folder: Path
+    train_ids: list[str]
+    test_ids: list[str]
+    tumour_slices: set[str]
+    sizes: list[str]
+    folds: int
+    scales: dict[str, ModalityScale]
+    notes: list[str] = field(default_factory=list)
+
+
+def patient_folds(case_ids: list[str], folds: int, seed: int) -> list[dict[str, list[str]]]:
+    """nnU-Net splits_final.json content: ``folds`` entries {"train": [...], "val": [...]} grouped by exact patient ID.
+    Patients are shuffled with ``seed``, sorted by slice count (descending, stable), and each goes to the fold that
+    has the fewest slices so far (lowest index on ties)."""
+    by_patient: dict[str, list[str]] = {}
+    for case in case_ids:
+        by_patient.setdefault(patient_of(case), []).append(case)
+    if len(by_patient) < folds:
+        raise InputError(f"{len(by_patient)} training patients cannot fill {folds} folds (--folds)")
+    patients = sorted(by_patient)
+    random.Random(seed).shuffle(patients)
+    patients.sort(key=lambda p: -len(by_patient[p]))
+    fold_cases: list[list[str]] = [[] for _ in range(folds)]
+    for patient in patients:
+        smallest = min(range(folds), key=lambda k: len(fold_cases[k]))
+        fold_cases[smallest].extend(by_patient[patient])
+    return [{"train": sorted(c for k, cases in enumerate(fold_cases) if k != fold for c in cases),
+             "val": sorted(fold_cases[fold])} for fold in range(folds)]
+
+
+def _check_arguments(source: Path, dataset_id: int, name: str, folds: int, num_processes: int, normalization: str,
+                     high_bit_depth: str, val_list: str) -> None:
+    if not source.is_dir():
+        raise InputError(f"{source}: source folder does not exist")
+    if not 1 <= int(dataset_id) <= 999:
+        raise InputError(f"dataset ID must be in 1..999, got {dataset_id}")
+    if not NAME.fullmatch(name):
+        raise InputError(f"dataset name {name!r} must be 1-200 letters, digits, '.', '_' or '-'")
+    if folds < 2:
+        raise InputError(f"--folds must be >= 2, got {folds}")
+    if num_processes < 1:
+        raise InputError(f"-np must be >= 1, got {num_processes}")
+    for option, value, choices in (("--normalization", normalization, CHANNEL_NAMES),
+                                   ("--high-bit-depth", high_bit_depth, BIT_DEPTH_POLICIES),
+                                   ("--val-list", val_list, VAL_LIST_POLICIES)):
+        if value not in choices:
+            raise InputError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def check_dataset_id(dataset_id: int, target: Path, overwrite: bool) -> None:
+    """InputError if the ID is taken by another dataset name in nnUNet_raw, _preprocessed or _results (nnU-Net then
+    refuses the ID), or if ``target`` exists and ``overwrite`` is off."""
+    clashes = []
+    for variable in NNUNET_FOLDERS:
+        folder = Path(os.environ[variable]) if os.environ.get(variable) else None
+        if folder is not None and folder.is_dir():
+            clashes += [f"{p} ({variable})" for p in sorted(folder.glob(f"Dataset{dataset_id:03d}_*"))
+                        if p.is_dir() and p.name != target.name]
+    if clashes:
+        raise InputError(f"dataset ID {dataset_id} is already used by another dataset: {', '.join(clashes)}; remove "
+                         "it or pick another -d")
+    if target.exists() and not overwrite:
+        raise InputError(f"{target}: already exists (pass --overwrite to replace it)")
+
+
+def source_problems(problems: list[str]) -> InputError:
+    """One error listing every problem found in the source."""
+    return InputError(f"{len(problems)} problem(s) in the source; nothing was written:\n  - " + "\n  - ".join(problems))
+
+
+def _run_pool(function, tasks: list, num_processes: int, desc: str, stop_after_first: str | None = None) -> list:
+    """[function(task) for task in tasks] (in any order) over ``num_processes`` spawned workers, with a progress bar;
+    ``stop_after_first`` names the test-hook point reached after the first result."""
+    bar = dict(total=len(tasks), desc=desc, unit="file" if desc.startswith("writing") else "slice", smoothing=0.05)
+    results = []
+    if num_processes == 1:
+        iterator = map(function, tasks)
+        for result in tqdm(iterator, **bar):
+            results.append(result)
+            if stop_after_first and len(results) == 1:
+                stop_point(stop_after_first)
+        return results
+    chunksize = max(1, min(64, len(tasks) // (num_processes * 8)))
+    with multiprocessing.get_context("spawn").Pool(num_processes, initializer=worker_init,
+                                                   initargs=(os.getpid(),)) as pool:
+        for result in tqdm(pool.imap_unordered(function, tasks, chunksize=chunksize), **bar):
+            results.append(result)
+            if stop_after_first and len(results) == 1:
+                stop_point(stop_after_first)
+    return results
+
+
+def _convert_slices(slices: dict[str, dict[str, Path]], test_ids: set[str], work: Path, num_processes: int,
+                    high_bit_depth: str, problems: list[str]) -> tuple[list[SliceResult], dict[str, ModalityScale]]:
+    """Every slice written into ``work``; InputError listing ``problems`` and all the slices' own ones, if any."""
+    tasks = {}
+    for slice_id, files in slices.items():
+        suffix = "Ts" if slice_id in test_ids else "Tr"
+        tasks[slice_id] = SliceTask(slice_id, files, work / f"images{suffix}", work / f"labels{suffix}")
+    for folder in {t.images_dir for t in tasks.values()} | {t.labels_dir for t in tasks.values()}:
+        folder.mkdir()
+    results = _run_pool(convert_slice, list(tasks.values()), num_processes, "converting slices", "converting")
+    problems = problems + [p for r in results for p in r.problems]
+    scales, scale_problems = decide_scales(tasks, [r for r in results if not r.problems], high_bit_depth)
+    problems += scale_problems
+    deferred = [] if problems else scale_tasks(tasks, results, scales)
+    if deferred:
+        problems += [p for p in _run_pool(write_scaled, deferred, num_processes, "writing 16-bit slices") if p]
+    if problems:
+        raise source_problems(problems)
+    return results, scales
+
+
+def _write_metadata(folder: Path, source: Path, name: str, normalization: str, num_training: int,
+                    num_test: int, splits: list, scales: dict[str, ModalityScale], policy: str) -> None:
+    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+
+    channel = CHANNEL_NAMES[normalization]
+    bit_depth = {"policy": policy, **{kind: {"bits": s.bits, "right_shift": s.right_shift,
+                                            "files_16_bit": s.files_16_bit} for kind, s in scales.items()}}
+    try:
+        generate_dataset_json(
+            str(folder), channel_names={"0": channel, "1": channel}, labels={"background": 0, "tumor": 1},
+            num_training_cases=num_training, file_ending=".png", dataset_name=name,
+            overwrite_image_reader_writer="NaturalImage2DIO",
+            description=f"PET-CT lung tumour slices converted from the PCLT20K layout at {source} by nnunetv2-cipa "
+                        "(_0000 = CT, _0001 = PET, label 1 = tumour; splits_final.json groups folds by patient)",
+            reference="PCLT20K, CIPA (CVPR 2025), https://github.com/mj129/CIPA",
+            license="see the PCLT20K terms of use", converted_by="nnunetv2_cipa convert",
+            channel_roles={"0": "CT", "1": "PET"}, numTest=num_test, source_bit_depth=bit_depth)
+    except OSError as e:
+        raise InputError(f"{folder / 'dataset.json'}: cannot write ({e.strerror or e})") from e
+    write_text_atomically(folder / "splits_final.json", json.dumps(splits, indent=1))
+
+
+def convert_pclt20k(source, dataset_id: int, name: str = "PCLT20K", folds: int = 5, seed: int = 12345,
+                    num_processes: int = 1, overwrite: bool = False, normalization: str = "rgb",
+                    high_bit_depth: str = "shift", val_list: str = "refuse") -> ConversionReport:
+    """Convert a PCLT20K tree into ``$nnUNet_raw/Dataset{ID:03d}_{name}``. ``high_bit_depth``: BIT_DEPTH_POLICIES
+    (see ``slices``); ``val_list``: what to do with a val.txt ("merge" into training, or "refuse")."""
+    source = Path(source)
+    _check_arguments(source, dataset_id, name, folds, num_processes, normalization, high_bit_depth, val_list)
+    raw = output_folder(required_folder("nnUNet_raw"), "nnUNet_raw folder")
+    target = raw / f"Dataset{dataset_id:03d}_{name}"
+    with sigterm_as_interrupt(), DatasetLock(raw, dataset_id):
+        try:
+            notes = recover_interrupted(raw, dataset_id)
+        except OSError as e:
+            raise InputError(f"{e.filename}: cannot clean up after an interrupted conversion ({e.strerror})") from e
+        check_dataset_id(dataset_id, target, overwrite)
+        lists = read_source_lists(source, val_list)
+        slices, missing = locate_files(source, lists)
+        if lists.problems:
+            raise source_problems(lists.problems + missing)
+        splits = patient_folds(lists.train, folds, seed)
+        work = staging_folder(raw, target.name)
+        try:
+            results, scales = _convert_slices(slices, set(lists.test), work, num_processes, high_bit_depth, missing)
+            _write_metadata(work, source, name, normalization, len(lists.train), len(lists.test), splits, scales,
+                            high_bit_depth)
+            try:
+                publish(work, target)
+            except OSError as e:
+                raise InputError(f"{target}: cannot move the converted dataset into place ({e})") from e
+        finally:
+            if work.exists():
+                shutil.rmtree(work, ignore_errors=True)
+    preprocessed = os.environ.get("nnUNet_preprocessed")
+    if preprocessed and (Path(preprocessed) / target.name).is_dir():
+        write_text_atomically(Path(preprocessed) / target.name / "splits_final.json", json.dumps(splits, indent=1))
+    return ConversionReport(folder=target, train_ids=lists.train, test_ids=lists.test,
+                            tumour_slices={r.slice_id for r in results if r.has_tumour},
+                            sizes=sorted({f"{r.shape[1]}x{r.shape[0]}" for r in results}), folds=folds, scales=scales,
+                            notes=notes + lists.notes)
+
+
+def format_summary(report: ConversionReport) -> str:
+    """Human-readable conversion summary: patients, slices per split, tumour-slice fraction, image sizes, scales."""
+    lines = [f"wrote {report.folder}"]
+    for split, ids in (("train", report.train_ids), ("test", report.test_ids)):
+        if ids:
+            with_tumour = len(report.tumour_slices.intersection(ids))
+            lines.append(f"  {split:5s}: {len({patient_of(i) for i in ids}):5d} patients {len(ids):7d} slices, "
+                         f"{with_tumour / len(ids):.1%} with tumour")
+    lines.append(f"  image size: {', '.join(report.sizes)}; {report.folds} patient-level folds in splits_final.json")
+    high = [f"{kind}: {s.files_16_bit} 16-bit file(s), values within {s.bits} bits, every {kind} slice shifted "
+            f"right by {s.right_shift} bit(s)" for kind, s in report.scales.items() if s.files_16_bit]
+    lines += ["  16-bit sources (one scale per modality): " + "; ".join(high)] if high else []
+    lines += [f"  note: {note}" for note in report.notes]
+    return "\n".join(lines)

@@ -1,0 +1,197 @@
+"""Exclusive, crash-safe writing of one dataset folder in ``$nnUNet_raw`` (POSIX).
+
+- ``DatasetLock``: an ``flock`` on ``$nnUNet_raw/.DatasetXXX.lock``, one per dataset ID whatever the name. The kernel
+  releases it when its process dies, however it dies; a second conversion of the ID fails at once.
+- A dataset is built in a hidden staging folder ``.DatasetXXX_Name.tmp-<token>`` beside its final place and
+  ``publish``-ed only when complete. Where the OS can (Linux: ``renameat2(RENAME_EXCHANGE)``), the new folder and the
+  old one swap names atomically, so one complete dataset is visible under the name at every instant. Elsewhere the
+  old folder is first renamed to ``.DatasetXXX_Name.old-<token>``; a crash between the two renames leaves that pair,
+  and ``recover_interrupted`` completes the replacement at the next run.
+- ``recover_interrupted`` runs under the lock, so every staging folder of the ID it finds belongs to a dead run.
+- ``sigterm_as_interrupt``: SIGTERM (``kill``, SLURM, docker) raises KeyboardInterrupt as SIGINT does, so the same
+  clean-up runs.
+
+Test hook: with ``NNUNETV2_CIPA_CONVERT_STOP_AT=<point>`` the converter stops itself (SIGSTOP) at that point
+("converting": after the first slice, "swap": inside ``publish``), so that a test can kill it there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+from nnunetv2_cipa.errors import InputError
+
+STOP_AT_ENV = "NNUNETV2_CIPA_CONVERT_STOP_AT"
+AT_FDCWD, RENAME_EXCHANGE, PR_SET_PDEATHSIG = -100, 2, 1
+UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def stop_point(name: str) -> None:
+    """Test hook: SIGSTOP this process when NNUNETV2_CIPA_CONVERT_STOP_AT names ``name``."""
+    if os.environ.get(STOP_AT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where SIGINT raises KeyboardInterrupt."""
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """Within the block (main thread only), SIGTERM raises Terminated, a KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise Terminated(f"terminated by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def worker_init(parent_pid: int) -> None:
+    """Pool-worker set-up: Ctrl-C is the parent's to handle, and the worker dies with the parent (Linux), so that no
+    orphan keeps writing into a staging folder that the next run removes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+class DatasetLock:
+    """Exclusive lock of one dataset ID in ``raw`` for the ``with`` block; InputError at once if another process
+    holds it. The lock file is removed on release (a new holder checks that it locked the file still in place)."""
+
+    def __init__(self, raw: Path, dataset_id: int):
+        self.path = raw / f".Dataset{dataset_id:03d}.lock"
+        self.dataset_id = dataset_id
+        self.fd: int | None = None
+
+    def __enter__(self) -> DatasetLock:
+        while self.fd is None:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise InputError(f"{self.path}: cannot create the lock file in nnUNet_raw ({e.strerror or e})") from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise InputError(f"{self.path}: cannot lock ({e.strerror or e})") from e
+                raise InputError(f"dataset ID {self.dataset_id}: another conversion (process {holder}) is writing "
+                                 f"it right now (lock {self.path}); wait for it or pick another -d") from None
+            try:
+                in_place = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                in_place = False
+            if in_place:
+                self.fd = fd
+            else:  # the previous holder removed the file between our open and our lock: lock the new one
+                os.close(fd)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
+
+
+def staging_folder(raw: Path, name: str) -> Path:
+    """A new hidden ``.NAME.tmp-<token>`` folder in ``raw``, with the permissions of a folder made by mkdir."""
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=raw))
+    except OSError as e:
+        raise InputError(f"{raw}: cannot create a folder in nnUNet_raw ({e.strerror or e})") from e
+    umask = os.umask(0o022)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    return folder
+
+
+def _leftovers(raw: Path, dataset_id: int, kind: str) -> list[tuple[Path, str, str]]:
+    """(path, dataset folder name, token) of the ``.DatasetXXX_*.{kind}-<token>`` entries in ``raw``."""
+    pattern = re.compile(rf"^\.(Dataset{dataset_id:03d}_.+)\.{kind}-(\w+)$")
+    with os.scandir(raw) as entries:
+        matches = [pattern.match(entry.name) for entry in entries]
+    return sorted((raw / m.group(0), m.group(1), m.group(2)) for m in matches if m)
+
+
+def recover_interrupted(raw: Path, dataset_id: int) -> list[str]:
+    """Under the dataset's lock: complete a replacement a dead run left half done (its old copy renamed aside: the
+    staged copy of the same token is complete) and remove every staging folder of dead runs. Returns notes."""
+    notes = []
+    for old, name, token in _leftovers(raw, dataset_id, "old"):
+        target, staged = raw / name, raw / f".{name}.tmp-{token}"
+        if not target.exists():
+            source = staged if staged.is_dir() else old
+            os.rename(source, target)
+            notes.append(f"{target}: {'completed' if source == staged else 'undid'} the replacement an interrupted "
+                         "conversion left half done")
+        if old.exists():
+            shutil.rmtree(old)
+    for staged, _, _ in _leftovers(raw, dataset_id, "tmp"):
+        shutil.rmtree(staged)
+        notes.append(f"removed {staged.name}, left in {raw} by an interrupted conversion")
+    return notes
+
+
+@lru_cache(maxsize=1)
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if function is not None:
+        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return function
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap the names of ``a`` and ``b`` atomically; False where the OS or file system cannot."""
+    function = _renameat2()
+    if function is None:
+        return False
+    if function(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in UNSUPPORTED:
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def publish(staged: Path, target: Path) -> None:
+    """Give the complete folder ``staged`` the name ``target``, replacing an existing ``target``; ``staged`` is gone
+    afterwards."""
+    if not target.exists():
+        os.rename(staged, target)
+        return
+    if exchange(staged, target):
+        stop_point("swap")
+        shutil.rmtree(staged)  # now the old dataset
+        return
+    stem, _, token = staged.name.rpartition(".tmp-")
+    old = staged.with_name(f"{stem}.old-{token}")
+    os.rename(target, old)
+    stop_point("swap")
+    os.rename(staged, target)
+    shutil.rmtree(old)
