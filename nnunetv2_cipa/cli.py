@@ -25,10 +25,12 @@ def _cmd_ext_path(args) -> int:
 
 
 def _cmd_synth(args) -> int:
-    from nnunetv2_cipa.synthetic import generate_pclt20k_like
+    from nnunetv2_cipa.synthetic import generate_pclt20k_like, save_example_figure
 
     summary = generate_pclt20k_like(args.out_dir, patients=args.patients, slices=args.slices, size=args.size,
                                     test_patients=args.test_patients, seed=args.seed, overwrite=args.overwrite)
+    if args.example_figure:
+        summary["example_figure"] = str(save_example_figure(args.example_figure, seed=args.seed, size=args.size))
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -95,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-patients", type=int, default=4, help="test patients (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty OUT_DIR")
+    p.add_argument("--example-figure", metavar="PNG", help="also draw CT, PET, mask and objects of three example "
+                   "slices (same --seed and --size) into PNG; the defaults give docs/figures/synthetic_example.png")
     p.set_defaults(func=_cmd_synth)
 
     from nnunetv2_cipa.conversion import BIT_DEPTH_POLICIES, VAL_LIST_POLICIES

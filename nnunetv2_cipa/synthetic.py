@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from scipy.ndimage import gaussian_filter, shift
 
 from nnunetv2_cipa.errors import InputError
+from nnunetv2_cipa.png_io import write_png
 
 # 8-bit intensities of the (already windowed) CT and of the (already SUV-clipped) PET.
 CT_LUNG, CT_FAT, CT_SOFT, CT_NODULE, CT_HEART, CT_BONE, CT_VESSEL = 14, 72, 104, 128, 118, 232, 112
@@ -246,24 +246,29 @@ def generate_patient(seed: int, index: int, slices: int, size: int, tumor_free_f
     return [render_slice(anatomy, z, rng) for z in range(slices)]
 
 
-def save_png(array: np.ndarray, path: Path, compress_level: int = 1) -> None:
-    """Write a (H, W) uint8 array as 8-bit grayscale PNG."""
-    Image.fromarray(array, mode="L").save(path, compress_level=compress_level)
+@dataclass(frozen=True)
+class PatientTask:
+    """Pool task: write patient ``index`` (ID ``patient``) of the dataset of ``seed`` into ``out_dir/patient``."""
+    out_dir: Path
+    seed: int
+    patient: str
+    index: int
+    slices: int
+    size: int
+    tumor_free_fraction: float
 
 
-def _write_patient(task: tuple[Path, int, str, int, int, int, float]) -> dict:
-    out_dir, seed, pid, index, slices, size, tumor_free_fraction = task
-    folder = out_dir / pid
+def _write_patient(task: PatientTask) -> dict:
+    folder = task.out_dir / task.patient
     folder.mkdir()
     counts = {"tumor": 0, "benign": 0, "physiological": 0}
-    for z, sl in enumerate(generate_patient(seed, index, slices, size, tumor_free_fraction)):
-        stem = folder / f"{pid}_{z:03d}"
-        save_png(sl.ct, Path(f"{stem}_CT.png"))
-        save_png(sl.pet, Path(f"{stem}_PET.png"))
-        save_png(sl.mask, Path(f"{stem}_mask.png"))
+    for z, sl in enumerate(generate_patient(task.seed, task.index, task.slices, task.size, task.tumor_free_fraction)):
+        stem = f"{task.patient}_{z:03d}"
+        for kind, pixels in (("CT", sl.ct), ("PET", sl.pet), ("mask", sl.mask)):
+            write_png(folder / f"{stem}_{kind}.png", pixels)
         for kind in counts:
             counts[kind] += bool(getattr(sl, kind).any())
-    return {"patient": pid, "tumor_slices": counts["tumor"], "slices_with": counts}  # mask == tumour
+    return {"patient": task.patient, "tumor_slices": counts["tumor"], "slices_with": counts}  # mask == tumour
 
 
 def generate_pclt20k_like(out_dir, patients: int = 20, slices: int = 8, size: int = 128, test_patients: int = 4,
@@ -283,10 +288,11 @@ def generate_pclt20k_like(out_dir, patients: int = 20, slices: int = 8, size: in
     out_dir.mkdir(parents=True, exist_ok=True)
 
     total = patients + test_patients
-    tasks = [(out_dir, seed, patient_id(i, total), i, slices, size, tumor_free_fraction) for i in range(total)]
-    for pid in (t[2] for t in tasks):
-        if (out_dir / pid).exists():
-            raise InputError(f"{out_dir / pid}: already exists")
+    tasks = [PatientTask(out_dir, seed, patient_id(i, total), i, slices, size, tumor_free_fraction)
+             for i in range(total)]
+    for task in tasks:
+        if (out_dir / task.patient).exists():
+            raise InputError(f"{out_dir / task.patient}: already exists")
     if num_processes == 1:
         results = [_write_patient(t) for t in tasks]
     else:

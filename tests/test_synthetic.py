@@ -21,27 +21,42 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 def test_layout_and_summary(tmp_path):
+    """The layout, and a summary whose every count is what the files (and the generator's ground truth) hold."""
     summary = generate_pclt20k_like(tmp_path / "data", patients=3, slices=4, size=64, test_patients=2, seed=1)
     root = tmp_path / "data"
-    json.dumps(summary)
-    train = (root / "train.txt").read_text().splitlines()
-    test = (root / "test.txt").read_text().splitlines()
-    assert len(train) == 12 and len(test) == 8
-    assert {i.split("_")[0] for i in train}.isdisjoint({i.split("_")[0] for i in test})
-    tumour_slices = 0
-    for slice_id in train + test:
-        patient, slice_no = slice_id.split("_")
-        assert patient.startswith("P") and len(slice_no) == 3
-        arrays = {}
-        for kind in ("CT", "PET", "mask"):
-            with Image.open(root / patient / f"{slice_id}_{kind}.png") as image:
-                assert image.mode == "L" and image.size == (64, 64)
-                arrays[kind] = np.asarray(image)
-        assert set(np.unique(arrays["mask"])) <= {0, 255}
-        tumour_slices += bool(arrays["mask"].any())
-    assert summary["train"] == {"patients": 3, "slices": 12, "tumor_slices": summary["train"]["tumor_slices"]}
-    assert summary["train"]["tumor_slices"] + summary["test"]["tumor_slices"] == tumour_slices
-    assert summary["tumor_slice_fraction"] == pytest.approx(tumour_slices / 20, abs=1e-4)
+    assert json.loads(json.dumps(summary)) == summary
+    assert sorted(p.name for p in root.iterdir()) == ["P0001", "P0002", "P0003", "P0004", "P0005", "test.txt",
+                                                      "train.txt"]
+    written = {}
+    for split in ("train", "test"):
+        ids = (root / f"{split}.txt").read_text().splitlines()
+        tumour_slices = 0
+        for slice_id in ids:
+            patient, slice_no = slice_id.split("_")
+            assert patient.startswith("P") and len(slice_no) == 3
+            arrays = {}
+            for kind in ("CT", "PET", "mask"):
+                with Image.open(root / patient / f"{slice_id}_{kind}.png") as image:
+                    assert image.mode == "L" and image.size == (64, 64)
+                    arrays[kind] = np.asarray(image)
+            assert set(np.unique(arrays["mask"])) <= {0, 255}
+            tumour_slices += bool(arrays["mask"].any())
+        written[split] = {"patients": len({i.split("_")[0] for i in ids}), "slices": len(ids),
+                          "tumor_slices": tumour_slices}
+    assert sum(1 for _ in root.glob("*/*.png")) == 3 * 20
+    assert summary["train"] == written["train"] == {"patients": 3, "slices": 12,
+                                                    "tumor_slices": written["train"]["tumor_slices"]}
+    assert summary["test"] == written["test"] and written["test"]["slices"] == 8
+    assert {i.split("_")[0] for i in (root / "train.txt").read_text().split()}.isdisjoint(
+        i.split("_")[0] for i in (root / "test.txt").read_text().split())
+    tumour = written["train"]["tumor_slices"] + written["test"]["tumor_slices"]
+    assert summary["tumor_slice_fraction"] == round(tumour / 20, 4)
+    truth = [s for index in range(5) for s in generate_patient(seed=1, index=index, slices=4, size=64)]
+    assert summary["slices_with"] == {kind: sum(bool(getattr(s, kind).any()) for s in truth)
+                                      for kind in ("tumor", "benign", "physiological")}
+    assert summary["slices_with"]["tumor"] == tumour
+    assert {k: summary[k] for k in ("out_dir", "size", "seed", "slices_per_patient")} == {
+        "out_dir": str(root), "size": 64, "seed": 1, "slices_per_patient": 4}
 
 
 def test_same_seed_same_bytes_different_seed_different(tmp_path):
@@ -116,3 +131,17 @@ def test_cli_synth(tmp_path):
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["test"]["slices"] == 2
     assert len((tmp_path / "d" / "train.txt").read_text().splitlines()) == 4
+
+
+def test_cli_synth_example_figure_reproduces_the_readme_figure(tmp_path):
+    """``synth --example-figure`` with the default --seed and --size draws docs/figures/synthetic_example.png."""
+    figure = tmp_path / "figure.png"
+    run = subprocess.run([sys.executable, "-m", "nnunetv2_cipa.cli", "synth", str(tmp_path / "d"), "--patients", "1",
+                          "--slices", "1", "--test-patients", "0", "--example-figure", str(figure)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["example_figure"] == str(figure)
+    readme_figure = Path(__file__).parents[1] / "docs" / "figures" / "synthetic_example.png"
+    with Image.open(figure) as new, Image.open(readme_figure) as old:
+        assert new.size == old.size == (640, 518)
+        assert np.array_equal(np.asarray(new), np.asarray(old))
