@@ -1,9 +1,9 @@
 """Load an ImageNet VMamba v0 checkpoint (e.g. vssmtiny_dp01_ckpt_epoch_292.pth) into CIPA's shared encoder.
 
-Old key names are mapped to ours (spec §2.7): ``patch_embed.proj/norm`` stay, ``layers.i.blocks.j.ln_1`` ->
-``stages.i.blocks.j.norm``, ``self_attention`` -> ``op``, ``layers.i.downsample`` -> ``downsamples.i``; the
-ImageNet classifier (``norm.*``, ``head.*``) is dropped. The RGB stem kernel (C, 3, p, p) is summed over its input
-channels: CIPA feeds each grayscale modality once, and conv(repeat(x, 3), W) == conv(x, W.sum(1)).
+Old key names are mapped to ours (docs/architecture.md, "Pretrained encoder"): ``patch_embed.proj/norm`` stay,
+``layers.i.blocks.j.ln_1`` -> ``stages.i.blocks.j.norm``, ``self_attention`` -> ``op``, ``layers.i.downsample`` ->
+``downsamples.i``; the ImageNet classifier (``norm.*``, ``head.*``) is dropped. The RGB stem kernel (C, 3, p, p) is
+summed over its input channels: CIPA feeds each grayscale modality once, and conv(repeat(x, 3), W) == conv(x, W.sum(1)).
 """
 
 from __future__ import annotations

@@ -1,38 +1,137 @@
-"""CIPA network: shapes for nnU-Net patch sizes, deep supervision, parameter counts, gradients, ablations."""
+"""CIPA network: the structure derived from CIPAConfig (grid of configs, exact output size, no silent crop), the
+official state-dict layout, deep supervision, the one-logit head, activation checkpointing, ablations."""
 
 from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.autograd.graph import saved_tensors_hooks
 
-from nnunetv2_cipa.errors import InputError
-from nnunetv2_cipa.modules.crm import ChannelRectification
-from nnunetv2_cipa.modules.dcim import RegionGlobalInteraction, window_partition, window_unpartition
-from nnunetv2_cipa.modules.ss2d import SS1D, SS2D, cross_scan_positions
-from nnunetv2_cipa.network import CIPA, DEEP_SUPERVISION_STRIDES, PRESETS
-from nnunetv2_cipa.ops.selective_scan import available_backends, selective_scan_reference
+from nnunetv2_cipa.modules.decoder import ChannelAttention
+from nnunetv2_cipa.network import CIPA, PRESETS
+
+OFFICIAL_KEYS = Path(__file__).parent / "data" / "official_cipa_tiny_keys.tsv"
+MICRO = PRESETS["micro"]
 
 
 def n_params(module) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
+def ds_size(size, stride):  # nnU-Net's DownsampleSegForDSTransform: round(s * 1/stride) per axis
+    return tuple(round(s / stride) for s in size)
+
+
 @pytest.mark.parametrize("patch", [(64, 64), (80, 80), (96, 96), (112, 112), (160, 96), (256, 256), (72, 40)])
 def test_output_shapes_with_and_without_deep_supervision(patch):
     torch.manual_seed(0)
     net = CIPA(3, patch, preset="micro", deep_supervision=True).eval()
+    assert net.deep_supervision_strides == (4, 8, 16)
     x = torch.rand(1, 2, *patch)
     with torch.no_grad():
         outputs = net(x)
         net.deep_supervision = False
         main = net(x)
-    assert isinstance(outputs, list) and len(outputs) == 1 + len(DEEP_SUPERVISION_STRIDES)
-    assert outputs[0].shape == (1, 3, *patch)
-    for aux, stride in zip(outputs[1:], DEEP_SUPERVISION_STRIDES):  # nnU-Net: round(s * 1/stride) per axis
-        assert aux.shape == (1, 3, *(round(s / stride) for s in patch))
-    assert isinstance(main, torch.Tensor)
+    assert [o.shape for o in outputs] == [(1, 3, *patch)] + [(1, 3, *ds_size(patch, s)) for s in (4, 8, 16)]
     torch.testing.assert_close(main, outputs[0])
+
+
+GRID = [dict(depths=depths, window=window, patch=patch)
+        for depths in ((1, 1, 1), (1, 2, 1, 1)) for window in (4, 8) for patch in (2, 4)]
+
+
+@pytest.mark.parametrize("fields", GRID, ids=lambda f: f"stages{len(f['depths'])}-w{f['window']}-p{f['patch']}")
+def test_config_grid_gives_the_input_size_without_a_silent_crop(fields):
+    """Every structure the table accepts: main and aux outputs of exactly nnU-Net's sizes for an odd patch, and a
+    locality probe: with the global paths off (memoryless mixer, no CRM, constant channel attention), the logit
+    change caused by changing an 8 x 8 block of the input must be centred on that block. A network whose output
+    grid is scaled against the input (e.g. a 2x too large map cropped to its top-left quarter) fails it."""
+    cfg = dataclasses.replace(MICRO, **fields)
+    size = (45, 61)
+    strides = cfg.deep_supervision_strides
+    assert strides == tuple(cfg.patch * 2 ** i for i in range(len(cfg.depths) - 1))
+    torch.manual_seed(0)
+    x = torch.rand(1, 2, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        outputs = CIPA(2, size, preset=cfg, deep_supervision=True).eval()(x)
+    assert [o.shape for o in outputs] == [(1, 2, *size)] + [(1, 2, *ds_size(size, s)) for s in strides]
+
+    local = CIPA(2, size, preset=cfg, use_crm=False, token_mixer="memoryless").eval()
+    for module in local.modules():
+        if isinstance(module, ChannelAttention):
+            torch.nn.init.zeros_(module.mlp[-1].weight)  # gain sigmoid(0) everywhere: no global pooling path
+    y = x.clone()
+    y[:, :, 12:20, 16:24] += 1.0  # block centre (15.5, 19.5); a 2x scaled output grid would put it at (31, 39)
+    with torch.no_grad():
+        weight = (local(y) - local(x)).abs().sum(1)[0] ** 2
+    rows, cols = torch.arange(size[0])[:, None], torch.arange(size[1])[None]
+    centre = ((weight * rows).sum() / weight.sum(), (weight * cols).sum() / weight.sum())
+    assert abs(centre[0] - 15.5) < 4 and abs(centre[1] - 19.5) < 4, centre
+    assert weight[12:20, 16:24].sqrt().mean() > 3 * weight.sqrt().mean()
+
+
+def test_config_derives_the_official_structure():
+    tiny = PRESETS["tiny"]
+    assert tiny.dims == (96, 192, 384, 768) and tiny.strides == (4, 8, 16, 32) and tiny.encoder_stride == 32
+    assert tiny.deep_supervision_strides == (4, 8, 16)
+    assert tiny.pet_stem_strides == (1, 2, 2, 1)
+    assert tiny.pet_stem_widths[0] == (96, 6, 12, 24, 96) and tiny.pet_stem_widths[3] == (768, 48, 96, 192, 768)
+    assert tiny.ct_stem_widths[1] == (192, 48, 192)
+    assert [len(r) for r in tiny.encoder_drop_paths] == [2, 2, 9, 2]
+    rates = tiny.decoder_drop_paths  # the official linspace(0, 0.1, 16): stage i takes slots 4i .. 4i+3
+    assert [pytest.approx(r, abs=5e-4) for r in rates] == [(0, 0.0067, 0.0133, 0.02), (0.0267, 0.0333, 0.04, 0.0467),
+                                                            (0.0533, 0.06, 0.0667, 0.0733)]
+    wide = dataclasses.replace(tiny, window=8, patch=2, depths=(2, 2, 2))
+    assert wide.pet_stem_strides == (1, 2, 2, 2, 1) and wide.pet_stem_widths[0] == (96, 6, 12, 24, 48, 96)
+    assert wide.strides == (2, 4, 8) and wide.deep_supervision_strides == (2, 4)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tiny.embed_dim = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("depths", (2,)), ("depths", (2, 0, 2)), ("embed_dim", 0), ("window", 6), ("patch", 3), ("d_conv", 4),
+    ("pet_stem_reduction", 32), ("ct_stem_reduction", 0), ("drop_path_rate", 1.0), ("ssm_ratio", 0.01),
+    ("decoder_depth", 1.5), ("checkpoint", 3),
+])
+def test_config_refuses_what_cannot_build_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"CIPAConfig\.{field}="):
+        dataclasses.replace(MICRO, **{field: value})
+
+
+def test_tiny_state_dict_has_the_official_keys_and_shapes():
+    """Every key of the official sigma_tiny model (tests/data) at its shape in ours (one-channel stem); our extra
+    keys are only the aux heads and DNA's ``all_modules`` aliases. The one-logit head gives the same layout."""
+    table = [line.split("\t") for line in OFFICIAL_KEYS.read_text().splitlines()[1:]]
+    expected = {ours: () if shape == "scalar" else tuple(int(s) for s in shape.split("x"))
+                for _, shape, _, ours in table}
+    expected["encoder.patch_embed.proj.weight"] = (96, 1, 4, 4)  # official 96x3x4x4, summed over RGB on import
+    with torch.device("meta"):
+        networks = [CIPA(1, (512, 512), preset="tiny"), CIPA(2, (512, 512), preset="tiny", binary_logit=True)]
+    for net in networks:
+        state = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        assert {k: state.get(k) for k in expected} == expected
+        extra = set(state) - set(expected)
+        assert all(k.startswith("decoder.aux_heads.") or ".all_modules." in k for k in extra)
+        assert sum(k.startswith("decoder.aux_heads.") for k in extra) == 9
+        assert state["decoder.head.weight"] == (1, 96, 1, 1)
+
+
+def test_tiny_parameter_counts_match_the_official_model():
+    official = {"encoder": 22_125_792, "crm": 2_404_356, "dcim": 18_252_450, "decoder": 11_789_600}
+    with torch.device("meta"):
+        net = CIPA(1, (512, 512), preset="tiny")
+    for name, expected in official.items():
+        assert abs(n_params(getattr(net, name)) - expected) / expected < 0.01, name
+    assert abs(n_params(net) - 54_572_198) / 54_572_198 < 0.01
+    # exact per-stage counts of the parts that are unchanged from the official code
+    assert [n_params(c) for c in net.crm] == [1_673_601, 469_377, 168_321, 93_057]
+    assert [n_params(d.interaction) for d in net.dcim] == [213_696, 685_440, 2_403_072, 8_934_912]
+    assert [n_params(d.ct_stem) + n_params(d.pet_stem) for d in net.dcim] == [71_406, 284_076, 1_133_208, 4_526_640]
+    assert n_params(net.encoder.stages[0].blocks[0]) == 105_408
 
 
 def test_state_dict_keys_do_not_depend_on_deep_supervision():
@@ -54,30 +153,42 @@ def test_smaller_input_is_padded_and_cropped_larger_is_rejected():
         net(torch.rand(1, 3, 96, 96))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"preset": "huge"}, "unknown preset"),
-    ({"ct_channel": 1, "pet_channel": 1}, "must differ"),
-    ({"pet_channel": 2}, "pet_channel=2"),
-    ({"patch_size": (64, 64, 64)}, "2D patch"),
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"preset": "huge"}, ValueError, "unknown preset"),
+    ({"preset": 3}, TypeError, "preset must be"),
+    ({"token_mixer": "attention"}, ValueError, "unknown token_mixer"),
+    ({"num_classes": 2.0}, TypeError, "num_classes must be an int"),
+    ({"num_classes": 3, "binary_logit": True}, ValueError, "exactly 2 with binary_logit"),
+    ({"ct_channel": 1, "pet_channel": 1}, ValueError, "must differ"),
+    ({"pet_channel": 2}, ValueError, "pet_channel=2"),
+    ({"patch_size": (64, 64, 64)}, ValueError, "2D patch"),
 ])
-def test_bad_constructor_arguments_raise_input_error(kwargs, message):
+def test_bad_constructor_arguments_raise_value_or_type_error(kwargs, error, message):
     args = {"num_classes": 1, "patch_size": (64, 64), "preset": "micro", **kwargs}
-    with pytest.raises(InputError, match=message):
+    with pytest.raises(error, match=message):
         CIPA(**args)
 
 
-def test_tiny_parameter_counts_match_the_official_model():
-    official = {"encoder": 22_125_792, "crm": 2_404_356, "dcim": 18_252_450, "decoder": 11_789_600}
-    with torch.device("meta"):
-        net = CIPA(1, (512, 512), preset="tiny")
-    for name, expected in official.items():
-        assert abs(n_params(getattr(net, name)) - expected) / expected < 0.01, name
-    assert abs(n_params(net) - 54_572_198) / 54_572_198 < 0.01
-    # exact per-stage counts of the parts that are unchanged from the official code
-    assert [n_params(c) for c in net.crm] == [1_673_601, 469_377, 168_321, 93_057]
-    assert [n_params(d.interaction) for d in net.dcim] == [213_696, 685_440, 2_403_072, 8_934_912]
-    assert [n_params(d.ct_stem) + n_params(d.pet_stem) for d in net.dcim] == [71_406, 284_076, 1_133_208, 4_526_640]
-    assert n_params(net.encoder.stages[0].blocks[0]) == 105_408
+def test_binary_logit_head_gives_two_class_logits_zero_and_z():
+    """binary_logit: one-channel heads; each output is [0, z] with z the logit a num_classes=1 network with the same
+    weights computes, so softmax channel 1 is sigmoid(z) and argmax is z > 0, at every deep-supervision level."""
+    torch.manual_seed(0)
+    net = CIPA(2, (72, 40), preset="micro", binary_logit=True, deep_supervision=True).eval()
+    single = CIPA(1, (72, 40), preset="micro", deep_supervision=True).eval()
+    single.load_state_dict(net.state_dict())
+    assert net.decoder.head.weight.shape == (1, 16, 1, 1)
+    assert all(h.conv.weight.shape[0] == 1 for h in net.decoder.aux_heads)
+    x = torch.rand(2, 2, 72, 40)
+    with torch.no_grad():
+        outputs, logits = net(x), single(x)
+    assert [o.shape for o in outputs] == [(2, 2, 72, 40)] + [(2, 2, *ds_size((72, 40), s)) for s in (4, 8, 16)]
+    for out, z in zip(outputs, logits):
+        assert torch.equal(out[:, :1], torch.zeros_like(z)) and torch.equal(out[:, 1:], z)
+        torch.testing.assert_close(out.softmax(1)[:, 1:], torch.sigmoid(z))
+        assert torch.equal(out.argmax(1, keepdim=True), (z > 0).long())
+    net.deep_supervision = False
+    with torch.no_grad():
+        assert net(x).shape == (2, 2, 72, 40)
 
 
 def test_every_parameter_receives_a_gradient_and_ssm_params_skip_weight_decay():
@@ -89,6 +200,49 @@ def test_every_parameter_receives_a_gradient_and_ssm_params_skip_weight_decay():
     assert missing == []
     no_decay = {n.rsplit(".", 1)[-1] for n, p in net.named_parameters() if getattr(p, "_no_weight_decay", False)}
     assert no_decay == {"A_logs", "Ds", "dt_projs_bias"}
+
+
+def checkpointing_run(enabled: bool):
+    """One float64 training step of micro (drop path on, deep supervision) at 32 x 32: loss, gradients, buffers,
+    bytes of the distinct storages autograd keeps after the forward, and the allocator's peak over fwd + bwd."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(MICRO, drop_path_rate=0.3, decoder_drop_path_rate=0.3)
+    net = CIPA(2, (32, 32), preset=cfg, deep_supervision=True).double().train()
+    net.activation_checkpointing = enabled
+    x = torch.rand(2, 2, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    torch.manual_seed(7)  # the DropPath masks
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        with saved_tensors_hooks(pack, lambda t: t):
+            outputs = net(x)
+        loss = sum((o * torch.cos(torch.arange(o.numel(), dtype=o.dtype)).view_as(o)).mean() for o in outputs)
+        loss.backward()
+    allocations = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                         key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in allocations:
+        live += event.nbytes()
+        peak = max(peak, live)
+    grads = {n: p.grad for n, p in net.named_parameters()}
+    return loss.detach(), grads, dict(net.named_buffers()), sum(kept.values()), peak
+
+
+def test_activation_checkpointing_gives_the_same_step_with_less_memory():
+    plain, ckpt = checkpointing_run(False), checkpointing_run(True)
+    torch.testing.assert_close(ckpt[0], plain[0], rtol=1e-12, atol=0)
+    assert plain[1].keys() == ckpt[1].keys() and all(g is not None for g in ckpt[1].values())
+    for name, grad in plain[1].items():
+        torch.testing.assert_close(ckpt[1][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+    assert any("running_mean" in n for n in plain[2])
+    for name, buffer in plain[2].items():  # BatchNorm statistics updated once, as without checkpointing
+        assert torch.equal(ckpt[2][name], buffer), name
+    assert ckpt[3] < 0.25 * plain[3], (ckpt[3], plain[3])
+    assert ckpt[4] < 0.8 * plain[4], (ckpt[4], plain[4])
 
 
 def test_ablation_flags_change_the_module_set():
@@ -110,11 +264,13 @@ def test_ablation_flags_change_the_module_set():
 def test_no_mamba_control_has_no_ssm_state_and_the_same_size():
     with torch.device("meta"):
         full = CIPA(1, (512, 512), preset="tiny")
-        control = CIPA(1, (512, 512), preset="tiny", use_mamba=False)
-    assert not any("A_logs" in k for k in control.state_dict())
-    assert abs(n_params(control) - n_params(full)) / n_params(full) < 0.01
+        control = CIPA(1, (512, 512), preset="tiny", token_mixer="memoryless")
+    keys = list(control.state_dict())
+    assert not any("A_logs" in k for k in keys)
+    assert keys == [k.replace("A_logs", "state_weight") for k in full.state_dict()]
+    assert n_params(control) == n_params(full)
     torch.manual_seed(0)
-    net = CIPA(1, (64, 64), preset="micro", use_mamba=False)
+    net = CIPA(1, (64, 64), preset="micro", token_mixer="memoryless")
     net(torch.rand(2, 2, 64, 64)).sum().backward()
     unused = {n for n, p in net.named_parameters() if p.grad is None}
     assert unused and all(n.startswith("decoder.aux_heads.") for n in unused)  # aux heads idle without DS
@@ -133,125 +289,22 @@ def test_fixed_seed_gives_identical_output_and_bf16_autocast_is_finite():
     assert torch.isfinite(out).all()
 
 
-def test_cross_scan_positions_are_the_four_vmamba_orders():
-    positions = cross_scan_positions(4, 5)  # H = 4, W = 5: position h*W + w
-    assert positions.shape == (4, 20) and positions.dtype == torch.int64
-    assert positions[0].tolist() == list(range(20))                                   # row-major
-    assert positions[1].tolist() == [h * 5 + w for w in range(5) for h in range(4)]   # column-major
-    assert positions[2].tolist() == positions[0].flip(0).tolist()
-    assert positions[3].tolist() == positions[1].flip(0).tolist()
-
-
-def official_ss2d(ssm: SS2D, x: torch.Tensor) -> torch.Tensor:
-    """SS2D written out the way the official VMamba code computes it (spec §2.3): explicit cross-scan copies,
-    per-direction einsum projections in scan order, the sequential reference scan, explicit cross-merge."""
-    batch, height, width, _ = x.shape
-    xi, z = ssm.in_proj(x).chunk(2, dim=-1)
-    xi = F.silu(ssm.conv2d(xi.permute(0, 3, 1, 2)))  # (B, D, H, W)
-    dim = xi.shape[1]
-    rows, cols = xi.flatten(2), xi.transpose(2, 3).flatten(2)
-    xs = torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)  # (B, 4, D, L)
-    x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, ssm.x_proj_weight)
-    dts, Bs, Cs = torch.split(x_dbl, [ssm.dt_rank, ssm.d_state, ssm.d_state], dim=2)
-    dts = torch.einsum("bkrl,kdr->bkdl", dts, ssm.dt_projs_weight)
-    y = selective_scan_reference(xs.flatten(1, 2), dts.flatten(1, 2), -torch.exp(ssm.A_logs), Bs, Cs, D=ssm.Ds,
-                                 delta_bias=ssm.dt_projs_bias.flatten(), delta_softplus=True).view(*xs.shape)
-    cols_merged = (y[:, 1] + y[:, 3].flip(-1)).view(batch, dim, width, height).transpose(2, 3).flatten(2)
-    y = y[:, 0] + y[:, 2].flip(-1) + cols_merged
-    y = ssm.out_norm(y.transpose(1, 2).reshape(batch, height, width, dim))
-    return ssm.out_proj(y * F.silu(z))
-
-
-@pytest.mark.parametrize("backend", [b for b in ("cpu", "torch") if b in available_backends()])
-@pytest.mark.parametrize("height, width, ssm_ratio", [(5, 7, 2.0), (6, 4, 1.5)])
-def test_ss2d_equals_the_official_cross_scan_formulation(monkeypatch, backend, height, width, ssm_ratio):
-    """Values and gradients of SS2D (position-order scan, no cross-scan copies) against the official formulation;
-    d_inner 16 and 12 (padded to the kernel's 16 lanes)."""
-    monkeypatch.setenv("NNUNETV2_CIPA_SCAN_BACKEND", backend)
+def test_autocast_dtype_fixes_the_precision_whatever_the_caller():
     torch.manual_seed(0)
-    ssm = SS2D(8, d_state=3, ssm_ratio=ssm_ratio).double()
+    x = torch.rand(1, 2, 64, 64)
+    nets = {dtype: CIPA(2, (64, 64), preset="micro", autocast_dtype=dtype).eval() for dtype in (torch.float32,
+                                                                                               torch.bfloat16)}
+    nets[torch.bfloat16].load_state_dict(nets[torch.float32].state_dict())
     with torch.no_grad():
-        ssm.A_logs.add_(torch.randn_like(ssm.A_logs) * 0.3)
-    x = torch.randn(2, height, width, 8, dtype=torch.float64, requires_grad=True)
-    results = []
-    for fn in (ssm, lambda t: official_ss2d(ssm, t)):
-        out = fn(x)
-        weight = torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out)
-        results.append((out, torch.autograd.grad((out * weight).sum(), [x, *ssm.parameters()])))
-    (ours, our_grads), (official, official_grads) = results
-    torch.testing.assert_close(ours, official, rtol=1e-9, atol=1e-10)
-    for name, g, g_ref in zip(["x"] + [n for n, _ in ssm.named_parameters()], our_grads, official_grads):
-        torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-9, msg=name)
-
-
-def test_ss1d_scans_the_tokens_in_order():
-    torch.manual_seed(0)
-    ssm = SS1D(8, d_state=3).double()
-    tokens = torch.randn(2, 11, 8, dtype=torch.float64)
-    with torch.no_grad():
-        x, z = F.silu(ssm.in_proj(tokens)).chunk(2, dim=-1)
-        u = x.transpose(1, 2)
-        x_dbl = torch.einsum("bdl,cd->bcl", u, ssm.x_proj_weight[0])
-        dts, Bs, Cs = torch.split(x_dbl, [ssm.dt_rank, ssm.d_state, ssm.d_state], dim=1)
-        y = selective_scan_reference(u, torch.einsum("brl,dr->bdl", dts, ssm.dt_projs_weight[0]),
-                                     -torch.exp(ssm.A_logs), Bs, Cs, D=ssm.Ds,
-                                     delta_bias=ssm.dt_projs_bias.flatten(), delta_softplus=True)
-        expected = ssm.out_proj(ssm.out_norm(y.transpose(1, 2)) * z)
-        torch.testing.assert_close(ssm(tokens), expected, rtol=1e-9, atol=1e-10)
-
-
-def test_window_partition_layout_and_roundtrip():
-    x = torch.randn(2, 8, 12, 3)
-    windows = window_partition(x, 4)
-    assert windows.shape == (2 * 2 * 3, 4, 4, 3)
-    torch.testing.assert_close(windows[3 + 2, 1, 3], x[0, 4 + 1, 8 + 3])  # window (1, 2), word (1, 3)
-    torch.testing.assert_close(window_unpartition(windows, 8, 12), x)
-
-
-def test_local_window_scan_does_not_leak_between_windows():
-    torch.manual_seed(0)
-    block = RegionGlobalInteraction(8, 4, d_state=2, ssm_ratio=1.0, d_conv=3, use_mamba=True)
-    words, tokens = torch.randn(6, 4, 4, 8), torch.randn(1, 2, 3, 8)
-    changed = words.clone()
-    changed[2] += 1.0
-    with torch.no_grad():
-        a, b = block(words, tokens), block(changed, tokens)
-    differs = (a - b).abs().flatten(1).amax(1) > 0
-    assert differs.tolist() == [False, False, True, False, False, False]
-
-
-def test_channel_rectification_is_a_per_channel_gain_between_one_and_two():
-    torch.manual_seed(0)
-    crm = ChannelRectification(4, 36, token_dim=8, d_state=2)
-    ct, pet = torch.rand(2, 4, 6, 6) + 0.5, torch.rand(2, 4, 6, 6) + 0.5
-    ct_out, pet_out = crm(ct, pet)
-    for out, inp in ((ct_out, ct), (pet_out, pet)):
-        gain = out / inp
-        assert ((gain > 1) & (gain < 2)).all()
-        torch.testing.assert_close(gain, gain[..., :1, :1].expand_as(gain))
-    with pytest.raises(ValueError, match="36 pixels"):
-        crm(torch.rand(1, 4, 5, 5), torch.rand(1, 4, 5, 5))
-
-
-def test_presets_are_frozen_and_tiny_is_faithful():
-    tiny = PRESETS["tiny"]
-    assert (tiny.embed_dim, tiny.depths, tiny.d_state, tiny.decoder_d_state) == (96, (2, 2, 9, 2), 16, 4)
-    assert (tiny.crm_token_dim, tiny.decoder_depth, tiny.drop_path_rate) == (96, 4, 0.0)
-    with pytest.raises(AttributeError):
-        tiny.embed_dim = 1  # type: ignore[misc]
-
-
-def test_no_mamba_mixer_is_the_scan_without_memory():
-    """With A -> -inf the selective scan forgets every previous state: it must equal the memoryless control."""
-    torch.manual_seed(0)
-    ssm = SS2D(8, d_state=3, ssm_ratio=1.0)
-    control = SS2D(8, d_state=3, ssm_ratio=1.0, use_mamba=False)
-    control.load_state_dict({k: v for k, v in ssm.state_dict().items() if k != "A_logs"}
-                            | {"state_weight": torch.ones_like(ssm.A_logs)})
-    with torch.no_grad():
-        ssm.A_logs.fill_(30.0)
-        x = torch.randn(2, 5, 6, 8)
-        torch.testing.assert_close(control(x), ssm(x), rtol=1e-4, atol=1e-5)
+        plain = nets[torch.float32](x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fixed = nets[torch.float32](x)
+        low = nets[torch.bfloat16](x)
+    assert fixed.dtype == torch.float32 and torch.equal(fixed, plain)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), plain, rtol=0.1, atol=0.1)
+    with pytest.raises(ValueError, match="autocast_dtype"):
+        CIPA(2, (64, 64), preset="micro", autocast_dtype=torch.int8)
 
 
 @pytest.mark.gpu

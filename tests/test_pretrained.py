@@ -42,9 +42,9 @@ def test_official_key_names_map_to_the_encoder():
 
 def test_tiny_checkpoint_layout_loads_into_the_network(tmp_path):
     cfg = PRESETS["tiny"]
-    encoder = VMambaEncoder(cfg.embed_dim, cfg.depths, cfg.d_state, cfg.ssm_ratio, cfg.d_conv, 0.0)
+    encoder = VMambaEncoder(cfg.dims, cfg.encoder_drop_paths, cfg.d_state, cfg.ssm_ratio, cfg.d_conv, cfg.patch)
     state = official_state_dict(encoder)
-    # shapes of the official VMamba-T v0 checkpoint (spec §2.3)
+    # shapes of the official VMamba-T v0 checkpoint (docs/architecture.md, "Shared VMamba encoder")
     assert state["patch_embed.proj.weight"].shape == (96, 3, 4, 4)
     assert state["layers.0.blocks.0.self_attention.x_proj_weight"].shape == (4, 38, 192)
     assert state["layers.3.blocks.1.self_attention.A_logs"].shape == (4 * 1536, 16)

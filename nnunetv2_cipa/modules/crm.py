@@ -1,4 +1,5 @@
-"""CRM: channel-wise rectification of CT and PET features by a Mamba over their channel tokens (spec §3)."""
+"""CRM: channel-wise rectification of CT and PET features by a Mamba over their channel tokens.
+See docs/architecture.md, "CRM"."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 from torch import nn
 
 from nnunetv2_cipa.modules.linear import Linear
-from nnunetv2_cipa.modules.ss2d import SS1D
+from nnunetv2_cipa.modules.ss2d import SS1D, SelectiveScanMixer, TokenMixer
 
 
 class ChannelRectification(nn.Module):
@@ -18,13 +19,13 @@ class ChannelRectification(nn.Module):
     """
 
     def __init__(self, channels: int, spatial_size: int, token_dim: int = 96, d_state: int = 16,
-                 use_mamba: bool = True):
+                 ssm_ratio: float = 2.0, mixer: type[TokenMixer] = SelectiveScanMixer):
         super().__init__()
         self.channels, self.spatial_size = channels, spatial_size
         self.spatial_norm = nn.LayerNorm(spatial_size)
         self.embed = Linear(spatial_size, token_dim)
         self.act = nn.GELU()
-        self.channel_ssm = SS1D(token_dim, d_state, use_mamba=use_mamba)
+        self.channel_ssm = SS1D(token_dim, d_state, ssm_ratio, mixer=mixer)
         self.token_norm = nn.LayerNorm(token_dim)
         self.to_weight = Linear(token_dim, 1)
 

@@ -1,4 +1,5 @@
-"""DCIM: dual-branch cross-modal interaction, CT words in 4x4 windows guided by one PET token per window (spec §4)."""
+"""DCIM, dynamic cross-modality interaction: CT words in w x w windows guided by one PET token per window.
+See docs/architecture.md, "DCIM"."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU
 from torch import nn
 
-from nnunetv2_cipa.modules.ss2d import SS2D
+from nnunetv2_cipa.modules.ss2d import SS2D, SelectiveScanMixer, TokenMixer
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> ConvDropoutNormReLU:
@@ -30,26 +31,18 @@ def window_unpartition(windows: torch.Tensor, height: int, width: int) -> torch.
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, channels)
 
 
-class CTWordStem(nn.Module):
-    """CT branch convs: (B, C, H, W) -> (B, C, H, W), Conv-BN-ReLU C -> C/4 -> C (output >= 0)."""
+class ConvStem(nn.Module):
+    """Conv-BN-ReLU layers from widths[j] to widths[j + 1] with strides[j], (B, widths[0], H, W) ->
+    (B, widths[-1], H / prod(strides), W / prod(strides)); the output is >= 0 (final ReLU).
 
-    def __init__(self, channels: int):
+    DCIM's CT stem is C -> C/r -> C at stride 1; its PET stem C -> C/16 (s1) -> C/8 (s2) -> C/4 (s2) -> C (s1) for
+    4 x 4 windows, one token per window (the widths and strides are derived in ``CIPAConfig``).
+    """
+
+    def __init__(self, widths: list[int], strides: list[int]):
         super().__init__()
-        self.convs = nn.Sequential(_conv_bn_relu(channels, channels // 4), _conv_bn_relu(channels // 4, channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.convs(x)
-
-
-class PETWindowStem(nn.Module):
-    """PET branch convs to one token per window: (B, C, H, W) -> (B, C, H/4, W/4),
-    Conv-BN-ReLU C -> C/16 -> C/8 (s2) -> C/4 (s2) -> C."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        widths = [channels, channels // 16, channels // 8, channels // 4, channels]
-        strides = [1, 2, 2, 1]
-        self.convs = nn.Sequential(*(_conv_bn_relu(widths[i], widths[i + 1], strides[i]) for i in range(4)))
+        self.convs = nn.Sequential(*(_conv_bn_relu(c_in, c_out, stride)
+                                     for c_in, c_out, stride in zip(widths[:-1], widths[1:], strides)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.convs(x)
@@ -63,12 +56,13 @@ class RegionGlobalInteraction(nn.Module):
     Each window's PET token is then added to all its words.
     """
 
-    def __init__(self, channels: int, window: int, d_state: int, ssm_ratio: float, d_conv: int, use_mamba: bool):
+    def __init__(self, channels: int, window: int, d_state: int, ssm_ratio: float, d_conv: int,
+                 mixer: type[TokenMixer] = SelectiveScanMixer):
         super().__init__()
         self.pet_norm = nn.LayerNorm(channels)
-        self.pet_ssm = SS2D(channels, d_state, ssm_ratio, d_conv, use_mamba)
+        self.pet_ssm = SS2D(channels, d_state, ssm_ratio, d_conv, mixer=mixer)
         self.ct_norm = nn.LayerNorm(window * window * channels)
-        self.ct_ssm = SS2D(channels, d_state, ssm_ratio, d_conv, use_mamba)
+        self.ct_ssm = SS2D(channels, d_state, ssm_ratio, d_conv, mixer=mixer)
 
     def forward(self, ct_words: torch.Tensor, pet_tokens: torch.Tensor) -> torch.Tensor:
         pet_tokens = pet_tokens + self.pet_ssm(self.pet_norm(pet_tokens))
@@ -79,18 +73,21 @@ class RegionGlobalInteraction(nn.Module):
 
 class DualCrossInteraction(nn.Module):
     """DCIM of one stage, (ct, pet) each (B, C, H, W) -> (B, C, H, W) =
-    ct_stem(ct) + window-local CT scan + nearest-x4 PET tokens after the global scan.
+    ct_stem(ct) + window-local CT scan + nearest-upsampled (x window) PET tokens after the global scan.
 
-    Maps whose sides are not multiples of the window are zero-padded at the bottom/right before the stems; the
-    padded pixels take part in the border windows and the PET stem and are cropped from the output.
+    ``ct_widths`` (C, C/r, C) and ``pet_widths`` / ``pet_strides`` (C ... C, strides multiplying to ``window``)
+    define the two stems. Maps whose sides are not multiples of the window are zero-padded at the bottom/right
+    before the stems; the padded pixels take part in the border windows and the PET stem and are cropped from the
+    output.
     """
 
-    def __init__(self, channels: int, window: int, d_state: int, ssm_ratio: float, d_conv: int, use_mamba: bool):
+    def __init__(self, window: int, ct_widths: list[int], pet_widths: list[int], pet_strides: list[int],
+                 d_state: int, ssm_ratio: float, d_conv: int, mixer: type[TokenMixer] = SelectiveScanMixer):
         super().__init__()
         self.window = window
-        self.ct_stem = CTWordStem(channels)
-        self.pet_stem = PETWindowStem(channels)
-        self.interaction = RegionGlobalInteraction(channels, window, d_state, ssm_ratio, d_conv, use_mamba)
+        self.ct_stem = ConvStem(ct_widths, [1] * (len(ct_widths) - 1))
+        self.pet_stem = ConvStem(pet_widths, pet_strides)
+        self.interaction = RegionGlobalInteraction(ct_widths[-1], window, d_state, ssm_ratio, d_conv, mixer)
 
     def forward(self, ct: torch.Tensor, pet: torch.Tensor) -> torch.Tensor:
         height, width = ct.shape[2:]

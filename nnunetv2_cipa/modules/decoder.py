@@ -1,4 +1,5 @@
-"""CIPA's Mamba decoder: PatchExpand, three up-stages of CVSS blocks with additive skips, x4 head (spec §5)."""
+"""CIPA's Mamba decoder: PatchExpand, up-stages of CVSS blocks with additive skips, upsampling head.
+See docs/architecture.md, "Decoder and heads"."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.regularization import DropPath
 from torch import nn
 
+from nnunetv2_cipa.modules.checkpointing import maybe_checkpoint
 from nnunetv2_cipa.modules.linear import Linear
-from nnunetv2_cipa.modules.ss2d import SS2D, linspace
+from nnunetv2_cipa.modules.ss2d import SS2D, SelectiveScanMixer, TokenMixer
 
 
 def _upsample2x(x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +52,8 @@ class ChannelAttention(nn.Module):
     def __init__(self, dim: int, squeeze: int):
         super().__init__()
         hidden = max(dim // squeeze, 1)
-        self.mlp = nn.Sequential(nn.Conv2d(dim, hidden, 1, bias=False), nn.SiLU(), nn.Conv2d(hidden, dim, 1, bias=False))
+        self.mlp = nn.Sequential(nn.Conv2d(dim, hidden, 1, bias=False), nn.SiLU(),
+                                 nn.Conv2d(hidden, dim, 1, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.mlp(x.mean(dim=(2, 3), keepdim=True)) + self.mlp(x.amax(dim=(2, 3), keepdim=True))
@@ -73,11 +76,11 @@ class CVSSBlock(nn.Module):
     """Decoder block on (B, H, W, C): x = in*scale1 + DropPath(SS2D(LN1 in)); out = CAB(LN2 x) + x*scale2."""
 
     def __init__(self, dim: int, d_state: int, ssm_ratio: float, d_conv: int, drop_path: float,
-                 cab_compress: int, cab_squeeze: int, use_mamba: bool):
+                 cab_compress: int, cab_squeeze: int, mixer: type[TokenMixer] = SelectiveScanMixer):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.scale1 = nn.Parameter(torch.ones(dim))
-        self.op = SS2D(dim, d_state, ssm_ratio, d_conv, use_mamba)
+        self.op = SS2D(dim, d_state, ssm_ratio, d_conv, mixer=mixer)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.scale2 = nn.Parameter(torch.ones(dim))
@@ -103,17 +106,21 @@ class DecoderUpStage(nn.Module):
         return x, (self.upsample(x) if self.upsample is not None else x)
 
 
-class FinalUpsampleX4(nn.Module):
-    """(Linear + bilinear x2) twice + LN, (B, H, W, C) -> (B, 4H, 4W, C)."""
+class FinalUpsample(nn.Module):
+    """(Linear + bilinear x2) log2(factor) times, then LN: (B, H, W, C) -> (B, factor*H, factor*W, C).
+    The linear layers are ``linear1``, ``linear2``, ... (for the stem patch 4: two of them)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, factor: int):
         super().__init__()
-        self.linear1 = Linear(dim, dim, bias=False)
-        self.linear2 = Linear(dim, dim, bias=False)
+        self._linears = [f"linear{j + 1}" for j in range(factor.bit_length() - 1)]
+        for name in self._linears:
+            self.add_module(name, Linear(dim, dim, bias=False))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(_upsample2x(self.linear2(_upsample2x(self.linear1(x)))))
+        for name in self._linears:
+            x = _upsample2x(getattr(self, name)(x))
+        return self.norm(x)
 
 
 class AuxHead(nn.Module):
@@ -129,40 +136,50 @@ class AuxHead(nn.Module):
 
 
 class CIPADecoder(nn.Module):
-    """Fused features [(B, C*2^i, H/2^(i+2), W/2^(i+2)) for i in 0..3] -> (logits (B, K, H, W),
-    aux logits at strides 4, 8, 16 as a list, or None when ``deep_supervision`` is False).
+    """Fused features [(B, dims[i], H / s_i, W / s_i) for each stage i], s_i = patch * 2**i ->
+    (logits (B, K, H, W), aux logits [(B, K, H / s_i, W / s_i) for i < last] or None without ``deep_supervision``).
 
-    The aux heads always exist (so state_dict keys do not depend on the flag); they read the up-stage outputs
-    before upsampling. Drop-path rates: linspace(0, drop_path_rate, 4*depth), the finest stage taking the first.
+    PatchExpand takes the deepest map up one stage; up-stage i (from the second-deepest stage to stage 0) adds the
+    skip, runs one CVSS block per rate in ``drop_paths[i]`` and, except at stage 0, upsamples x2; the head
+    normalises, upsamples by ``patch`` and applies a 1x1 convolution to K = ``out_channels``. The aux heads always
+    exist (so state_dict keys do not depend on the flag); head i reads up-stage i's output before upsampling. With
+    ``activation_checkpointing`` every up-stage and the head are recomputed in backward.
     """
 
-    def __init__(self, dims: list[int], num_classes: int, depth: int, d_state: int, ssm_ratio: float, d_conv: int,
-                 drop_path_rate: float, cab_compress: int, cab_squeeze: int, use_mamba: bool = True):
+    def __init__(self, dims: list[int], out_channels: int, drop_paths: list[list[float]], patch: int, d_state: int,
+                 ssm_ratio: float, d_conv: int, cab_compress: int, cab_squeeze: int,
+                 mixer: type[TokenMixer] = SelectiveScanMixer):
         super().__init__()
         self.deep_supervision = False
-        rates = linspace(0.0, drop_path_rate, 4 * depth)
+        self.activation_checkpointing = False
         block_kwargs = dict(d_state=d_state, ssm_ratio=ssm_ratio, d_conv=d_conv, cab_compress=cab_compress,
-                            cab_squeeze=cab_squeeze, use_mamba=use_mamba)
-        self.patch_expand = PatchExpand(dims[3])
-        self.stages = nn.ModuleList(
-            DecoderUpStage(dims[i], rates[i * depth:(i + 1) * depth], upsample=i > 0, **block_kwargs)
-            for i in (2, 1, 0))
+                            cab_squeeze=cab_squeeze, mixer=mixer)
+        up_stages = list(reversed(range(len(dims) - 1)))  # deepest skip first
+        self.patch_expand = PatchExpand(dims[-1])
+        self.stages = nn.ModuleList(DecoderUpStage(dims[i], drop_paths[i], upsample=i > 0, **block_kwargs)
+                                    for i in up_stages)
         self.norm_up = nn.LayerNorm(dims[0])
-        self.final_upsample = FinalUpsampleX4(dims[0])
-        self.head = nn.Conv2d(dims[0], num_classes, 1, bias=False)
-        self.aux_heads = nn.ModuleList(AuxHead(dims[i], num_classes) for i in range(3))
+        self.final_upsample = FinalUpsample(dims[0], patch)
+        self.head = nn.Conv2d(dims[0], out_channels, 1, bias=False)
+        self.aux_heads = nn.ModuleList(AuxHead(dim, out_channels) for dim in dims[:-1])
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
 
+    def _up_stage(self, stage: DecoderUpStage, x: torch.Tensor, skip: torch.Tensor):
+        return stage(x + skip.permute(0, 2, 3, 1))
+
+    def _output(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.final_upsample(self.norm_up(x)).permute(0, 3, 1, 2))
+
     def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        x = self.patch_expand(features[3].permute(0, 2, 3, 1))
-        stage_outputs = []
-        for stage, skip in zip(self.stages, (features[2], features[1], features[0])):
-            out, x = stage(x + skip.permute(0, 2, 3, 1))
+        ckpt = self.activation_checkpointing
+        x = self.patch_expand(features[-1].permute(0, 2, 3, 1))
+        stage_outputs = []  # stage order: deepest skip first
+        for stage, skip in zip(self.stages, reversed(features[:-1])):
+            out, x = maybe_checkpoint(ckpt, [stage], self._up_stage, stage, x, skip)
             stage_outputs.append(out)
-        logits = self.head(self.final_upsample(self.norm_up(x)).permute(0, 3, 1, 2))
+        logits = maybe_checkpoint(ckpt, [self.norm_up, self.final_upsample, self.head], self._output, x)
         if not self.deep_supervision:
             return logits, None
-        aux = [self.aux_heads[i](stage_outputs[2 - i]) for i in range(3)]  # strides 4, 8, 16
-        return logits, aux
+        return logits, [head(out) for head, out in zip(self.aux_heads, reversed(stage_outputs))]

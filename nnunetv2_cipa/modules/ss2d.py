@@ -1,13 +1,18 @@
-"""Selective-scan token mixers: SS2D (VMamba cross-scan over a 2D grid) and SS1D (one direction over a sequence).
+"""Token mixers and the layers built on them: SS2D (VMamba's cross-scan over a 2D map) and SS1D (one direction over
+a token sequence). See docs/architecture.md, "SS2D and SS1D".
 
-Both hold VMamba's per-direction SSM parameters under the official names (``x_proj_weight``, ``dt_projs_weight``,
-``dt_projs_bias``, ``A_logs``, ``Ds``) so that ImageNet VMamba checkpoints map onto them key by key.
+Both layers hold VMamba's per-direction SSM parameters under the official names (``x_proj_weight``,
+``dt_projs_weight``, ``dt_projs_bias``, ``Ds`` and the mixer's state parameter, ``A_logs`` for the selective scan) so
+that ImageNet VMamba checkpoints map onto them key by key. How a direction turns (u, delta, B, C) into its output is
+the token mixer's job: :class:`SelectiveScanMixer` (CIPA) or :class:`MemorylessMixer` (the no-Mamba control), chosen
+by name from ``TOKEN_MIXERS``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,48 +40,106 @@ def sequence_positions(length: int, device: torch.device | str = "cpu") -> torch
     return _cross_scan_positions(1, length, torch.device(device))[:1]
 
 
-def linspace(start: float, stop: float, num: int) -> list[float]:
-    """``num`` evenly spaced floats from start to stop (drop-path schedules; works under a meta device)."""
-    return [start + (stop - start) * i / max(num - 1, 1) for i in range(num)]
-
-
 def dt_rank_for(d_model: int) -> int:
     """VMamba's ``dt_rank="auto"``: ceil(d_model / 16)."""
     return math.ceil(d_model / 16)
 
 
-class DirectionalSSM(nn.Module):
-    """Per-direction selective-scan parameters and the scan itself: (B, L, D) scanned in K orders -> (B, L, D).
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors as float32, others unchanged (the mixers' output reaches ``out_norm`` unrounded)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
-    ``use_mamba=False`` gives the no-Mamba control: a memoryless gated mixer with the same projections,
-    y_t = D*u_t + softplus(dt_t + bias) * u_t * sum_n(state_weight[d, n] * B_t[n] * C_t[n]) (``state_weight``
-    replaces ``A_logs`` parameter for parameter); nothing is carried between positions, so token mixing comes
-    only from the depthwise convolution (MambaOut-style gated CNN).
+
+class TokenMixer(Protocol):
+    """How the K directions of a :class:`DirectionalSSM` mix tokens. ``state_name`` is the name of the mixer's
+    (K*D, N) parameter, initialised by ``init_state``; ``mix`` maps u (B, L, D), delta (K, B, L, D) (pre-bias),
+    B, C (B, L, K, N), positions (K, L), the state, D and the delta bias (K*D,) to y (B, L, D), at least float32."""
+
+    state_name: str
+
+    @staticmethod
+    def init_state(state: torch.Tensor) -> None: ...
+
+    @staticmethod
+    def mix(u, delta, Bs, Cs, positions, state, D, delta_bias) -> torch.Tensor: ...
+
+
+class SelectiveScanMixer:
+    """Mamba's selective scan in each direction's order, summed in position order:
+    h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, y_t = <C_t, h_t> + D u_t, dt_t = softplus(delta_t + bias),
+    A = -exp(A_logs), h_0 = 0."""
+
+    state_name = "A_logs"
+
+    @staticmethod
+    def init_state(state: torch.Tensor) -> None:
+        """A_logs = log(1..N) for every channel and direction."""
+        state.copy_(torch.log(torch.arange(1, state.shape[1] + 1, dtype=torch.float32)).expand_as(state))
+
+    @staticmethod
+    def mix(u, delta, Bs, Cs, positions, state, D, delta_bias) -> torch.Tensor:
+        return directional_scan(_at_least_float32(u), delta, -torch.exp(state.float()), Bs, Cs, positions, D=D,
+                                delta_bias=delta_bias, delta_softplus=True)
+
+
+class MemorylessMixer:
+    """The no-Mamba control, per position and summed over the K directions:
+    y_t = D u_t + softplus(delta_t + bias) u_t sum_n(state_weight[d, n] B_t[n] C_t[n]). Nothing is carried between
+    positions, so tokens mix only through the depthwise convolution before it (a MambaOut-style gated CNN);
+    ``state_weight`` replaces ``A_logs`` parameter for parameter."""
+
+    state_name = "state_weight"
+
+    @staticmethod
+    def init_state(state: torch.Tensor) -> None:
+        """state_weight = 1."""
+        state.fill_(1.0)
+
+    @staticmethod
+    def mix(u, delta, Bs, Cs, positions, state, D, delta_bias) -> torch.Tensor:
+        k, dim, d_state = positions.shape[0], u.shape[-1], state.shape[1]
+        with torch.autocast(u.device.type, enabled=False):
+            u, delta, Bs, Cs = (_at_least_float32(t) for t in (u, delta, Bs, Cs))
+            delta = F.softplus(delta + delta_bias.view(k, 1, 1, dim))
+            mixed = torch.einsum("blkn,kdn->kbld", Bs * Cs, state.view(k, dim, d_state).to(Bs.dtype))
+            return u * (D.view(k, dim).sum(0) + (delta * mixed).sum(0))
+
+
+TOKEN_MIXERS: dict[str, type[TokenMixer]] = {"selective_scan": SelectiveScanMixer, "memoryless": MemorylessMixer}
+
+
+class DirectionalSSM(nn.Module):
+    """Per-direction SSM projections and a token mixer: (B, L, D) mixed in K orders -> (B, L, D).
+
+    Parameters: ``x_proj_weight`` (K, R + 2N, D), ``dt_projs_weight`` (K, D, R), ``dt_projs_bias`` (K, D), the
+    mixer's state (K*D, N) under ``mixer.state_name``, ``Ds`` (K*D,).
     """
 
-    def __init__(self, d_inner: int, d_state: int, dt_rank: int, num_directions: int, use_mamba: bool = True,
-                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4):
+    def __init__(self, d_inner: int, d_state: int, dt_rank: int, num_directions: int,
+                 mixer: type[TokenMixer] = SelectiveScanMixer, dt_min: float = 1e-3, dt_max: float = 0.1,
+                 dt_floor: float = 1e-4):
         super().__init__()
-        self.d_state, self.dt_rank, self.num_directions, self.use_mamba = d_state, dt_rank, num_directions, use_mamba
+        self.d_state, self.dt_rank, self.num_directions, self.mixer = d_state, dt_rank, num_directions, mixer
         k = num_directions
         self.x_proj_weight = nn.Parameter(torch.empty(k, dt_rank + 2 * d_state, d_inner))
         self.dt_projs_weight = nn.Parameter(torch.empty(k, d_inner, dt_rank))
         self.dt_projs_bias = nn.Parameter(torch.empty(k, d_inner))
-        state = torch.empty(k * d_inner, d_state)
-        if use_mamba:
-            self.A_logs = nn.Parameter(state)
-        else:
-            self.state_weight = nn.Parameter(state)
+        self.register_parameter(mixer.state_name, nn.Parameter(torch.empty(k * d_inner, d_state)))
         self.Ds = nn.Parameter(torch.empty(k * d_inner))
         self._dt_range = (dt_min, dt_max, dt_floor)
-        for name in ("dt_projs_bias", "A_logs" if use_mamba else "state_weight", "Ds"):
-            getattr(self, name)._no_weight_decay = True
+        for param in (self.dt_projs_bias, self.mixer_state, self.Ds):
+            param._no_weight_decay = True
         self.reset_ssm_parameters()
+
+    @property
+    def mixer_state(self) -> nn.Parameter:
+        """The mixer's (K*D, N) state parameter (``A_logs`` or ``state_weight``)."""
+        return getattr(self, self.mixer.state_name)
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
         """Mamba init: x_proj U(+-1/sqrt(D)), dt_proj U(+-1/sqrt(R)), dt bias = softplus^-1(log-uniform dt),
-        A_logs = log(1..N), Ds = 1 (the memoryless control starts from state_weight = 1)."""
+        the mixer's state init, Ds = 1."""
         dt_min, dt_max, dt_floor = self._dt_range
         d_inner = self.x_proj_weight.shape[-1]
         nn.init.uniform_(self.x_proj_weight, -d_inner ** -0.5, d_inner ** -0.5)
@@ -84,46 +147,31 @@ class DirectionalSSM(nn.Module):
         dt = torch.exp(torch.rand_like(self.dt_projs_bias) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp(min=dt_floor)
         self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        if self.use_mamba:
-            self.A_logs.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand_as(self.A_logs))
-        else:
-            self.state_weight.fill_(1.0)
+        self.mixer.init_state(self.mixer_state)
         self.Ds.fill_(1.0)
 
     def scan(self, u: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) -> (B, L, D): direction k scans u in the order ``positions[k]`` with its own projections and
-        one B/C group; the K outputs are summed in position order. The projections are position-wise, so they are
-        computed in position order, once for all directions."""
+        """(B, L, D) -> (B, L, D), at least float32: direction k mixes u in the order ``positions[k]`` with its own
+        projections and one B/C group. The projections are position-wise, so they are computed in position order,
+        once for all directions."""
         batch, length, dim = u.shape
         k = self.num_directions
         x_dbl = linear(u, self.x_proj_weight.flatten(0, 1)).view(batch, length, k, -1)  # (B, L, K, R + 2N)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=3)
         delta = torch.bmm(dts.reshape(batch * length, k, self.dt_rank).transpose(0, 1),
                           self.dt_projs_weight.transpose(1, 2)).view(k, batch, length, dim)  # (K, B, L, D)
-        if not self.use_mamba:
-            return self._memoryless(u, delta, Bs, Cs)
-        return directional_scan(u, delta, -torch.exp(self.A_logs.float()), Bs, Cs, positions, D=self.Ds,
-                                delta_bias=self.dt_projs_bias.flatten(), delta_softplus=True)
-
-    def _memoryless(self, u, delta, Bs, Cs) -> torch.Tensor:
-        """No-Mamba control, u (B, L, D), delta (K, B, L, D), Bs, Cs (B, L, K, N) -> (B, L, D), summed over the
-        directions (see the class docstring; position-wise, so the scan orders do not matter)."""
-        k, dim = self.num_directions, u.shape[-1]
-        delta = F.softplus(delta + self.dt_projs_bias[:, None, None, :])
-        weight = self.state_weight.view(k, dim, self.d_state).to(Bs.dtype)
-        mixed = torch.einsum("blkn,kdn->kbld", Bs * Cs, weight)
-        return u * (self.Ds.view(k, dim).sum(0) + (delta * mixed).sum(0))
+        return self.mixer.mix(u, delta, Bs, Cs, positions, self.mixer_state, self.Ds, self.dt_projs_bias.flatten())
 
 
 class SS2D(DirectionalSSM):
     """VMamba SS2D on channels-last maps, (B, H, W, C) -> (B, H, W, C): in_proj -> depthwise conv + SiLU ->
-    4-direction cross-scan + cross-merge (one ``directional_scan`` over the map) -> LayerNorm -> SiLU(z) gate ->
-    out_proj."""
+    4-direction cross-scan + cross-merge (one mixer call over the map) -> LayerNorm (on the float32 mixer output)
+    -> SiLU(z) gate -> out_proj."""
 
     def __init__(self, d_model: int, d_state: int = 16, ssm_ratio: float = 2.0, d_conv: int = 3,
-                 use_mamba: bool = True):
+                 mixer: type[TokenMixer] = SelectiveScanMixer):
         d_inner = int(ssm_ratio * d_model)
-        super().__init__(d_inner, d_state, dt_rank_for(d_model), num_directions=4, use_mamba=use_mamba)
+        super().__init__(d_inner, d_state, dt_rank_for(d_model), num_directions=4, mixer=mixer)
         self.in_proj = Linear(d_model, 2 * d_inner, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=True)
         self.out_norm = nn.LayerNorm(d_inner)
@@ -140,11 +188,12 @@ class SS2D(DirectionalSSM):
 
 class SS1D(DirectionalSSM):
     """Unidirectional Mamba over a token sequence (no conv), (B, L, C) -> (B, L, C): in_proj -> SiLU on both
-    halves -> one scan -> LayerNorm -> gate by z -> out_proj."""
+    halves -> one scan -> LayerNorm (on the float32 mixer output) -> gate by z -> out_proj."""
 
-    def __init__(self, d_model: int, d_state: int = 16, ssm_ratio: float = 2.0, use_mamba: bool = True):
+    def __init__(self, d_model: int, d_state: int = 16, ssm_ratio: float = 2.0,
+                 mixer: type[TokenMixer] = SelectiveScanMixer):
         d_inner = int(ssm_ratio * d_model)
-        super().__init__(d_inner, d_state, dt_rank_for(d_model), num_directions=1, use_mamba=use_mamba)
+        super().__init__(d_inner, d_state, dt_rank_for(d_model), num_directions=1, mixer=mixer)
         self.in_proj = Linear(d_model, 2 * d_inner, bias=False)
         self.out_norm = nn.LayerNorm(d_inner)
         self.out_proj = Linear(d_inner, d_model, bias=False)

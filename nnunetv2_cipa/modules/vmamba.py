@@ -1,14 +1,18 @@
-"""The VMamba-v0 encoder CIPA shares between CT and PET (Siamese): patch embedding, VSS blocks, patch merging."""
+"""The VMamba-v0 encoder CIPA shares between CT and PET (Siamese): patch embedding, VSS blocks, patch merging.
+See docs/architecture.md, "Shared VMamba encoder"."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.regularization import DropPath
 from torch import nn
 
+from nnunetv2_cipa.modules.checkpointing import maybe_checkpoint
 from nnunetv2_cipa.modules.linear import Linear
-from nnunetv2_cipa.modules.ss2d import SS2D, linspace
+from nnunetv2_cipa.modules.ss2d import SS2D, SelectiveScanMixer, TokenMixer
 
 
 class PatchEmbed(nn.Module):
@@ -26,10 +30,11 @@ class PatchEmbed(nn.Module):
 class VSSBlock(nn.Module):
     """x + DropPath(SS2D(LN(x))) on (B, H, W, C); VMamba-T v0 has no MLP branch (mlp_ratio 0)."""
 
-    def __init__(self, dim: int, d_state: int, ssm_ratio: float, d_conv: int, drop_path: float, use_mamba: bool):
+    def __init__(self, dim: int, d_state: int, ssm_ratio: float, d_conv: int, drop_path: float,
+                 mixer: type[TokenMixer] = SelectiveScanMixer):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.op = SS2D(dim, d_state, ssm_ratio, d_conv, use_mamba)
+        self.op = SS2D(dim, d_state, ssm_ratio, d_conv, mixer=mixer)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,13 +58,12 @@ class PatchMerging2D(nn.Module):
 
 
 class VSSStage(nn.Module):
-    """A stack of VSS blocks at one resolution, (B, H, W, C) -> (B, H, W, C)."""
+    """One VSS block per drop-path rate, at one resolution, (B, H, W, C) -> (B, H, W, C)."""
 
-    def __init__(self, dim: int, depth: int, d_state: int, ssm_ratio: float, d_conv: int,
-                 drop_paths: list[float], use_mamba: bool):
+    def __init__(self, dim: int, drop_paths: list[float], d_state: int, ssm_ratio: float, d_conv: int,
+                 mixer: type[TokenMixer] = SelectiveScanMixer):
         super().__init__()
-        self.blocks = nn.ModuleList(
-            VSSBlock(dim, d_state, ssm_ratio, d_conv, drop_paths[j], use_mamba) for j in range(depth))
+        self.blocks = nn.ModuleList(VSSBlock(dim, d_state, ssm_ratio, d_conv, p, mixer) for p in drop_paths)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -68,35 +72,37 @@ class VSSStage(nn.Module):
 
 
 class VMambaEncoder(nn.Module):
-    """Shared 4-stage VMamba encoder, (B, 1, H, W) -> [(B, C*2^i, H/2^(i+2), W/2^(i+2)) for i in 0..3] (NCHW).
+    """Shared VMamba encoder, (B, in, H, W) -> [(B, dims[i], H / strides[i], W / strides[i]) for each stage] (NCHW),
+    strides[i] = patch * 2**i; stage i has one block per entry of ``drop_paths[i]``.
 
     Each stage output is taken before downsampling and normalised by its own ``out_norms[i]`` (new, not in the
-    ImageNet checkpoint). H and W must be multiples of 32 (the network pads to that).
+    ImageNet checkpoint). H and W must be multiples of the last stride (the network pads to that). With
+    ``activation_checkpointing`` each stage (with the downsampling or patch embedding before it) is recomputed in
+    backward instead of keeping its activations.
     """
 
-    def __init__(self, embed_dim: int, depths: tuple[int, ...], d_state: int, ssm_ratio: float, d_conv: int,
-                 drop_path_rate: float, patch: int = 4, in_channels: int = 1, use_mamba: bool = True):
+    def __init__(self, dims: list[int], drop_paths: list[list[float]], d_state: int, ssm_ratio: float, d_conv: int,
+                 patch: int, in_channels: int = 1, mixer: type[TokenMixer] = SelectiveScanMixer):
         super().__init__()
-        dims = [embed_dim * 2 ** i for i in range(len(depths))]
-        self.dims = dims
-        rates = linspace(0.0, drop_path_rate, sum(depths))
-        starts = [sum(depths[:i]) for i in range(len(depths))]
-        self.patch_embed = PatchEmbed(in_channels, embed_dim, patch)
-        self.stages = nn.ModuleList(
-            VSSStage(dims[i], depths[i], d_state, ssm_ratio, d_conv, rates[starts[i]:starts[i] + depths[i]], use_mamba)
-            for i in range(len(depths)))
-        self.downsamples = nn.ModuleList(PatchMerging2D(dims[i]) for i in range(len(depths) - 1))
-        self.out_norms = nn.ModuleList(nn.LayerNorm(d) for d in dims)
+        self.dims = list(dims)
+        self.activation_checkpointing = False
+        self.patch_embed = PatchEmbed(in_channels, dims[0], patch)
+        self.stages = nn.ModuleList(VSSStage(dim, rates, d_state, ssm_ratio, d_conv, mixer)
+                                    for dim, rates in zip(dims, drop_paths))
+        self.downsamples = nn.ModuleList(PatchMerging2D(dim) for dim in dims[:-1])
+        self.out_norms = nn.ModuleList(nn.LayerNorm(dim) for dim in dims)
         self.apply(_init_vmamba)
 
+    def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Stage i on the previous stage's output (or the image for i = 0), channels-last."""
+        x = self.patch_embed(x) if i == 0 else self.downsamples[i - 1](x)
+        return self.stages[i](x)
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.patch_embed(x)
         outputs = []
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            outputs.append(self.out_norms[i](x).permute(0, 3, 1, 2).contiguous())
-            if i < len(self.downsamples):
-                x = self.downsamples[i](x)
+        for i, out_norm in enumerate(self.out_norms):
+            x = maybe_checkpoint(self.activation_checkpointing, [self], functools.partial(self._stage, i), x)
+            outputs.append(out_norm(x).permute(0, 3, 1, 2).contiguous())
         return outputs
 
 
