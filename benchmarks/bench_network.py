@@ -80,7 +80,7 @@ def install_no_op_scan() -> None:
     zero gradients of the same shapes (their zero fills, about 50 ms of a CIPA-tiny step, are all it costs)."""
     import torch
 
-    from nnunetv2_cipa.ops import selective_scan_cpu
+    from nnunetv2_cipa.ops import cpu_scan
 
     class NoOpScan(torch.autograd.Function):
         @staticmethod
@@ -92,7 +92,7 @@ def install_no_op_scan() -> None:
         def backward(ctx, gy):
             return (*(torch.zeros_like(t) for t in ctx.saved_tensors), None, None, None)
 
-    selective_scan_cpu.NumbaScan = NoOpScan
+    cpu_scan.NumbaScan = NoOpScan
 
 
 def rss_kib(field: str = "VmRSS") -> int:
@@ -212,7 +212,7 @@ def main() -> None:
     import torch
 
     from nnunetv2_cipa.modules.linear import cpu_linear_backend
-    from nnunetv2_cipa.ops.selective_scan import resolve_backend
+    from nnunetv2_cipa.ops.backends import resolve_backend
 
     env = {k: os.environ[k] for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_",
                                       "MALLOC_TRIM_THRESHOLD_") if k in os.environ}
