@@ -83,9 +83,9 @@ def test_optional_arguments_and_bf16_autocast(backend):
 def test_cpu_backward_channel_blocks(monkeypatch, splits):
     """The numba backward split into 1 or 3 channel blocks per work item (gB, gC summed over the blocks) gives the
     loop's gradients; d = 40 pads to 48 channels, three 16-channel blocks."""
-    from nnunetv2_cipa.ops import selective_scan_cpu
+    from nnunetv2_cipa.ops import cpu_scan
 
-    monkeypatch.setattr(selective_scan_cpu, "_backward_splits", lambda dim, items: splits)
+    monkeypatch.setattr(cpu_scan, "_backward_splits", lambda dim, items: splits)
     inputs, positions = make_inputs(batch=1, dim=40)
     u, delta, A, B, C, D, bias = inputs
     _, g_ref = with_grads(lambda: loop_over_directions(*inputs, positions), inputs)
@@ -101,10 +101,10 @@ def test_cpu_backward_channel_blocks(monkeypatch, splits):
     (16, 48, 1, 3)])
 def test_cpu_backward_blocks_spread_the_work_evenly(monkeypatch, threads, dim, items, expected):
     """The fewest channel blocks (at most 768 channels each) that keep every thread equally busy."""
-    from nnunetv2_cipa.ops import selective_scan_cpu
+    from nnunetv2_cipa.ops import cpu_scan
 
-    monkeypatch.setattr(selective_scan_cpu.numba, "get_num_threads", lambda: threads)
-    assert selective_scan_cpu._backward_splits(dim, items) == expected
+    monkeypatch.setattr(cpu_scan.numba, "get_num_threads", lambda: threads)
+    assert cpu_scan._backward_splits(dim, items) == expected
 
 
 @pytest.mark.gpu

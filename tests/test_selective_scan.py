@@ -237,7 +237,9 @@ def test_cpu_kernel_float32_exp_and_softplus_accuracy():
     import numba
     import numpy as np
 
-    from nnunetv2_cipa.ops.selective_scan_cpu import _exp, _sigmoid_of_softplus, _softplus
+    from nnunetv2_cipa.ops.numba_math import exp as _exp
+    from nnunetv2_cipa.ops.numba_math import sigmoid_of_softplus as _sigmoid_of_softplus
+    from nnunetv2_cipa.ops.numba_math import softplus as _softplus
 
     @numba.njit(error_model="numpy")
     def apply(x, softplus):

@@ -273,10 +273,10 @@ def _cuda_scan_fn():
 def cpu_kernels():
     """The numba kernels' module (imported lazily); None when numba is missing."""
     try:
-        from nnunetv2_cipa.ops import selective_scan_cpu
+        from nnunetv2_cipa.ops import cpu_scan
     except ImportError:
         return None
-    return selective_scan_cpu
+    return cpu_scan
 
 
 def available_backends() -> list[str]:
