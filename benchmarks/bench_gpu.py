@@ -40,7 +40,7 @@ STAGE_DIMS = (192, 384, 768, 1536)  # CIPA-tiny's SS2D d_inner per encoder stage
 
 def scan_backends(device: str) -> list[str]:
     """The compiled backend for ``device`` first (cuda, or cpu with numba) when usable, then torch."""
-    from nnunetv2_cipa.ops.selective_scan import available_backends
+    from nnunetv2_cipa.ops.backends import available_backends
 
     return [b for b in available_backends() if b in (device, "torch")]
 

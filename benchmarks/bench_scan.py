@@ -2,8 +2,8 @@
 
 Shapes are CIPA's SS2D scans (batch 2, dim = 4 directions x 2C, N = 16, B/C grouped per direction) at L = 1024, 4096,
 16384, plus small ungrouped shapes (dim 64 / 128, L = 1024) where the sequential reference is also timed. Every
-(shape, method) runs in a fresh subprocess: one warm-up on a tiny input (numba loads or compiles its kernels there), then
-`repeats` timed forward + backward passes (median reported); peak memory is ru_maxrss after the timed passes minus
+(shape, method) runs in a fresh subprocess: one warm-up on a tiny input (numba loads or compiles its kernels there),
+then `repeats` timed forward + backward passes (median reported); peak memory is ru_maxrss after the timed passes minus
 ru_maxrss before them. pscan is wrapped the way mambapy's mamba.py builds its selective scan (exp(delta A) and
 delta B u materialised as (B, L, D, N)); cells whose estimated memory exceeds --max-gb are skipped with a note.
 ``cpu`` gets u, delta as contiguous (B, dim, L) tensors (the kernel then copies them channels-innermost); ``cpu-cl``
@@ -30,7 +30,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bench_scan.json"
 N_STATE = 16
 # (batch, dim, L, groups, repeats)
 SMALL = [(2, 64, 1024, 1, 5), (2, 128, 1024, 1, 5)]
-CIPA = [(2, dim, length, 4, {1024: 5, 4096: 3, 16384: 1}[length]) for length in (1024, 4096, 16384) for dim in (768, 1536)]
+CIPA = [(2, dim, length, 4, {1024: 5, 4096: 3, 16384: 1}[length])
+        for length in (1024, 4096, 16384) for dim in (768, 1536)]
 QUICK = SMALL + [(2, 768, 1024, 4, 3), (2, 768, 4096, 4, 1)]
 METHODS = ("cpu", "cpu-cl", "cpu-dir", "torch", "pscan", "reference")
 PSCAN_TENSORS = 8  # (B, L, D, N) float32 tensors alive at pscan's peak (forward inputs, states, backward buffers)
@@ -94,7 +95,8 @@ def pscan_selective_scan(u, delta, A, B, C, D, delta_bias):
     dt = F.softplus(delta + delta_bias[:, None]).transpose(1, 2)
     delta_a = (dt.unsqueeze(-1) * A).exp()  # (b, L, d, N)
     dt_g = dt.reshape(batch, length, groups, dim // groups, 1)
-    B_l, C_l = B.permute(0, 3, 1, 2).unsqueeze(3), C.permute(0, 3, 1, 2).unsqueeze(-1)  # (b, L, G, 1, N), (b, L, G, N, 1)
+    B_l = B.permute(0, 3, 1, 2).unsqueeze(3)  # (b, L, G, 1, N)
+    C_l = C.permute(0, 3, 1, 2).unsqueeze(-1)  # (b, L, G, N, 1)
     bx = (dt_g * B_l * x.reshape(batch, length, groups, dim // groups, 1)).reshape(batch, length, dim, N_STATE)
     hs = pscan(delta_a, bx).reshape(batch, length, groups, dim // groups, N_STATE)
     y = (hs @ C_l).reshape(batch, length, dim) + D * x
@@ -127,14 +129,15 @@ def run_case(method, batch, dim, length, groups, repeats):
         step(inputs)
         times.append(time.perf_counter() - start)
     peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
-    return {"seconds": statistics.median(times), "peak_mb": peak_mb, "repeats": repeats, "threads": torch.get_num_threads()}
+    return {"seconds": statistics.median(times), "peak_mb": peak_mb, "repeats": repeats,
+            "threads": torch.get_num_threads()}
 
 
 def skip_reason(method, batch, dim, length, max_gb):
     if method == "reference" and length > 1024:
         return "reference: L > 1024 too slow"
     if method.startswith("cpu"):
-        from nnunetv2_cipa.ops.selective_scan import available_backends
+        from nnunetv2_cipa.ops.backends import available_backends
 
         if "cpu" not in available_backends():
             return "numba missing"
@@ -147,7 +150,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes and dim 768 up to L = 4096 only")
     parser.add_argument("--max-gb", type=float, default=16.0, help="skip pscan cells estimated above this")
-    parser.add_argument("--case", nargs=6, help=argparse.SUPPRESS)  # subprocess entry: method batch dim L groups repeats
+    # subprocess entry: method batch dim L groups repeats
+    parser.add_argument("--case", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
         method, *numbers = args.case

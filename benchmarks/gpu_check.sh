@@ -50,7 +50,7 @@ main() {
     echo "== waiting for the mamba-ssm build"
     if wait "$build"; then
         export PYTHONPATH=/tmp/site_mamba:$PYTHONPATH
-        "$PY" -c "from nnunetv2_cipa.ops.selective_scan import available_backends as a; print('backends', a())"
+        "$PY" -c "from nnunetv2_cipa.ops.backends import available_backends as a; print('backends', a())"
         echo "== GPU tests with mamba-ssm"
         gpu_tests
     else

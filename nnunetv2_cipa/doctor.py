@@ -18,6 +18,21 @@ def _version(distribution: str) -> str:
         return "not installed"
 
 
+def scan_backend_rows(info: dict, available: list[str]) -> list[tuple[str, str, bool]]:
+    """Rows for ``scan_backend_report``'s ``info``: the backend in use and, on a GPU, whether mamba-ssm's fused
+    kernel works (a problem row with the fix when it does not)."""
+    rows = [("scan backends", f"{', '.join(available)} (in use on {info['device']}: {info['backend']}; requested: "
+                              f"{info['requested']})", True)]
+    if not info["device"].startswith("cuda"):
+        return rows + [("mamba-ssm", f"{info['mamba_ssm']} (used on CUDA only)", True)]
+    rows.append(("GPU", str(info["gpu"]), True))
+    problem = info["fused_kernel_problem"]
+    if problem is None:
+        return rows + [("fused scan kernel", f"usable (mamba-ssm {info['mamba_ssm']})", True)]
+    return rows + [("fused scan kernel", f"CUDA present but fused kernel unusable: {problem}. Fix: {info['fix']}",
+                    False)]
+
+
 def collect_report() -> list[tuple[str, str, bool]]:
     """(item, value, ok) rows; ``ok`` False marks a problem the user has to fix."""
     import torch
@@ -44,11 +59,13 @@ def collect_report() -> list[tuple[str, str, bool]]:
         else "not needed" if torchvision_fix.pth_path().exists() else "not installed"
     rows.append(("CPU torchvision repair", repaired, True))
 
-    from nnunetv2_cipa.ops.selective_scan import available_backends, resolve_backend
+    from nnunetv2_cipa.ops.backend_report import scan_backend_report
+    from nnunetv2_cipa.ops.backends import available_backends
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows.append(("scan backends", f"{', '.join(available_backends())} (auto on {device.type}: "
-                                  f"{resolve_backend('auto', device)})", True))
+    try:
+        rows += scan_backend_rows(scan_backend_report(), available_backends())
+    except ValueError as e:  # NNUNETV2_CIPA_SCAN_BACKEND names a backend that cannot run here
+        rows.append(("scan backends", str(e), False))
 
     from nnunetv2_cipa.modules.linear import cpu_linear_backend
 

@@ -7,8 +7,9 @@ import importlib.util
 import pytest
 import torch
 
+from nnunetv2_cipa.ops.backends import available_backends
 from nnunetv2_cipa.ops.directional_scan import directional_scan
-from nnunetv2_cipa.ops.selective_scan import available_backends, selective_scan_reference
+from nnunetv2_cipa.ops.reference_scan import selective_scan_reference
 
 BACKENDS = [name for name in ("cpu", "torch", "reference") if name in available_backends()]
 NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")

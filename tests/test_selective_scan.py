@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import importlib
 import importlib.util
+import inspect
 
 import pytest
 import torch
 
-from nnunetv2_cipa.ops.selective_scan import available_backends, resolve_backend, selective_scan, selective_scan_reference
+from nnunetv2_cipa.ops import backends, chunked_scan
+from nnunetv2_cipa.ops.backends import available_backends, resolve_backend
+from nnunetv2_cipa.ops.reference_scan import selective_scan_reference
+from nnunetv2_cipa.ops.selective_scan import selective_scan
 
-scan_module = importlib.import_module("nnunetv2_cipa.ops.selective_scan")
 FAST_BACKENDS = [name for name in ("torch", "cpu") if name in available_backends()]
 INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -89,8 +92,7 @@ def test_matches_reference_long_sequence(backend):
 def test_torch_backend_channel_blocks(monkeypatch):
     """The torch backend cutting the 8 channels of each group into 4 blocks (its state budget forced down to 2
     channels of both groups) gives the loop's values and gradients."""
-    ops = importlib.import_module("nnunetv2_cipa.ops.selective_scan")
-    monkeypatch.setattr(ops, "_BLOCK_ELEMENTS", {"cpu": 2 * 2 * 2 * 104 * 16})  # b * G * c * padded L * N
+    monkeypatch.setattr(chunked_scan, "_BLOCK_ELEMENTS", {"cpu": 2 * 2 * 2 * 104 * 16})  # b * G * c * padded L * N
     compare_to_reference("torch", make_inputs(batch=2, dim=16, length=100, n_state=16, groups=2), 1e-6)
 
 
@@ -171,12 +173,22 @@ def test_backend_from_environment(monkeypatch):
     assert resolve_backend(None, u.device) == "reference"
     assert resolve_backend("torch", u.device) == "torch"  # the argument wins
     calls = []
-    monkeypatch.setattr(scan_module, "selective_scan_reference", lambda *a, **k: calls.append(1) or a[0])
+    counted = dataclasses.replace(backends.BACKENDS["reference"], selective_scan=lambda *a: calls.append(1) or a[0])
+    monkeypatch.setitem(backends.BACKENDS, "reference", counted)
     selective_scan(u, delta, A, B, C)
     assert calls == [1]
     monkeypatch.setenv("NNUNETV2_CIPA_SCAN_BACKEND", "bogus")
     with pytest.raises(ValueError, match="bogus.*NNUNETV2_CIPA_SCAN_BACKEND"):
         selective_scan(u, delta, A, B, C)
+
+
+def test_ops_modules_are_not_shadowed():
+    """The ops package re-exports nothing, so its submodules import as modules."""
+    import nnunetv2_cipa.ops.directional_scan as directional_module
+    import nnunetv2_cipa.ops.selective_scan as scan_module
+
+    assert inspect.ismodule(scan_module) and inspect.ismodule(directional_module)
+    assert scan_module.selective_scan is selective_scan and callable(directional_module.directional_scan)
 
 
 def test_unknown_backend_and_auto(monkeypatch):

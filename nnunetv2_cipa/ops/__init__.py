@@ -1,6 +1,5 @@
-"""Low-level operators: the selective scan, the multi-directional scan over one map, and their backends."""
+"""Low-level operators: the selective scan, the multi-directional scan over one map, and their backends.
 
-from nnunetv2_cipa.ops.directional_scan import directional_scan
-from nnunetv2_cipa.ops.selective_scan import selective_scan
-
-__all__ = ["directional_scan", "selective_scan"]
+Import the operators from their modules: ``nnunetv2_cipa.ops.selective_scan.selective_scan`` and
+``nnunetv2_cipa.ops.directional_scan.directional_scan``; the backend table is ``nnunetv2_cipa.ops.backends``.
+"""

@@ -8,8 +8,9 @@ its own parameters, and the K outputs are summed back in position order:
 where scan_k is :func:`~nnunetv2_cipa.ops.selective_scan.selective_scan` with delta_k, A_k, and B_k, C_k shared by
 the direction's channels. Shapes: u (b, L, d); delta (K, b, L, d) in position order (pre-bias, pre-softplus);
 A (K*d, N); B, C (b, L, K, N) in position order; D, delta_bias (K*d,); positions (K, L), each row a permutation of
-0..L-1. The ``cpu`` backend reads everything in position order (no per-direction copies); the others gather the K
-scan orders, call ``selective_scan`` once with grouped B/C and scatter the outputs back.
+0..L-1. A backend with its own directional scan (``cpu``) reads everything in position order (no per-direction
+copies); for the others the K scan orders are gathered, ``selective_scan`` runs once with grouped B/C and the outputs
+are scattered back.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import weakref
 
 import torch
 
-from nnunetv2_cipa.ops.selective_scan import (check_floating, check_optional, compute_dtype, cpu_kernels,
-                                              resolve_backend, selective_scan)
+from nnunetv2_cipa.ops.backends import BACKENDS, resolve_backend
+from nnunetv2_cipa.ops.reference_scan import compute_dtype
+from nnunetv2_cipa.ops.selective_scan import check_floating, check_optional, selective_scan
 
 
 # Position lists on a GPU that passed the permutation check: checking needs a device-to-host sync, so each tensor
@@ -95,8 +97,9 @@ def directional_scan(u, delta, A, B, C, positions, D=None, delta_bias=None, delt
         x = u.to(dtype)
         args = [t.to(dtype) for t in (delta, A, B, C)]
         bias = None if delta_bias is None else delta_bias.to(dtype)
-        if name == "cpu":
-            y = cpu_kernels().cpu_directional_scan(x, *args, positions, bias, delta_softplus)
+        in_place = BACKENDS[name].directional_scan
+        if in_place is not None:
+            y = in_place(x, *args, positions, bias, delta_softplus)
         else:
             y = _gathered_scan(x, *args, positions, bias, delta_softplus, name)
         if D is not None:

@@ -1,0 +1,135 @@
+"""The ``cuda`` backend: mamba-ssm's fused selective-scan kernel, used only once it is known to work on the device.
+
+``mamba_ssm.ops.selective_scan_interface`` wraps a compiled extension module, ``selective_scan_cuda``. The releases
+(1.2 to 2.3.2.post1) import it unconditionally, so a missing build or one compiled against another torch makes the
+interface raise ImportError; mamba-ssm's later sources build it only on request (MAMBA_KEEP_CUDA_BUILD=TRUE) and
+set it to None when absent, so the interface imports and the first scan raises. A kernel compiled for other GPU
+architectures imports and fails only when launched. :class:`FusedKernelProbe` therefore imports the interface once,
+checks the extension object itself, and runs one small forward + backward per device against the reference loop.
+mamba-ssm is imported on the first probe, never when this module is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+
+import torch
+
+from nnunetv2_cipa.ops.reference_scan import selective_scan_reference
+
+INTERFACE = "mamba_ssm.ops.selective_scan_interface"
+_SMOKE_TOLERANCE = 1e-3  # relative to the largest reference value, float32
+
+
+def mamba_ssm_version() -> str:
+    """The installed mamba-ssm distribution's version, or "not installed"."""
+    try:
+        return importlib.metadata.version("mamba-ssm")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def smoke_call(scan_fn, device: torch.device) -> str | None:
+    """Run ``scan_fn`` (mamba-ssm's ``selective_scan_fn`` signature) forward and backward once on tiny grouped float32
+    inputs on ``device``; None when it ran and matches the reference loop (output and gradients), else what failed."""
+    gen = torch.Generator().manual_seed(0)
+    batch, dim, groups, n_state, length = 1, 4, 2, 4, 16
+    u, delta = torch.randn(batch, dim, length, generator=gen), torch.rand(batch, dim, length, generator=gen)
+    A = -0.5 - torch.rand(dim, n_state, generator=gen)
+    B, C = (torch.randn(batch, groups, n_state, length, generator=gen) for _ in range(2))
+    cpu_inputs = [u, delta, A, B, C, torch.randn(dim, generator=gen), 0.1 * torch.rand(dim, generator=gen)]
+
+    def run(fn, target):
+        with torch.enable_grad(), torch.autocast(target.type, enabled=False):
+            inputs = [t.to(target).requires_grad_() for t in cpu_inputs]
+            u, delta, A, B, C, D, bias = inputs
+            y = fn(u, delta, A, B, C, D=D, z=None, delta_bias=bias, delta_softplus=True)
+            weight = torch.cos(torch.arange(y.numel(), dtype=y.dtype, device=target)).view_as(y)
+            grads = torch.autograd.grad((y * weight).sum(), inputs)
+            return [t.detach().cpu() for t in (y, *grads)]  # .cpu() waits for the kernels
+
+    try:
+        results = run(scan_fn, device)
+    except Exception as e:  # a launch failure (no kernel image for this GPU), an ABI error, ...
+        return f"its smoke call on {device} failed ({_first_line(e)})"
+    for name, got, expected in zip(("output", "grad u", "grad delta", "grad A", "grad B", "grad C", "grad D",
+                                    "grad delta_bias"), results, run(selective_scan_reference, torch.device("cpu"))):
+        error = ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+        if not error <= _SMOKE_TOLERANCE:  # also NaN
+            return f"its smoke call on {device} returned a wrong {name} (relative error {error:.1e})"
+    return None
+
+
+class FusedKernelProbe:
+    """Whether mamba-ssm's fused kernel can run on a CUDA device. The import is attempted once per probe (a failure
+    is kept, not retried), the smoke call once per device; ``smoke(scan_fn, device) -> reason or None``."""
+
+    def __init__(self, smoke=smoke_call):
+        self._smoke = smoke
+        self._import_result = None  # (interface module or None, reason or None) after the first attempt
+        self._device_problems: dict[int, str | None] = {}
+
+    def _import(self):
+        if self._import_result is None:
+            try:
+                interface = importlib.import_module(INTERFACE)
+            except Exception as e:  # ImportError, or an extension that fails to load (undefined symbol, ...)
+                if isinstance(e, ModuleNotFoundError) and e.name == "mamba_ssm":
+                    reason = "mamba-ssm is not installed"
+                else:
+                    reason = f"mamba-ssm {mamba_ssm_version()} cannot be imported ({_first_line(e)})"
+                self._import_result = (None, reason)
+            else:
+                extension = getattr(interface, "selective_scan_cuda", None)
+                if all(callable(getattr(extension, name, None)) for name in ("fwd", "bwd")):
+                    self._import_result = (interface, None)
+                else:
+                    self._import_result = (None, f"mamba-ssm {mamba_ssm_version()} is installed without its compiled "
+                                                 "selective-scan extension (selective_scan_cuda)")
+        return self._import_result
+
+    def scan_fn(self):
+        """mamba-ssm's ``selective_scan_fn`` (after a successful :meth:`problem`)."""
+        interface, reason = self._import()
+        if interface is None:
+            raise RuntimeError(reason)
+        return interface.selective_scan_fn
+
+    def problem(self, device: torch.device) -> str | None:
+        """None when the fused kernel runs on CUDA ``device``, else why it cannot (cached per device)."""
+        interface, reason = self._import()
+        if reason is not None:
+            return reason
+        index = device.index if device.index is not None else (
+            torch.cuda.current_device() if torch.cuda.is_available() else 0)
+        if index not in self._device_problems:
+            failure = self._smoke(interface.selective_scan_fn, torch.device("cuda", index))
+            self._device_problems[index] = None if failure is None else \
+                f"mamba-ssm {mamba_ssm_version()}'s fused kernel: {failure}"
+        return self._device_problems[index]
+
+    def fix(self) -> str:
+        """How to install or rebuild mamba-ssm so that the fused kernel works (a command line)."""
+        version = mamba_ssm_version()
+        if version == "not installed":
+            return 'MAMBA_KEEP_CUDA_BUILD=TRUE pip install --no-build-isolation "nnunetv2-cipa[cuda]"'
+        return (f'MAMBA_FORCE_BUILD=TRUE MAMBA_KEEP_CUDA_BUILD=TRUE pip install --no-build-isolation --no-cache-dir '
+                f'--force-reinstall --no-deps "mamba-ssm=={version}" (builds it for this torch; docs/usage.md, '
+                '"0. Install": building for this GPU only)')
+
+
+PROBE = FusedKernelProbe()
+
+
+def cuda_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """The whole operator through mamba-ssm's kernel, in float32 (contiguous copies); returns u's dtype."""
+    args = [t.float().contiguous() for t in (u, delta, A, B, C)]
+    out = PROBE.scan_fn()(*args, D=None if D is None else D.float(), z=None if z is None else z.float(),
+                          delta_bias=None if delta_bias is None else delta_bias.float(), delta_softplus=delta_softplus)
+    return out.to(u.dtype)

@@ -1,0 +1,216 @@
+"""Backend choice on a GPU without a GPU: mamba-ssm stubbed in sys.modules, the CUDA device faked (a device object;
+the probe's smoke call runs on the CPU), so the rules for ``auto``, the warning, the caches and the report are tested
+in CI."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+
+from nnunetv2_cipa.doctor import scan_backend_rows
+from nnunetv2_cipa.ops import backends, cuda_scan
+from nnunetv2_cipa.ops.backend_report import scan_backend_report
+from nnunetv2_cipa.ops.backends import resolve_backend
+from nnunetv2_cipa.ops.cuda_scan import FusedKernelProbe, smoke_call
+from nnunetv2_cipa.ops.reference_scan import selective_scan_reference
+
+GPU = torch.device("cuda", 0)
+INTERFACE = "mamba_ssm.ops.selective_scan_interface"
+UNDEFINED_SYMBOL = ("/site-packages/selective_scan_cuda.cpython-311-x86_64-linux-gnu.so: undefined symbol: "
+                    "_ZN3c104cuda9SetDeviceEib")
+
+
+class SmokeOnCpu:
+    """The probe's smoke call, counted, run on the CPU in place of the faked GPU (or a fixed failure)."""
+
+    def __init__(self, failure: str | None = None):
+        self.devices, self.failure = [], failure
+
+    def __call__(self, scan_fn, device):
+        self.devices.append(device)
+        return self.failure if self.failure is not None else smoke_call(scan_fn, torch.device("cpu"))
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    """A new probe (no cached import or smoke result), no warning printed yet, no scan-backend variable."""
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setattr(backends, "_warned_devices", set())
+
+    def install(smoke=None):
+        probe = FusedKernelProbe(smoke=smoke or SmokeOnCpu())
+        monkeypatch.setattr(cuda_scan, "PROBE", probe)
+        return probe
+
+    return install
+
+
+def stub_mamba(monkeypatch, extension="working", calls=None):
+    """mamba_ssm, mamba_ssm.ops and the interface module in sys.modules; ``extension`` "working" (fwd and bwd),
+    None (an install without the compiled extension) or "absent" (no attribute at all)."""
+    interface = types.ModuleType(INTERFACE)
+
+    def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+        if calls is not None:
+            calls.append({"dtypes": {t.dtype for t in (u, delta, A, B, C)},
+                          "contiguous": all(t.is_contiguous() for t in (u, delta, B, C)),
+                          "D": D is not None, "z": z is not None, "softplus": delta_softplus})
+        return selective_scan_reference(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                        delta_softplus=delta_softplus)
+
+    interface.selective_scan_fn = selective_scan_fn
+    if extension == "working":
+        interface.selective_scan_cuda = types.SimpleNamespace(fwd=lambda *a: None, bwd=lambda *a: None)
+    elif extension is None:
+        interface.selective_scan_cuda = None
+    for name in ("mamba_ssm", "mamba_ssm.ops"):
+        package = types.ModuleType(name)
+        package.__path__ = []
+        monkeypatch.setitem(sys.modules, name, package)
+    monkeypatch.setitem(sys.modules, INTERFACE, interface)
+
+
+class FailingImport:
+    """A meta-path finder that fails the interface's import as an extension built for another torch does."""
+
+    def __init__(self):
+        self.attempts = 0
+
+    def find_spec(self, name, path=None, target=None):
+        if name == INTERFACE:
+            self.attempts += 1
+            raise ImportError(UNDEFINED_SYMBOL)
+        return None
+
+
+def test_working_extension_selects_cuda(fresh_state, monkeypatch, capsys):
+    smoke = SmokeOnCpu()
+    fresh_state(smoke)
+    stub_mamba(monkeypatch)
+    assert [resolve_backend(None, GPU) for _ in range(3)] == ["cuda"] * 3
+    assert smoke.devices == [GPU]  # the smoke call ran once for the device and was cached
+    assert resolve_backend("cuda", GPU) == "cuda"
+    assert capsys.readouterr().err == ""
+    report = scan_backend_report(GPU)
+    assert (report["backend"], report["fused_kernel_problem"], report["fix"]) == ("cuda", None, None)
+
+
+def test_cuda_backend_calls_the_fused_function_in_float32(fresh_state, monkeypatch):
+    """The cuda row of the table hands mamba-ssm's function float32 contiguous inputs with D, z and the bias, and
+    returns u's dtype (run here on CPU tensors through the stub, which computes the reference)."""
+    fresh_state()
+    calls = []
+    stub_mamba(monkeypatch, calls=calls)
+    gen = torch.Generator().manual_seed(0)
+    u, delta, z = (torch.randn(2, 8, 30, generator=gen, dtype=torch.float64).transpose(0, 1).contiguous()
+                   .transpose(0, 1) for _ in range(3))  # non-contiguous float64
+    A, B, C = -torch.rand(8, 4, generator=gen), torch.randn(2, 2, 4, 30, generator=gen), torch.randn(2, 2, 4, 30)
+    D, bias = torch.randn(8, generator=gen), torch.rand(8, generator=gen)
+    y = backends.BACKENDS["cuda"].selective_scan(u, delta, A, B, C, D, z, bias, True)
+    assert calls == [{"dtypes": {torch.float32}, "contiguous": True, "D": True, "z": True, "softplus": True}]
+    expected = selective_scan_reference(u.float(), delta.float(), A, B, C, D, z.float(), bias, True)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y.float(), expected)
+
+
+@pytest.mark.parametrize("extension", [None, "absent"])
+def test_missing_extension_falls_back_with_one_warning(fresh_state, monkeypatch, capsys, extension):
+    """An install without the compiled extension imports fine: auto takes torch and says why, once."""
+    smoke = SmokeOnCpu()
+    fresh_state(smoke)
+    stub_mamba(monkeypatch, extension=extension)
+    assert [resolve_backend(None, GPU) for _ in range(3)] == ["torch"] * 3
+    err = capsys.readouterr().err
+    assert err.count("WARNING") == 1
+    assert "cannot run on cuda:0" in err and "selective_scan_cuda" in err
+    assert "order of magnitude or more slower" in err  # the expected slowdown
+    assert "MAMBA_KEEP_CUDA_BUILD=TRUE" in err  # the fix
+    assert smoke.devices == []  # nothing to smoke-test
+    with pytest.raises(ValueError, match=r"backend 'cuda' cannot run on cuda:0: .*selective_scan_cuda.*fix: "):
+        resolve_backend("cuda", GPU)
+
+
+def test_import_error_falls_back_naming_it_and_is_not_retried(fresh_state, monkeypatch, capsys):
+    fresh_state()
+    finder = FailingImport()
+    for name in ("mamba_ssm", "mamba_ssm.ops"):
+        package = types.ModuleType(name)
+        package.__path__ = []
+        monkeypatch.setitem(sys.modules, name, package)
+    monkeypatch.delitem(sys.modules, INTERFACE, raising=False)
+    monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
+    assert [resolve_backend(None, GPU) for _ in range(3)] == ["torch"] * 3
+    assert resolve_backend(None, torch.device("cuda", 1)) == "torch"
+    assert finder.attempts == 1  # the failed import is cached, for every device
+    err = capsys.readouterr().err
+    assert err.count("WARNING") == 2  # once per device
+    assert "ImportError: " + UNDEFINED_SYMBOL in err
+    with pytest.raises(ValueError, match="undefined symbol"):
+        resolve_backend("cuda", GPU)
+
+
+def test_failed_smoke_call_falls_back_per_device(fresh_state, monkeypatch, capsys):
+    failure = "its smoke call on cuda:0 failed (RuntimeError: CUDA error: no kernel image is available)"
+    smoke = SmokeOnCpu(failure)
+    fresh_state(smoke)
+    stub_mamba(monkeypatch)
+    assert resolve_backend(None, GPU) == resolve_backend(None, GPU) == "torch"
+    assert resolve_backend(None, torch.device("cuda", 1)) == "torch"
+    assert smoke.devices == [GPU, torch.device("cuda", 1)]  # once per device
+    assert "no kernel image is available" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is not None, reason="mamba-ssm is installed")
+def test_mamba_ssm_not_installed(fresh_state, capsys):
+    fresh_state()
+    assert resolve_backend(None, GPU) == "torch"
+    err = capsys.readouterr().err
+    assert "mamba-ssm is not installed" in err and 'pip install --no-build-isolation "nnunetv2-cipa[cuda]"' in err
+
+
+def test_smoke_call_checks_values_and_reports_errors():
+    cpu = torch.device("cpu")
+    assert smoke_call(selective_scan_reference, cpu) is None
+
+    def raises(*args, **kwargs):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device\nCUDA kernel "
+                           "errors might be asynchronously reported")
+
+    assert smoke_call(raises, cpu) == ("its smoke call on cpu failed (RuntimeError: CUDA error: no kernel image is "
+                                       "available for execution on the device)")
+    doubled = smoke_call(lambda *a, **k: 2 * selective_scan_reference(*a, **k), cpu)
+    assert doubled.startswith("its smoke call on cpu returned a wrong output")
+    nan = smoke_call(lambda *a, **k: selective_scan_reference(*a, **k) * float("nan"), cpu)
+    assert "wrong output" in nan
+
+
+def test_report_prints_nothing_and_doctor_flags_the_unusable_kernel(fresh_state, monkeypatch, capsys):
+    fresh_state()
+    stub_mamba(monkeypatch, extension=None)
+    report = scan_backend_report(GPU)
+    assert capsys.readouterr().err == ""  # data only: the warning belongs to the scans
+    assert set(report) == {"device", "requested", "backend", "torch", "cuda", "mamba_ssm", "gpu",
+                           "fused_kernel_problem", "fix"}
+    assert (report["device"], report["requested"], report["backend"]) == ("cuda:0", "auto", "torch")
+    assert report["torch"] == torch.__version__ and "selective_scan_cuda" in report["fused_kernel_problem"]
+    rows = scan_backend_rows(report, ["torch", "reference"])
+    problems = [value for item, value, ok in rows if not ok]
+    assert len(problems) == 1
+    assert problems[0].startswith("CUDA present but fused kernel unusable: ") and report["fix"] in problems[0]
+
+
+def test_report_on_the_cpu(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    report = scan_backend_report("cpu")
+    assert report["backend"] == resolve_backend(None, torch.device("cpu"))
+    assert (report["gpu"], report["fused_kernel_problem"], report["fix"]) == (None, None, None)
+    if importlib.util.find_spec("mamba_ssm") is None:
+        assert report["mamba_ssm"] == "not installed"
+    assert all(ok for _, _, ok in scan_backend_rows(report, backends.available_backends()))
+    monkeypatch.setenv(backends.ENV_VAR, "cuda")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        scan_backend_report("cpu")
