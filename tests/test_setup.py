@@ -15,7 +15,10 @@ from nnunetv2_cipa import torchvision_fix
 from nnunetv2_cipa.trainer_discovery import ext_trainer_path, find_trainer_class
 
 ALL_TRAINERS = ("nnUNetTrainerCIPA", "nnUNetTrainerCIPA_noCRM", "nnUNetTrainerCIPA_noDCIM", "nnUNetTrainerCIPA_noMamba",
-                "nnUNetTrainerCIPA_pretrained", "nnUNetTrainerCIPAMicro", "nnUNetTrainerCIPA_debug",
+                "nnUNetTrainerCIPA_pretrained", "nnUNetTrainerCIPA_bf16", "nnUNetTrainerCIPA_noAMP",
+                "nnUNetTrainerCIPA_checkpointing", "nnUNetTrainerCIPA_accumulate", "nnUNetTrainerCIPA_paper",
+                "nnUNetTrainerCIPA_paper_pretrained", "nnUNetTrainerCIPA_paper_frozenSSM",
+                "nnUNetTrainerCIPA_paper_debug", "nnUNetTrainerCIPAMicro", "nnUNetTrainerCIPA_debug",
                 "nnUNetTrainerVanilla_debug", "nnUNetTrainerCIPAMicro_demo", "nnUNetTrainerVanilla_demo")
 
 

@@ -14,17 +14,17 @@ from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import Dow
 
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.training.cipa_trainer import nnUNetTrainerCIPA, unwrap, weight_decay_groups
 from nnunetv2_cipa.trainer_discovery import find_trainer_class
 from nnunetv2_cipa.training.lr_schedule import WarmupPolyLRScheduler
-from nnunetv2_cipa.training.variants import PRETRAINED_ENV_VAR
+from nnunetv2_cipa.training.pretrained_encoder import PRETRAINED_ENV_VAR
 
 from test_setup import ALL_TRAINERS
 
-# the pretrained trainer builds the same network as nnUNetTrainerCIPA; its checkpoint handling is tested below
-CIPA_TRAINERS = [t for t in ALL_TRAINERS if "CIPA" in t and t != "nnUNetTrainerCIPA_pretrained"]
-MICRO_TRAINERS = ("nnUNetTrainerCIPAMicro", "nnUNetTrainerCIPA_debug", "nnUNetTrainerCIPAMicro_demo")
+# the pretrained trainers build the same networks as their bases; their checkpoint handling is tested below
+CIPA_TRAINERS = [t for t in ALL_TRAINERS if "CIPA" in t and "pretrained" not in t]
+MICRO_TRAINERS = ("nnUNetTrainerCIPAMicro", "nnUNetTrainerCIPA_debug", "nnUNetTrainerCIPAMicro_demo",
+                  "nnUNetTrainerCIPA_paper_debug")
 
 
 def plans_with_patch(planned_dataset, patch_size) -> dict:
@@ -72,7 +72,8 @@ def test_network_from_real_plans(name, patch_size, nnunet_paths):
             assert network(x).shape == (2, 2, *configuration.patch_size)
     names = {n.split(".")[0] for n, _ in network.named_parameters()}
     assert ("crm" in names) == cls.use_crm and ("dcim" in names) == cls.use_dcim
-    assert any(n.endswith("A_logs") for n, _ in network.named_parameters()) == cls.use_mamba
+    assert any(n.endswith("A_logs") for n, _ in network.named_parameters()) == (cls.token_mixer == "selective_scan")
+    assert network.decoder.head.weight.shape[0] == (1 if cls.binary_logit else 2)
 
 
 @pytest.mark.parametrize("patch_size", [None, (80, 112)], ids=["planned", "80x112"])
@@ -154,16 +155,21 @@ def test_compile_only_on_opt_in(nnunet_paths, monkeypatch):
     assert trainer._do_i_compile() is False
 
 
-def test_pretrained_trainer_needs_a_checkpoint(nnunet_paths, monkeypatch, tmp_path):
+def test_pretrained_trainer_needs_the_checkpoint_only_to_start_training(nnunet_paths, monkeypatch, tmp_path):
+    """--val, --c and prediction load our own checkpoints: only a fresh training needs nnUNet_CIPA_pretrained."""
     monkeypatch.delenv(PRETRAINED_ENV_VAR, raising=False)
-    with pytest.raises(InputError, match=PRETRAINED_ENV_VAR):
-        make_trainer("nnUNetTrainerCIPA_pretrained", nnunet_paths)
+    trainer = make_trainer("nnUNetTrainerCIPA_pretrained", nnunet_paths)  # constructing it needs nothing
+    trainer.initialize()  # what --val and --c do before loading the checkpoint
+    assert trainer.imagenet_encoder_loaded is False
+    with pytest.raises(SystemExit, match=PRETRAINED_ENV_VAR):
+        trainer.on_train_start()
     monkeypatch.setenv(PRETRAINED_ENV_VAR, str(tmp_path / "missing.pth"))
-    with pytest.raises(InputError, match="missing.pth"):
-        make_trainer("nnUNetTrainerCIPA_pretrained", nnunet_paths)
+    with pytest.raises(SystemExit, match="missing.pth: no such file"):
+        make_trainer("nnUNetTrainerCIPA_paper_pretrained", nnunet_paths).initialize()
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, plans: dict, queue) -> None:
+def _ddp_worker(rank: int, world_size: int, port: int, plans: dict, trainer: str, deep_supervision: bool,
+                queue) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -171,20 +177,24 @@ def _ddp_worker(rank: int, world_size: int, port: int, plans: dict, queue) -> No
     torch.manual_seed(0)
     manager = PlansManager(plans)
     configuration = manager.get_configuration("2d")
-    network = find_trainer_class("nnUNetTrainerCIPA_debug").build_network_architecture(manager, configuration, 2, 2,
-                                                                                         True)
+    network = find_trainer_class(trainer).build_network_architecture(manager, configuration, 2, 2, deep_supervision)
     ddp = torch.nn.parallel.DistributedDataParallel(network)  # find_unused_parameters=False, as in nnU-Net
     patch = configuration.patch_size
     for _ in range(2):  # DDP reports unused parameters on the iteration after they were missed
         outputs = ddp(torch.rand(2, 2, *patch))
-        sum(o.float().mean() for o in outputs).backward()
-    queue.put((rank, sum(float(p.grad.abs().sum()) for p in network.parameters())))
+        sum(o.float().mean() for o in (outputs if deep_supervision else [outputs])).backward()
+    trained = [p for p in network.parameters() if p.requires_grad]
+    assert all(p.grad is not None for p in trained)
+    queue.put((rank, sum(float(p.grad.abs().sum()) for p in trained)))
     dist.destroy_process_group()
 
 
-def test_ddp_two_processes_no_unused_parameters(nnunet_paths):
-    """nnU-Net wraps the network in DDP without find_unused_parameters: every parameter must get a gradient
-    (run with gloo on CPU; nnU-Net's own -num_gpus path needs CUDA)."""
+@pytest.mark.parametrize("trainer, deep_supervision", [("nnUNetTrainerCIPA_debug", True),
+                                                       ("nnUNetTrainerCIPA_paper_debug", False)])
+def test_ddp_two_processes_no_unused_parameters(nnunet_paths, trainer, deep_supervision):
+    """nnU-Net wraps the network in DDP without find_unused_parameters: every trained parameter must get a gradient
+    (without deep supervision the auxiliary heads are frozen; run with gloo on CPU, nnU-Net's own -num_gpus path
+    needs CUDA)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -194,7 +204,8 @@ def test_ddp_two_processes_no_unused_parameters(nnunet_paths):
         port = s.getsockname()[1]
     context = mp.get_context("spawn")
     queue = context.Queue()
-    mp.start_processes(_ddp_worker, args=(2, port, nnunet_paths.plans(), queue), nprocs=2, join=True,
+    mp.start_processes(_ddp_worker, args=(2, port, nnunet_paths.plans(), trainer, deep_supervision, queue), nprocs=2,
+                       join=True,
                        start_method="spawn")
     grads = dict(queue.get() for _ in range(2))
     assert set(grads) == {0, 1} and all(g > 0 for g in grads.values())

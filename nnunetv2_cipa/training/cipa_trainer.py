@@ -1,22 +1,31 @@
 """nnUNetTrainerCIPA: the CIPA network trained by the stock nnU-Net 2.8 pipeline.
 
-What differs from nnU-Net's default trainer, and why:
+What differs from nnU-Net's default trainer, and why (docs/recipes.md compares every item with the official code):
 - network: ``CIPA`` (preset ``tiny``) built from ``configuration_manager.patch_size``; CT is input channel 0
   (``_0000``), PET channel 1 (``_0001``), the convention of ``nnunetv2_cipa convert``. With the default ``rgb_to_0_1``
   normalisation the network maps [0, 1] to the official [-1.6, 1.6] range itself.
+- batch size: the planned one if it fits the GPU, else what fits by ``memory_model`` (env ``nnUNet_CIPA_batch_size``
+  overrides); a reduced batch keeps the planned fraction of foreground-oversampled samples (probabilistic
+  oversampling). ``accumulate_to_planned_batch`` keeps the planned batch instead, computed in micro-batches.
 - optimiser: AdamW (betas 0.9/0.999, weight decay 0.01 as in the official recipe) with no weight decay on norms,
   biases and SSM parameters (A_log, D, dt bias); every parameter is optimised (the official grouping froze 8.67 M).
 - schedule: linear warm-up over ``warmup_epochs`` (at most a tenth of the epochs) then nnU-Net's polynomial decay;
   nnU-Net's epoch length is kept so CIPA and vanilla nnU-Net get the same number of iterations.
-- deep supervision: on, with the network's auxiliary heads at strides 4, 8 and 16; targets are downsampled by nnU-Net
-  to the same sizes; loss weights 1, 1/2, 1/4, 1/8 (normalised; unlike nnU-Net's default the last head is not
-  zero-weighted, because its parameters would otherwise never train).
+- deep supervision: on, with the network's auxiliary heads at its deep-supervision strides (4, 8, 16); targets are
+  downsampled by nnU-Net to the same sizes; loss weights 1, 1/2, 1/4, 1/8 (normalised; unlike nnU-Net's default the
+  last head is not zero-weighted, because its parameters would otherwise never train). Without deep supervision the
+  auxiliary heads are frozen (so DDP needs no find_unused_parameters).
+- training step: nnU-Net's (fp16 autocast + GradScaler on CUDA, gradient norm clipped at ``grad_clip_norm``), plus a
+  stop with a clear message at the first non-finite loss, micro-batches when accumulating, and activation
+  checkpointing when ``activation_checkpointing`` or env ``nnUNet_CIPA_checkpointing=1``. ``network_autocast``
+  (bf16 / float32 variants) fixes the network's own precision in training, validation and prediction alike.
 - torch.compile: off unless ``nnUNet_compile`` is set to true (the scan kernels are not compile-friendly).
-- AMP: nnU-Net's fp16 autocast on CUDA; the selective scan always runs in float32 inside the operator.
+- the scan backend, torch / CUDA / mamba-ssm versions and the GPU go into the training log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -28,11 +37,17 @@ from torch.nn.parallel import DistributedDataParallel
 from nnunetv2.preprocessing.normalization.default_normalization_schemes import RGBTo01Normalization
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunetv2_cipa.network import CIPA, DEEP_SUPERVISION_STRIDES, OFFICIAL_INPUT_SCALE_SHIFT
+from nnunetv2_cipa.network import CIPA, OFFICIAL_INPUT_SCALE_SHIFT
+from nnunetv2_cipa.ops.backend_report import scan_backend_report
+from nnunetv2_cipa.ops.backends import resolve_backend
 from nnunetv2_cipa.training.lr_schedule import WarmupPolyLRScheduler
+from nnunetv2_cipa.training.memory_model import choose_batch_size
+from nnunetv2_cipa.training.pretrained_encoder import imagenet_checkpoint_path, missing_checkpoint_message
 
+CHECKPOINTING_ENV_VAR = "nnUNet_CIPA_checkpointing"
 
 
 def unwrap(network: nn.Module) -> nn.Module:
@@ -46,7 +61,7 @@ def unwrap(network: nn.Module) -> nn.Module:
 
 def weight_decay_groups(network: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW parameter groups: decay on weight matrices/kernels; none on biases, norms (ndim <= 1) and parameters
-    marked ``_no_weight_decay`` (A_log, D, dt bias)."""
+    marked ``_no_weight_decay`` (A_log, D, dt bias). Frozen parameters are left out."""
     decay, no_decay = [], []
     for param in network.parameters():
         if not param.requires_grad:
@@ -58,13 +73,46 @@ def weight_decay_groups(network: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def oversampled_fraction(batch_size: int, oversample_foreground_percent: float) -> float:
+    """Fraction of a batch nnU-Net's data loader fills with foreground-centred samples (its last
+    batch - round(batch * (1 - percent)) samples)."""
+    return (batch_size - round(batch_size * (1 - oversample_foreground_percent))) / batch_size
+
+
+def scan_backend_log_line(device: torch.device) -> str:
+    """One training-log line: the scan backend in use on ``device`` and the versions and GPU behind it."""
+    r = scan_backend_report(device)
+    gpu = f" ({r['gpu']})" if r["gpu"] else ""
+    line = (f"Selective scan: backend {r['backend']} on {r['device']}{gpu} (requested {r['requested']}); "
+            f"torch {r['torch']}, CUDA {r['cuda']}, mamba-ssm {r['mamba_ssm']}")
+    if r["fused_kernel_problem"]:
+        line += f"; mamba-ssm's fused kernel is unusable: {r['fused_kernel_problem']} (fix: {r['fix']})"
+    return line
+
+
+def env_flag(name: str) -> bool:
+    """True for 1/true/yes, False when unset, empty or 0/false/no; ValueError otherwise."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("", "0", "false", "no"):
+        return False
+    raise ValueError(f"{name}={value!r}: expected 1/true/yes or 0/false/no")
+
+
 class nnUNetTrainerCIPA(nnUNetTrainer):
     """CIPA (preset ``tiny``, faithful to the official sigma_tiny model) under nnU-Net's pipeline."""
 
     cipa_preset = "tiny"
     use_crm = True
     use_dcim = True
-    use_mamba = True
+    token_mixer = "selective_scan"
+    binary_logit = False  # one sigmoid logit served as the two-class logits [0, z] (the paper recipe)
+    imagenet_encoder = False  # start the shared encoder from env nnUNet_CIPA_pretrained's VMamba checkpoint
+    activation_checkpointing = False  # or env nnUNet_CIPA_checkpointing=1
+    accumulate_to_planned_batch = False  # keep the planned batch on a small GPU, in micro-batches
+    network_autocast: torch.dtype | None = None  # None: nnU-Net's fp16 autocast on CUDA; bf16 or float32: fixed
+    grad_clip_norm: float | None = 12.0  # nnU-Net's
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -72,6 +120,11 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         self.initial_lr = 2e-4
         self.weight_decay = 1e-2
         self.warmup_epochs = 10
+        self.micro_batch_size: int | None = None  # set when accumulating to the planned batch
+        self.iteration_in_epoch = 0
+        self.imagenet_encoder_loaded = False
+        if self.network_autocast is not None:
+            self.grad_scaler = None  # loss scaling is for fp16 only
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -87,15 +140,19 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         schemes = configuration_manager.normalization_schemes
         rgb_to_0_1 = all(s == RGBTo01Normalization.__name__ for s in schemes)
         scale, shift = OFFICIAL_INPUT_SCALE_SHIFT if rgb_to_0_1 else (1.0, 0.0)
-        return CIPA(num_classes=num_output_channels, patch_size=patch_size, preset=cls.cipa_preset,
-                    in_channels=num_input_channels, ct_channel=0, pet_channel=1, use_crm=cls.use_crm,
-                    use_dcim=cls.use_dcim, use_mamba=cls.use_mamba, deep_supervision=enable_deep_supervision,
-                    input_scale=scale, input_shift=shift)
+        network = CIPA(num_classes=num_output_channels, patch_size=patch_size, preset=cls.cipa_preset,
+                       in_channels=num_input_channels, ct_channel=0, pet_channel=1, use_crm=cls.use_crm,
+                       use_dcim=cls.use_dcim, token_mixer=cls.token_mixer, deep_supervision=enable_deep_supervision,
+                       binary_logit=cls.binary_logit, input_scale=scale, input_shift=shift,
+                       autocast_dtype=cls.network_autocast)
+        if not enable_deep_supervision:
+            network.decoder.aux_heads.requires_grad_(False)  # unused: kept only so that checkpoints load either way
+        return network
 
     def _get_deep_supervision_scales(self):
         if not self.enable_deep_supervision:
             return None
-        return [[1.0, 1.0]] + [[1.0 / s, 1.0 / s] for s in DEEP_SUPERVISION_STRIDES]
+        return [[1.0, 1.0]] + [[1.0 / s, 1.0 / s] for s in unwrap(self.network).deep_supervision_strides]
 
     def _build_loss(self):
         loss = super()._build_loss()
@@ -113,3 +170,146 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         warmup = min(self.warmup_epochs, self.num_epochs // 10)  # short (debug) schedules get a shorter warm-up
         scheduler = WarmupPolyLRScheduler(optimizer, self.initial_lr, warmup, self.num_epochs)
         return optimizer, scheduler
+
+    # ---- batch size, precision and checkpointing -------------------------------------------------------------
+
+    def checkpointing_enabled(self) -> bool:
+        """The class setting, or env nnUNet_CIPA_checkpointing=1."""
+        return self.activation_checkpointing or self._config(env_flag, CHECKPOINTING_ENV_VAR)
+
+    def training_autocast_dtype(self) -> torch.dtype:
+        """Width of the stored activations: float16 under nnU-Net's CUDA autocast, else the network's own."""
+        if self.network_autocast is not None:
+            return self.network_autocast
+        return torch.float16 if self.device.type == "cuda" else torch.float32
+
+    def _config(self, read, *args):
+        """A user setting read by ``read(*args)``; a bad value stops with its message instead of a traceback."""
+        try:
+            return read(*args)
+        except ValueError as e:
+            raise SystemExit(f"{self.__class__.__name__}: {e}") from e
+
+    def _parameter_count(self) -> int:
+        """Parameters of this trainer's network, counted on the meta device (nothing allocated)."""
+        channels = determine_num_input_channels(self.plans_manager, self.configuration_manager, self.dataset_json)
+        with torch.device("meta"):
+            network = self.build_network_architecture(self.plans_manager, self.configuration_manager, channels,
+                                                      self.label_manager.num_segmentation_heads,
+                                                      self.enable_deep_supervision)
+        return sum(p.numel() for p in network.parameters())
+
+    def _set_batch_size_and_oversample(self):
+        super()._set_batch_size_and_oversample()  # the planned batch (per GPU under DDP)
+        planned = self.batch_size
+        cuda = self.device.type == "cuda"
+        choice = self._config(choose_batch_size, planned, self.device, self.cipa_preset,
+                              self.configuration_manager.patch_size, self._parameter_count() if cuda else 0,
+                              resolve_backend(None, self.device), self.training_autocast_dtype(),
+                              self.checkpointing_enabled())
+        self.print_to_log_file(choice.log_line())
+        if self.accumulate_to_planned_batch:
+            self.micro_batch_size = min(choice.chosen, planned)
+            self.print_to_log_file(f"Keeping the planned batch of {planned}: gradients accumulated over micro-batches "
+                                   f"of {self.micro_batch_size}")
+        elif choice.chosen != planned:
+            fraction = oversampled_fraction(planned, self.oversample_foreground_percent)
+            self.batch_size = choice.chosen
+            self.oversample_foreground_percent, self.probabilistic_oversampling = fraction, True
+            self.print_to_log_file(f"Foreground oversampling: each sample with probability {fraction:.3f}, the "
+                                   f"fraction of the planned batch of {planned}")
+
+    # ---- set-up and logging ----------------------------------------------------------------------------------
+
+    def initialize(self):
+        super().initialize()
+        network = unwrap(self.network)
+        network.activation_checkpointing = self.checkpointing_enabled()
+        if network.activation_checkpointing:
+            self.print_to_log_file("Activation checkpointing: on (every encoder, fusion and decoder stage is "
+                                   "recomputed in backward)")
+        self.print_to_log_file(scan_backend_log_line(self.device))
+        if self.imagenet_encoder:
+            self._maybe_load_imagenet_encoder()
+
+    def _maybe_load_imagenet_encoder(self) -> None:
+        """Load the ImageNet encoder if nnUNet_CIPA_pretrained is set; a fresh training without it stops in
+        on_train_start (``--val``, ``--c`` and prediction never need it: they load our own checkpoints)."""
+        from nnunetv2_cipa.pretrained import load_vmamba_checkpoint
+
+        path = self._config(imagenet_checkpoint_path)
+        self.imagenet_encoder_loaded = path is not None
+        if path is not None:
+            report = load_vmamba_checkpoint(unwrap(self.network), path)
+            self.print_to_log_file(f"Loaded the ImageNet VMamba encoder from {path.parent}/{report.summary()}")
+
+    def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()
+        if self.imagenet_encoder and self.current_epoch == 0 and not self.imagenet_encoder_loaded:
+            raise SystemExit(f"{self.__class__.__name__}: {missing_checkpoint_message()}")
+        super().on_train_start()
+
+    def on_train_epoch_start(self):
+        self.iteration_in_epoch = 0
+        super().on_train_epoch_start()
+
+    # ---- the training step -----------------------------------------------------------------------------------
+
+    def _step_autocast(self):
+        """nnU-Net's fp16 autocast on CUDA, unless the network fixes its own precision."""
+        if self.device.type == "cuda" and self.network_autocast is None:
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def _micro_batches(self, data: torch.Tensor, target):
+        """(data, target, weight) chunks of at most ``micro_batch_size`` samples (the whole batch otherwise)."""
+        size = self.micro_batch_size or data.shape[0]
+        starts = range(0, data.shape[0], size)
+        for start in starts:
+            part = slice(start, start + size)
+            chunk_target = [t[part] for t in target] if isinstance(target, list) else target[part]
+            yield data[part], chunk_target, data[part].shape[0] / data.shape[0]
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            lr = self.optimizer.param_groups[0]["lr"]
+            raise FloatingPointError(
+                f"{self.__class__.__name__}: the training loss is {loss.item()} at epoch {self.current_epoch}, "
+                f"iteration {self.iteration_in_epoch} (lr {lr:.3g}); training stopped before this step changed the "
+                f"weights. Try the bf16 or float32 variant (nnUNetTrainerCIPA_bf16, _noAMP) or a lower learning rate")
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for data_part, target_part, weight in self._micro_batches(data, target):
+            with self._step_autocast():
+                loss = self.loss(self.network(data_part), target_part) * weight
+            self._check_finite(loss)
+            (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
+            total += loss.detach()
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)
+        if self.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+        self.iteration_in_epoch += 1
+        return {"loss": total.cpu().numpy()}
+
+    def validation_step(self, batch: dict) -> dict:
+        """nnU-Net's validation step, per micro-batch when accumulating (counts summed, loss averaged)."""
+        if self.micro_batch_size is None:
+            return super().validation_step(batch)
+        parts = [(super(nnUNetTrainerCIPA, self).validation_step({"data": d, "target": t}), w)
+                 for d, t, w in self._micro_batches(batch["data"], batch["target"])]
+        merged = {key: sum(p[key] for p, _ in parts) for key in ("tp_hard", "fp_hard", "fn_hard")}
+        merged["loss"] = sum(p["loss"] * w for p, w in parts)
+        return merged

@@ -1,18 +1,13 @@
-"""Trainer variants: ablations, the pretrained encoder, and CPU-sized schedules. Each changes one thing."""
+"""Trainer variants: ablations, the pretrained encoder, precision, memory, and CPU-sized schedules. Each changes
+one thing."""
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_cipa.errors import InputError
-from nnunetv2_cipa.training.cipa_trainer import nnUNetTrainerCIPA, unwrap
-
-PRETRAINED_ENV_VAR = "nnUNet_CIPA_pretrained"
+from nnunetv2_cipa.training.cipa_trainer import nnUNetTrainerCIPA
 
 
 class nnUNetTrainerCIPA_noCRM(nnUNetTrainerCIPA):
@@ -30,36 +25,37 @@ class nnUNetTrainerCIPA_noDCIM(nnUNetTrainerCIPA):
 class nnUNetTrainerCIPA_noMamba(nnUNetTrainerCIPA):
     """Control: every selective scan replaced by a parameter-matched non-SSM token mixer."""
 
-    use_mamba = False
+    token_mixer = "memoryless"
 
 
 class nnUNetTrainerCIPA_pretrained(nnUNetTrainerCIPA):
     """The shared encoder starts from an ImageNet VMamba-T checkpoint given by env ``nnUNet_CIPA_pretrained``."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.pretrained_checkpoint = pretrained_checkpoint_path()
-
-    def initialize(self):
-        from nnunetv2_cipa.pretrained import load_vmamba_checkpoint
-
-        super().initialize()
-        report = load_vmamba_checkpoint(unwrap(self.network), self.pretrained_checkpoint)
-        self.print_to_log_file(f"Loaded the ImageNet VMamba encoder from {self.pretrained_checkpoint.parent}/"
-                               f"{report.summary()}")
+    imagenet_encoder = True
 
 
-def pretrained_checkpoint_path() -> Path:
-    """The checkpoint named by env nnUNet_CIPA_pretrained; InputError if unset or not a file."""
-    value = os.environ.get(PRETRAINED_ENV_VAR)
-    if not value:
-        raise InputError(f"{PRETRAINED_ENV_VAR} is not set: export it to the path of the ImageNet VMamba-T checkpoint "
-                         "(vssmtiny_dp01_ckpt_epoch_292.pth)")
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise InputError(f"{PRETRAINED_ENV_VAR}={value}: no such file")
-    return path
+class nnUNetTrainerCIPA_bf16(nnUNetTrainerCIPA):
+    """The network runs under bfloat16 autocast (training, validation and prediction), without loss scaling."""
+
+    network_autocast = torch.bfloat16
+
+
+class nnUNetTrainerCIPA_noAMP(nnUNetTrainerCIPA):
+    """The network runs in float32 (no autocast), in training, validation and prediction."""
+
+    network_autocast = torch.float32
+
+
+class nnUNetTrainerCIPA_checkpointing(nnUNetTrainerCIPA):
+    """Activation checkpointing: stages recomputed in backward, so larger batches fit a GPU (about 1.3x the step)."""
+
+    activation_checkpointing = True
+
+
+class nnUNetTrainerCIPA_accumulate(nnUNetTrainerCIPA):
+    """The planned batch (vanilla nnU-Net's) on any GPU: gradients accumulated over micro-batches that fit."""
+
+    accumulate_to_planned_batch = True
 
 
 class nnUNetTrainerCIPAMicro(nnUNetTrainerCIPA):
@@ -73,7 +69,7 @@ class nnUNetTrainerCIPAMicro(nnUNetTrainerCIPA):
         self.initial_lr = 1e-3
 
 
-def _shorten_schedule(trainer: nnUNetTrainer, epochs: int, iterations: int, val_iterations: int) -> None:
+def shorten_schedule(trainer: nnUNetTrainer, epochs: int, iterations: int, val_iterations: int) -> None:
     trainer.num_epochs = epochs
     trainer.num_iterations_per_epoch = iterations
     trainer.num_val_iterations_per_epoch = val_iterations
@@ -88,7 +84,7 @@ class nnUNetTrainerCIPA_debug(nnUNetTrainerCIPAMicro):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        _shorten_schedule(self, **DEBUG_SCHEDULE)
+        shorten_schedule(self, **DEBUG_SCHEDULE)
 
 
 class nnUNetTrainerVanilla_debug(nnUNetTrainer):
@@ -97,7 +93,7 @@ class nnUNetTrainerVanilla_debug(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        _shorten_schedule(self, **DEBUG_SCHEDULE)
+        shorten_schedule(self, **DEBUG_SCHEDULE)
 
 
 DEMO_SCHEDULE = {"epochs": 30, "iterations": 25, "val_iterations": 5}
@@ -109,7 +105,7 @@ class nnUNetTrainerCIPAMicro_demo(nnUNetTrainerCIPAMicro):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        _shorten_schedule(self, **DEMO_SCHEDULE)
+        shorten_schedule(self, **DEMO_SCHEDULE)
 
 
 class nnUNetTrainerVanilla_demo(nnUNetTrainer):
@@ -118,4 +114,4 @@ class nnUNetTrainerVanilla_demo(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        _shorten_schedule(self, **DEMO_SCHEDULE)
+        shorten_schedule(self, **DEMO_SCHEDULE)

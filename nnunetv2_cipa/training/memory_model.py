@@ -1,0 +1,130 @@
+"""How many CIPA training samples fit on a GPU: a memory model measured by benchmarks/bench_memory.py.
+
+A training step needs, besides the activations, the training state: float32 weights, their gradients and AdamW's two
+moments (16 bytes per parameter). The activations kept for backward, plus the transient buffers of backward, grow
+linearly with the batch and with the pixels of the patch, so one coefficient per (preset, scan path, activation
+width, checkpointing) gives the per-sample bytes: ``ACTIVATION_BYTES_PER_PIXEL[...] * H * W``.
+- scan path: the ``cpu`` backend reads the map in place in every scan order; ``torch``, ``cuda`` (mamba-ssm) and
+  ``reference`` gather the four scan orders into copies that are kept for backward ("gathered");
+- activation width: 4 bytes without autocast, 2 bytes under fp16 / bf16 autocast (measured under CPU bf16 autocast,
+  whose lower-precision op list matches CUDA's fp16 autocast; the selective scan and the LayerNorms stay float32);
+- checkpointing: ``CIPA.activation_checkpointing`` (stages recomputed in backward).
+Of the device's free memory ``USABLE_FRACTION`` is planned for (the rest covers the CUDA caching allocator's
+fragmentation, cuDNN workspaces and the data loader's pinned buffers). The ``torch`` backend on a GPU also needs its
+channel-block workspace. Batch = min(planned, what fits), at least 1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+BATCH_SIZE_ENV_VAR = "nnUNet_CIPA_batch_size"
+USABLE_FRACTION = 0.9
+TRAINING_STATE_BYTES_PER_PARAMETER = 16  # float32 weight + gradient + AdamW exp_avg + exp_avg_sq
+SCAN_PATHS = {"cpu": "in_place", "torch": "gathered", "cuda": "gathered", "reference": "gathered"}
+TORCH_SCAN_WORKSPACE_BYTES_CUDA = 6 * (1 << 26) * 4  # ~6 live channel blocks of 2**26 float32 state elements
+GIB = 2 ** 30
+
+# bytes per input pixel per sample of one forward + backward with deep supervision, keyed by
+# (preset, scan path, activation bytes, checkpointing); from `python benchmarks/bench_memory.py` (docs/benchmarks.md,
+# "Training memory"): tiny and micro at 512 x 512, small and base at 256 x 256 (their 512 x 512 steps exceed the
+# development machine's 24 GiB; per-pixel figures of tiny and micro agree between 256 and 512 within 3%).
+ACTIVATION_BYTES_PER_PIXEL: dict[tuple[str, str, int, bool], float] = {
+    ("micro", "in_place", 4, False): 954, ("micro", "in_place", 2, False): 614,
+    ("micro", "gathered", 4, False): 1229, ("micro", "gathered", 2, False): 1008,
+    ("tiny", "in_place", 4, False): 18055, ("tiny", "in_place", 2, False): 13091,
+}
+
+
+def activation_bytes(dtype: str | torch.dtype | None) -> int:
+    """4 for float32 activations (no autocast), 2 under fp16 / bf16 autocast."""
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    if name not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"activation dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    return 4 if name == "float32" else 2
+
+
+def activation_bytes_per_sample(preset: str, patch_size, backend: str, dtype, checkpointing: bool) -> int:
+    """Predicted training-step activation bytes of one sample of CIPA ``preset`` at ``patch_size`` (H, W)."""
+    if backend not in SCAN_PATHS:
+        raise ValueError(f"unknown scan backend {backend!r}; choose one of {sorted(SCAN_PATHS)}")
+    key = (preset, SCAN_PATHS[backend], activation_bytes(dtype), bool(checkpointing))
+    if key not in ACTIVATION_BYTES_PER_PIXEL:
+        raise ValueError(f"no measured memory coefficient for preset {preset!r} "
+                         f"(known: {sorted({k[0] for k in ACTIVATION_BYTES_PER_PIXEL})})")
+    return int(ACTIVATION_BYTES_PER_PIXEL[key] * math.prod(int(s) for s in patch_size))
+
+
+def training_state_bytes(parameters: int) -> int:
+    """Weights, gradients and AdamW moments of ``parameters`` float32 parameters."""
+    return TRAINING_STATE_BYTES_PER_PARAMETER * parameters
+
+
+def scan_workspace_bytes(backend: str, device_type: str) -> int:
+    """Scratch memory of one selective-scan call beyond its inputs: the torch backend's blocks on a GPU."""
+    return TORCH_SCAN_WORKSPACE_BYTES_CUDA if backend == "torch" and device_type == "cuda" else 0
+
+
+def fitting_batch_size(free_bytes: int, parameters: int, per_sample_bytes: int, workspace_bytes: int = 0) -> int:
+    """Samples that fit in USABLE_FRACTION of ``free_bytes`` next to the training state (0 if not even one)."""
+    budget = USABLE_FRACTION * free_bytes - training_state_bytes(parameters) - workspace_bytes
+    return max(0, int(budget // per_sample_bytes))
+
+
+@dataclass(frozen=True)
+class BatchSizeChoice:
+    """The batch a CIPA trainer uses, and why (one line for nnU-Net's training log)."""
+
+    planned: int
+    chosen: int
+    reason: str
+    per_sample_bytes: int | None = None
+
+    def log_line(self) -> str:
+        return f"CIPA batch size: planned {self.planned}, using {self.chosen} ({self.reason})"
+
+
+def batch_size_override() -> int | None:
+    """The batch size forced by env nnUNet_CIPA_batch_size, or None; ValueError unless a positive integer."""
+    value = os.environ.get(BATCH_SIZE_ENV_VAR, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{BATCH_SIZE_ENV_VAR}={value!r}: expected a positive integer")
+    return int(value)
+
+
+def choose_batch_size(planned: int, device: torch.device, preset: str, patch_size, parameters: int, backend: str,
+                      dtype, checkpointing: bool, free_bytes: int | None = None,
+                      device_name: str | None = None) -> BatchSizeChoice:
+    """The batch size for training CIPA ``preset`` on ``device``: env override, else the planned batch on a CPU,
+    else min(planned, what fits in the free GPU memory), at least 1. ``free_bytes``/``device_name`` default to
+    torch.cuda.mem_get_info / get_device_name (tests pass them)."""
+    override = batch_size_override()
+    if override is not None:
+        return BatchSizeChoice(planned, override, f"set by {BATCH_SIZE_ENV_VAR}")
+    if device.type != "cuda":
+        return BatchSizeChoice(planned, planned, f"{device.type} device: the planned batch size")
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    if device_name is None:
+        device_name = torch.cuda.get_device_name(device)
+    per_sample = activation_bytes_per_sample(preset, patch_size, backend, dtype, checkpointing)
+    workspace = scan_workspace_bytes(backend, device.type)
+    fits = fitting_batch_size(free_bytes, parameters, per_sample, workspace)
+    chosen = max(1, min(planned, fits))
+    width = "16-bit" if activation_bytes(dtype) == 2 else "float32"
+    reason = (f"{free_bytes / GIB:.1f} GiB free on {device_name}; memory model for CIPA-{preset} at "
+              f"{'x'.join(str(int(s)) for s in patch_size)}, {backend} scan, {width} activations"
+              f"{', activation checkpointing' if checkpointing else ''}: {per_sample / GIB:.2f} GiB per sample + "
+              f"{(training_state_bytes(parameters) + workspace) / GIB:.2f} GiB weights/gradients/AdamW"
+              f"{'/scan workspace' if workspace else ''}, {USABLE_FRACTION:.0%} of the free memory usable -> "
+              f"{fits} fit")
+    if fits < 1:
+        reason += ("; even one sample may not fit: enable activation checkpointing (nnUNetTrainerCIPA_checkpointing "
+                   "or nnUNet_CIPA_checkpointing=1), or free GPU memory")
+    return BatchSizeChoice(planned, chosen, reason, per_sample)
