@@ -79,6 +79,16 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_import_official(args) -> int:
+    from nnunetv2_cipa.official_import import format_report, import_official
+
+    report = import_official(args.checkpoint, args.dataset, trainer=args.trainer, plans=args.plans,
+                             configuration=args.configuration, fold=args.fold, overwrite=args.overwrite,
+                             tta=args.tta)
+    print(format_report(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunetv2_cipa", description="CIPA for nnU-Net v2 (PET-CT segmentation)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="demo_workdir", help="folder for data, results and report")
     p.add_argument("--quick", action="store_true", help="debug trainers, under 3 minutes on CPU")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("import-official", help="the authors' trained CIPA checkpoint as an nnU-Net trained-model fold")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="the official CIPA.pth (or a bare state dict)")
+    p.add_argument("-d", dest="dataset", required=True, help="planned dataset ID or name (512x512, CT + PET)")
+    p.add_argument("-tr", dest="trainer", help="trainer to record (default: nnUNetTrainerCIPA_paper if it is "
+                   "available, else nnUNetTrainerCIPA)")
+    p.add_argument("-p", dest="plans", default="nnUNetPlans")
+    p.add_argument("-c", dest="configuration", default="2d")
+    p.add_argument("--fold", default="all", help="fold folder to write (default all: predict with -f all)")
+    p.add_argument("--tta", action="store_true",
+                   help="let nnUNetv2_predict mirror (test-time augmentation; the official protocol has none)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing fold folder")
+    p.set_defaults(func=_cmd_import_official)
     return parser
 
 
