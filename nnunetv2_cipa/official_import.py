@@ -155,7 +155,8 @@ def import_official(checkpoint: str | Path, dataset: str | int, trainer: str | N
                            "dataset_json": dataset_json, "device": torch.device("cpu")},
              "inference_allowed_mirroring_axes": mirror_axes}
     _publish(model_dir, fold_dir.name, state, report,
-             {"plans.json": plans_dict, "dataset.json": dataset_json}, preprocessed / "dataset_fingerprint.json")
+             {"plans.json": plans_dict, "dataset.json": dataset_json}, preprocessed / "dataset_fingerprint.json",
+             overwrite)
     return report
 
 
@@ -207,8 +208,9 @@ def _report(official: OfficialCheckpoint, weights: OfficialWeights, dataset: str
 
 
 def _publish(model_dir: Path, fold_name: str, state: dict, report: dict, model_json: dict[str, dict],
-             fingerprint: Path) -> None:
-    """Write the fold (and the model folder's json files) in a staging folder, then rename them into place."""
+             fingerprint: Path, overwrite: bool) -> None:
+    """Write the fold (and the model folder's json files) in a staging folder, then rename them into place; an
+    existing fold is replaced only with ``overwrite``."""
     from batchgenerators.utilities.file_and_folder_operations import save_json
 
     model_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -223,15 +225,19 @@ def _publish(model_dir: Path, fold_name: str, state: dict, report: dict, model_j
         if fingerprint.is_file():
             shutil.copyfile(fingerprint, new_model / "dataset_fingerprint.json")
         if not model_dir.exists():
-            os.rename(new_model, model_dir)  # the whole model folder appears at once
-            return
+            with contextlib.suppress(OSError):  # another import may create it meanwhile
+                os.rename(new_model, model_dir)  # the whole model folder appears at once
+                return
         for name in MODEL_FILES:
             if (new_model / name).exists():
                 os.replace(new_model / name, model_dir / name)
         fold_dir = model_dir / fold_name
-        if fold_dir.exists():
+        if overwrite and fold_dir.exists():
             os.rename(fold_dir, staging / "replaced")
-        os.rename(new_fold, fold_dir)
+        try:
+            os.rename(new_fold, fold_dir)
+        except OSError as err:  # a concurrent import wrote it since the check
+            raise InputError(f"{fold_dir} appeared during the import; pass --overwrite to replace it") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
