@@ -11,6 +11,7 @@ import numba
 import torch
 import torch.nn.functional as F
 
+from nnunetv2_cipa.ops.cpu_threads import apply_cpu_thread_policy
 from nnunetv2_cipa.ops.numba_kernels import CHUNK, LANES, backward_kernel, delta_kernel, forward_kernel, \
     softplus_grad_kernel
 
@@ -20,8 +21,13 @@ MAX_BACKWARD_LANES = 768  # widest backward channel block (wider blocks leave th
 def _use_threads(torch_threads: int) -> None:
     """Use as many numba threads as torch uses (OMP_NUM_THREADS / torch.set_num_threads), so the two never
     oversubscribe the cores; numba's default is every core regardless. The count is read in forward, because
-    autograd's backward reports its own pool size."""
+    autograd's backward reports its own pool size. The first call applies the CPU thread policy (cpu_threads) and
+    starts numba's threading layer, whose OpenMP launch sets the shared pool to NUMBA_NUM_THREADS threads: torch's
+    own count is put back."""
+    apply_cpu_thread_policy()
     numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch_threads)))
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
 
 
 def _backward_splits(dim: int, items: int) -> int:
