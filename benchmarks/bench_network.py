@@ -12,6 +12,13 @@ selective scan (its autograd Functions), matmul + convolution kernels (forward a
 A preset with the suffix ``-no-scan`` runs with the CPU scan replaced by a no-op of the same interface (zero outputs
 and gradients of the right shapes): everything else in the step still runs, so its step time is what CIPA would cost
 with an infinitely fast scan kernel, a lower bound for any CPU scan implementation.
+``--load`` measures every model twice in its worker, quiet and then while a competing busy process (one core's
+worth, started and stopped by the worker) runs, and reports the median, p90 and max step of each and the slowdown
+(loaded median / quiet median); use ``--steps 20`` or more, slow steps under load come and go. The competitor runs
+in a Linux session of its own, like a program started from another terminal; ``--load same-session`` starts it in
+the worker's session (a background job of the same shell). The CIPA workers run with the CPU thread policy of
+nnunetv2_cipa.ops.cpu_threads, as training does; ``GOMP_SPINCOUNT=300000`` (libgomp's own default, which the policy
+leaves in force) measures them without it.
 Prints a markdown table and writes benchmarks/results/bench_network.json.
 """
 
@@ -21,6 +28,8 @@ import argparse
 import json
 import os
 import platform
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -138,15 +147,60 @@ def profile_split(model, x, target) -> dict:
             "gemm_conv_s": sum(e.self_cpu_time_total for e in events if e.key in GEMM_EVENTS) / 1e6}
 
 
-def worker(name: str, config: dict, steps: int) -> dict:
-    """Measure one model in this (fresh) process."""
-    import statistics
+BUSY_LOOP = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass"
+AUTOGROUP = Path("/proc/self/autogroup")
 
+
+def busy_process(own_session: bool) -> subprocess.Popen:
+    """A competing process that keeps one core busy until killed or until this process ends. ``own_session``: in a
+    session of its own, like a program started from another terminal (with Linux's autogroup scheduling each session
+    gets an equal share of the CPUs, whatever its number of threads), with this session's autogroup priority."""
+    if not own_session:
+        return subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
+    nice = AUTOGROUP.read_text().split()[-1] if AUTOGROUP.exists() else None
+
+    def same_priority() -> None:
+        if nice is not None:
+            try:
+                AUTOGROUP.write_text(nice)
+            except OSError:  # a higher priority than the default needs CAP_SYS_NICE
+                pass
+
+    return subprocess.Popen([sys.executable, "-c", BUSY_LOOP], start_new_session=True, preexec_fn=same_priority)
+
+
+def timed_steps(model, x, target, steps: int) -> dict:
+    """``steps`` training steps: their wall times, the median / p90 / max, the CPU time of this process (all its
+    threads; spinning threads show up here) per step and the fraction of steps that ended with libgomp's short waits
+    on (cpu_threads.short_waits)."""
+    from nnunetv2_cipa.ops.cpu_threads import short_waits
+
+    times, short, cpu_before = [], 0, resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(steps):
+        start = time.perf_counter()
+        training_step(model, x, target)
+        times.append(time.perf_counter() - start)
+        short += short_waits()
+    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime
+    ranked = sorted(times)
+    return {"step_s": statistics.median(times), "p90_s": ranked[round(0.9 * (len(ranked) - 1))], "max_s": ranked[-1],
+            "cpu_per_step_s": cpu / steps, "short_waits_fraction": short / steps, "step_times_s": times}
+
+
+def worker(name: str, config: dict, steps: int, load: str | None) -> dict:
+    """Measure one model in this (fresh) process; with ``load`` (own-session / same-session) also while a busy
+    process competes."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     if name.endswith("-no-scan"):
         install_no_op_scan()
+    policy = None
+    if name != "vanilla":
+        from nnunetv2_cipa.ops.cpu_threads import apply_cpu_thread_policy
+
+        policy = apply_cpu_thread_policy().waits
     torch.manual_seed(0)
     model = build_model(name, config).train()
     batch, patch = config["batch_size"], config["patch_size"]
@@ -156,16 +210,40 @@ def worker(name: str, config: dict, steps: int) -> dict:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     training_step(model, x, target)  # warm-up (numba/oneDNN compilation, allocator growth)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        training_step(model, x, target)
-        times.append(time.perf_counter() - start)
+    quiet = timed_steps(model, x, target, steps)
     peak = rss_kib("VmHWM")
-    return {"model": name, "params": sum(p.numel() for p in model.parameters()), "step_s": statistics.median(times),
-            "step_times_s": times, **profile_split(model, x, target),
-            "peak_rss_increase_mib": max(peak - before, 0) / 1024, "peak_rss_mib": peak / 1024,
-            "forward_gflop": counter.get_total_flops() / 1e9}
+    row = {"model": name, "params": sum(p.numel() for p in model.parameters()), **quiet,
+           **profile_split(model, x, target), "peak_rss_increase_mib": max(peak - before, 0) / 1024,
+           "peak_rss_mib": peak / 1024, "forward_gflop": counter.get_total_flops() / 1e9, "thread_policy": policy,
+           "torch_threads": torch.get_num_threads()}
+    if load:
+        competitor = busy_process(load == "own-session")
+        try:
+            time.sleep(0.5)  # the competitor running before the first timed step
+            row["loaded"] = timed_steps(model, x, target, steps)
+        finally:
+            competitor.kill()
+            competitor.wait()
+        row["load_slowdown"] = row["loaded"]["step_s"] / row["step_s"]
+    return row
+
+
+def print_load_table(rows: list[dict], load: str) -> None:
+    """Quiet vs. loaded step statistics per model (``--load``)."""
+    print(f"| model | quiet step: median / p90 / max (s) | with 1 busy process ({load}): median / p90 / max (s) "
+          "| slowdown (median) | CPU s per step, quiet / loaded | steps with short waits, quiet / loaded |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        q, loaded = r, r["loaded"]
+        print(f"| {model_label(r['model'])} | {q['step_s']:.2f} / {q['p90_s']:.2f} / {q['max_s']:.2f} | "
+              f"{loaded['step_s']:.2f} / {loaded['p90_s']:.2f} / {loaded['max_s']:.2f} | "
+              f"{r['load_slowdown']:.2f}x | {q['cpu_per_step_s']:.2f} / {loaded['cpu_per_step_s']:.2f} | "
+              f"{q['short_waits_fraction']:.0%} / {loaded['short_waits_fraction']:.0%} |")
+
+
+def model_label(name: str) -> str:
+    label = "nnU-Net PlainConvUNet" if name == "vanilla" else f"CIPA-{name}"
+    return label.replace("-no-scan", ", no-op scan")
 
 
 def main() -> None:
@@ -173,13 +251,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="side of the random PNG images (default 256)")
     parser.add_argument("--cases", type=int, default=20, help="number of training cases to plan on")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per model (median reported)")
+    parser.add_argument("--load", nargs="?", const="own-session", choices=["own-session", "same-session"],
+                        help="also time the steps while a competing busy process runs, in a session of its own "
+                             "(default) or in this one's (use --steps 20 or more)")
     parser.add_argument("--presets", nargs="+", default=["micro", "tiny", "tiny-no-scan"],
                         help="CIPA presets to measure; the suffix -no-scan replaces the scan by a no-op")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, json.loads(args.config), args.steps)))
+        print(json.dumps(worker(args.worker, json.loads(args.config), args.steps, args.load)))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -188,7 +269,7 @@ def main() -> None:
     rows = []
     for name in ["vanilla", *args.presets]:
         proc = subprocess.run([sys.executable, __file__, "--worker", name, "--config", json.dumps(config),
-                               "--steps", str(args.steps)],
+                               "--steps", str(args.steps), *(["--load", args.load] if args.load else [])],
                               capture_output=True, text=True, check=True)
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(f"measured {name}: {rows[-1]['step_s']:.2f} s", file=sys.stderr)
@@ -202,25 +283,31 @@ def main() -> None:
           "| peak RSS +MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        label = "nnU-Net PlainConvUNet" if r["model"] == "vanilla" else f"CIPA-{r['model']}"
-        label = label.replace("-no-scan", ", no-op scan")
+        label = model_label(r["model"])
         rest = r["profiled_step_s"] - r["scan_s"] - r["gemm_conv_s"]
         print(f"| {label} | {r['params'] / 1e6:.2f} M | {r['forward_gflop']:.1f} | {r['step_s']:.2f} | "
               f"{r['step_ratio_vs_vanilla']:.2f}x | {r['scan_s']:.2f} / {r['gemm_conv_s']:.2f} / {rest:.2f} | "
               f"{r['peak_rss_increase_mib']:.0f} |")
+    if args.load:
+        print()
+        print_load_table(rows, args.load)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     import torch
 
     from nnunetv2_cipa.modules.linear import cpu_linear_backend
     from nnunetv2_cipa.ops.backends import resolve_backend
 
-    env = {k: os.environ[k] for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_",
-                                      "MALLOC_TRIM_THRESHOLD_") if k in os.environ}
+    env = {k: os.environ[k] for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
+                                      "NUMBA_THREADING_LAYER", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+           if k in os.environ}
     backend, linear = resolve_backend(None, torch.device("cpu")), cpu_linear_backend()
-    print(f"\nscan backend: {backend}; CIPA linear layers: {linear}; thread env: {env or 'default'}")
+    policy = next((r["thread_policy"] for r in rows if r["thread_policy"]), None)
+    print(f"\nscan backend: {backend}; CIPA linear layers: {linear}; thread env: {env or 'default'}; "
+          f"CIPA's OpenMP waits: {policy}")
     RESULTS.write_text(json.dumps({"patch_size": config["patch_size"], "batch_size": config["batch_size"],
                                    "machine": platform.platform(), "cpu_count": os.cpu_count(),
                                    "scan_backend": backend, "linear_backend": linear, "thread_env": env,
+                                   "load": args.load,
                                    "rows": rows}, indent=2))
     print(f"\nwrote {RESULTS}")
 
