@@ -1,7 +1,7 @@
-"""GPU checks and figures for a lent GPU (docs/benchmarks.md "GPU"): scan backends, fp16 AMP training steps at the
-planned patch size against nnU-Net's PlainConvUNet, and torch-vs-cuda agreement.
+"""GPU checks and figures on a CUDA machine (docs/benchmarks.md "GPU"): scan backends, fp16 AMP training steps at the
+planned patch size against nnU-Net's PlainConvUNet, torch-vs-cuda agreement, and the memory model at the real batch.
 
-Three parts, each model / backend in its own subprocess (fresh CUDA memory statistics):
+Four parts, each model / backend in its own subprocess (fresh CUDA memory statistics):
 - **agreement**: ``directional_scan`` and ``selective_scan`` of every usable backend on the device against the
   sequential reference on the CPU (float32, values and all gradients, max error relative to the largest value);
 - **scan**: forward + backward time (CUDA events, median) and peak device memory of ``directional_scan`` at CIPA-tiny's
@@ -9,14 +9,18 @@ Three parts, each model / backend in its own subprocess (fresh CUDA memory stati
 - **network**: ``--iterations`` fp16-AMP training steps (autocast + GradScaler + SGD with nnU-Net's momentum, deep
   supervision CE) of the planned PlainConvUNet and of CIPA-tiny with each backend, on random data: median step time,
   peak device memory, whether every loss was finite, and the largest |logit| difference between the CIPA-tiny
-  backends (float32 eval forward, same weights).
+  backends (float32 eval forward, same weights);
+- **memory**: CIPA-tiny fp16-AMP training steps (AdamW, as the trainer) at the batch the memory model picks for this
+  device out of ``--planned-batch`` (PCLT20K's plan: 12), and at ``--planned-batch`` with activation checkpointing:
+  step time, peak allocated / reserved device memory, the model's predicted peak and its error.
 
 The plan comes from nnU-Net's planner, which the GPU machine may lack: ``--write-plan FILE`` runs it here (as
 bench_network does, 2-channel random PNGs of ``--size``) and ``--plan FILE`` reads it there. ``--device cpu --quick``
 with a plan of small images (``--write-plan ... --size 64``) runs every code path on a CPU (torch backend, no AMP,
 CIPA-micro, 2 repeats; the cpu backend in place of cuda) to test this script.
 Usage: python benchmarks/bench_gpu.py --write-plan .gpu/plan.json [--size 512]
-       python benchmarks/bench_gpu.py --plan .gpu/plan.json [--iterations 20] [--quick] [--device cuda] [--out DIR]
+       python benchmarks/bench_gpu.py --plan .gpu/plan.json [--iterations 20] [--planned-batch 12] [--quick]
+              [--device cuda] [--out DIR]
 Prints markdown tables and writes bench_gpu.json to --out (default benchmarks/results).
 """
 
@@ -118,12 +122,30 @@ def memory(device: str) -> dict:
     return {"peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30} if device == "cuda" else {}
 
 
+def amp_training_step(model, optimizer, scaler, x, target, device: str, clip: float | None = None) -> float:
+    """One fp16-autocast (CUDA only) step of the deep-supervision CE loss with GradScaler; returns the loss."""
+    import torch
+
+    from bench_network import deep_supervision_loss
+
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device, dtype=torch.float16, enabled=device == "cuda"):
+        loss = deep_supervision_loss(model(x), target)
+    scaler.scale(loss).backward()
+    if clip is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return float(loss)
+
+
 def network(name: str, backend: str | None, config: dict, device: str, iterations: int) -> dict:
     """fp16-AMP training steps (AMP only on CUDA) of ``name`` with the scan backend ``backend``; also the float32
     eval logits of a fixed input, saved for the cross-backend comparison."""
     import torch
 
-    from bench_network import build_model, deep_supervision_loss
+    from bench_network import build_model
 
     if backend:
         os.environ["NNUNETV2_CIPA_SCAN_BACKEND"] = backend
@@ -138,15 +160,7 @@ def network(name: str, backend: str | None, config: dict, device: str, iteration
     losses = []
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=torch.float16, enabled=device == "cuda"):
-            loss = deep_supervision_loss(model(x), target)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 12)
-        scaler.step(optimizer)
-        scaler.update()
-        losses.append(float(loss))
+        losses.append(amp_training_step(model, optimizer, scaler, x, target, device, clip=12))
 
     seconds = timed(step, device, repeats=iterations)
     row = {"model": name, "backend": backend, "step_s": seconds, **memory(device),
@@ -162,6 +176,54 @@ def network(name: str, backend: str | None, config: dict, device: str, iteration
     return row
 
 
+def memory_row(preset: str, config: dict, device: str, batch: int | None, planned: int, checkpointing: bool,
+               iterations: int) -> dict:
+    """AMP training steps of CIPA ``preset`` at ``batch`` (None: the memory model's choice out of ``planned``)
+    against the memory model's predicted peak."""
+    import torch
+
+    from nnunetv2_cipa.network import CIPA
+    from nnunetv2_cipa.ops.backends import resolve_backend
+    from nnunetv2_cipa.training.memory_model import (activation_bytes_per_sample, choose_batch_size,
+                                                     scan_workspace_bytes, training_state_bytes)
+
+    patch = tuple(config["patch_size"])
+    torch.manual_seed(0)
+    model = CIPA(2, patch, preset=preset, deep_supervision=True).to(device).train()
+    model.activation_checkpointing = checkpointing
+    parameters = sum(p.numel() for p in model.parameters())
+    backend = resolve_backend(None, torch.device(device))
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    row = {"preset": preset, "backend": backend, "checkpointing": checkpointing, "planned_batch": planned}
+    if batch is None:
+        free = torch.cuda.mem_get_info()[0] + sum(p.numel() * p.element_size() for p in model.parameters()) \
+            if device == "cuda" else None
+        choice = choose_batch_size(planned, torch.device(device), preset, patch, parameters, backend, dtype,
+                                   checkpointing, model.min_training_batch, free_bytes=free)
+        batch, row["choice"] = choice.chosen, choice.reason
+    per_sample = activation_bytes_per_sample(preset, patch, backend, dtype, checkpointing)
+    predicted = training_state_bytes(parameters) + scan_workspace_bytes(backend, device) + batch * per_sample
+    row.update(batch=batch, predicted_gib=predicted / 2 ** 30)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4)
+    scaler = torch.amp.GradScaler(device, enabled=device == "cuda")
+    x = torch.rand(batch, 2, *patch, device=device)
+    target = (x[:, 1] > 0.7).long()
+
+    def step():
+        amp_training_step(model, optimizer, scaler, x, target, device)
+
+    try:
+        row["step_s"] = timed(step, device, repeats=iterations)
+    except torch.cuda.OutOfMemoryError as e:
+        row["out_of_memory"] = str(e).splitlines()[0]
+        return row
+    if device == "cuda":
+        row.update(peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
+                   reserved_gib=torch.cuda.max_memory_reserved() / 2 ** 30)
+        row["prediction_error"] = row["predicted_gib"] / row["peak_gib"] - 1
+    return row
+
+
 def worker(args) -> dict:
     config = json.loads(Path(args.plan).read_text())
     patch = config["patch_size"]
@@ -169,6 +231,11 @@ def worker(args) -> dict:
         return agreement(args.backend, args.device)
     if args.worker == "scan":
         return {"rows": scan_timing(args.backend, args.device, patch[0], args.quick)}
+    if args.worker.startswith("memory"):
+        preset = "micro" if args.quick else "tiny"
+        checkpointing = args.worker == "memory-checkpointing"
+        return memory_row(preset, config, args.device, args.planned_batch if checkpointing else None,
+                          args.planned_batch, checkpointing, args.iterations)
     return network(args.worker, args.backend, config, args.device, args.iterations)
 
 
@@ -179,6 +246,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="image side for --write-plan (default 512)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--iterations", type=int, default=20, help="timed AMP training steps per model")
+    parser.add_argument("--planned-batch", type=int, default=12,
+                        help="batch nnU-Net plans for PCLT20K at 512 x 512 (the memory rows' reference; default 12)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and models (tests this script on a CPU)")
     parser.add_argument("--out", default=str(RESULTS), help="folder for bench_gpu.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -202,7 +271,8 @@ def main() -> None:
 
     def sub(worker_name, backend=None):
         command = [sys.executable, __file__, "--plan", args.plan, "--device", args.device, "--worker", worker_name,
-                   "--iterations", str(2 if args.quick else args.iterations)] + (["--quick"] if args.quick else [])
+                   "--iterations", str(2 if args.quick else args.iterations), "--planned-batch",
+                   str(args.planned_batch)] + (["--quick"] if args.quick else [])
         proc = subprocess.run(command + (["--backend", backend] if backend else []), capture_output=True, text=True)
         if proc.returncode:
             print(f"{worker_name} ({backend}) failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -218,6 +288,7 @@ def main() -> None:
     report["agreement"] = {b: sub("agreement", b) for b in backends}
     report["scan"] = {b: sub("scan", b) for b in backends}
     report["network"] = [sub("vanilla")] + [sub(preset, b) for b in backends]
+    report["memory"] = [sub("memory"), sub("memory-checkpointing")]
     cipa = [r for r in report["network"][1:] if "logits_file" in r]
     if len(cipa) > 1:
         reference = torch.load(cipa[0]["logits_file"])
@@ -260,6 +331,18 @@ def print_tables(report: dict) -> None:
         print(f"| {row['model']} | {row['backend'] or '-'} | {row['step_s'] * 1e3:.1f} ms | "
               f"{peak(row)} | {row['losses_finite']} | {row['first_loss']:.3f} -> "
               f"{row['last_loss']:.3f} | {diff} |")
+    print("\n| CIPA memory | backend | batch (planned) | checkpointing | AMP step | peak allocated / reserved | "
+          "predicted | error |\n|---|---|---|---|---:|---:|---:|---:|")
+    for row in report["memory"]:
+        if "error" in row:
+            print("| failed | | | | | | | |")
+            continue
+        step = "OOM" if "out_of_memory" in row else f"{row['step_s'] * 1e3:.0f} ms"
+        measured = f"{row['peak_gib']:.2f} / {row['reserved_gib']:.2f} GiB" if "peak_gib" in row else "-"
+        error = f"{row['prediction_error']:+.1%}" if "prediction_error" in row else "-"
+        print(f"| {row['preset']} | {row['backend']} | {row['batch']} ({row['planned_batch']}) | "
+              f"{'on' if row['checkpointing'] else 'off'} | {step} | {measured} | {row['predicted_gib']:.2f} GiB | "
+              f"{error} |")
 
 
 if __name__ == "__main__":

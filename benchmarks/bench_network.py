@@ -11,7 +11,8 @@ The step time is the median of ``--steps`` timed steps; one more step runs under
 selective scan (its autograd Functions), matmul + convolution kernels (forward and backward) and the rest.
 A preset with the suffix ``-no-scan`` runs with the CPU scan replaced by a no-op of the same interface (zero outputs
 and gradients of the right shapes): everything else in the step still runs, so its step time is what CIPA would cost
-with an infinitely fast scan kernel, a lower bound for any CPU scan implementation.
+with an infinitely fast scan kernel, a lower bound for any CPU scan implementation. The suffix ``-checkpointing``
+turns on the network's activation checkpointing (its time cost against the same preset without).
 ``--load`` measures every model twice in its worker, quiet and then while a competing busy process (one core's
 worth, started and stopped by the worker) runs, and reports the median, p90 and max step of each and the slowdown
 (loaded median / quiet median); use ``--steps 20`` or more, slow steps under load come and go. The competitor runs
@@ -81,7 +82,10 @@ def build_model(name: str, config: dict):
                                       arch["_kw_requires_import"], 2, 2, allow_init=True, deep_supervision=True)
     from nnunetv2_cipa.network import CIPA
 
-    return CIPA(2, config["patch_size"], preset=name.removesuffix("-no-scan"), deep_supervision=True)
+    network = CIPA(2, config["patch_size"], preset=name.removesuffix("-no-scan").removesuffix("-checkpointing"),
+                   deep_supervision=True)
+    network.activation_checkpointing = name.endswith("-checkpointing")
+    return network
 
 
 def install_no_op_scan() -> None:
@@ -243,7 +247,7 @@ def print_load_table(rows: list[dict], load: str) -> None:
 
 def model_label(name: str) -> str:
     label = "nnU-Net PlainConvUNet" if name == "vanilla" else f"CIPA-{name}"
-    return label.replace("-no-scan", ", no-op scan")
+    return label.replace("-no-scan", ", no-op scan").replace("-checkpointing", ", activation checkpointing")
 
 
 def main() -> None:
@@ -255,7 +259,8 @@ def main() -> None:
                         help="also time the steps while a competing busy process runs, in a session of its own "
                              "(default) or in this one's (use --steps 20 or more)")
     parser.add_argument("--presets", nargs="+", default=["micro", "tiny", "tiny-no-scan"],
-                        help="CIPA presets to measure; the suffix -no-scan replaces the scan by a no-op")
+                        help="CIPA presets to measure; the suffix -no-scan replaces the scan by a no-op, "
+                             "-checkpointing turns on activation checkpointing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The lent-GPU checklist of docs/benchmarks.md in one command, after benchmarks/gpu_prepare.sh here:
-#   device run, carry [".gpu"], command "bash benchmarks/gpu_check.sh", timeout_s 600
+# The GPU checklist of docs/benchmarks.md ("GPU") in one command, on a machine with a CUDA GPU, torch, numba and
+# pytest, after benchmarks/gpu_prepare.sh has filled .gpu/ (it needs no network access then):
+#   bash benchmarks/gpu_check.sh        (about 10 minutes on a fresh machine)
 # 1. mamba-ssm's selective-scan extension is built for this GPU's architecture only, in the background (bounded by
 #    MAMBA_BUILD_S, default 300 s); 2. meanwhile the GPU tests that need only CUDA run; 3. then the cuda-backend
-#    tests (when the build worked) and benchmarks/bench_gpu.py at the 512 x 512 plan. Logs and bench_gpu.json go
-#    to $OUT (the device tool's folder) or ./gpu_out.
+#    tests (when the build worked) and benchmarks/bench_gpu.py at the 512 x 512 plan, including CIPA-tiny at the
+#    batch the memory model picks and at batch 12 with activation checkpointing. Logs and bench_gpu.json go to
+#    $OUT (default ./gpu_out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -28,7 +30,7 @@ assert marker in text, "mamba-ssm's setup.py changed: adapt gpu_check.sh"
 text = text.replace(marker, f'    cc_flag = ["-gencode", "arch=compute_{arch},code=sm_{arch}"]\n' + marker, 1)
 open(path, "w").write(text)
 PYEOF
-    cd "$src" && TORCH_CUDA_ARCH_LIST=$arch MAMBA_FORCE_BUILD=TRUE MAX_JOBS=$(nproc) NVCC_THREADS=2 \
+    cd "$src" && TORCH_CUDA_ARCH_LIST=$arch MAMBA_FORCE_BUILD=TRUE MAX_JOBS=$(nproc) \
         timeout "${MAMBA_BUILD_S:-300}" "$PY" -m pip install -q --no-build-isolation --no-deps --no-index \
         --target /tmp/site_mamba .
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Fill .gpu/ (git-ignored) with what benchmarks/gpu_check.sh needs on a lent GPU machine, where nothing can be
-# fetched: the pure-Python wheels its image lacks (nnunetv2 for get_network_from_plans, dynamic-network-architectures,
-# batchgenerators; the image has torch, numba, einops, triton, timm, pytest), mamba-ssm's source (its CUDA kernel is
+# Fill .gpu/ (git-ignored) with what benchmarks/gpu_check.sh needs on a GPU machine without network access: the
+# pure-Python wheels such a machine may lack (nnunetv2 for get_network_from_plans, dynamic-network-architectures,
+# batchgenerators; it needs torch, numba, einops, triton, timm, pytest), mamba-ssm's source (its CUDA kernel is
 # built there, for that GPU only) and nnU-Net's 2d plan for 512 x 512 images (run here: the planner needs nnunetv2's
 # full dependencies). About 0.7 MB. Run from anywhere after `make setup`.
 set -euo pipefail

@@ -248,6 +248,15 @@ class CIPA(nn.Module):
         return self.config.deep_supervision_strides
 
     @property
+    def min_training_batch(self) -> int:
+        """Smallest batch that trains: 2 when DCIM's BatchNorm would see one PET token per channel (a deepest stage
+        map of at most one window), else 1."""
+        height, width = self.stage_sizes[-1]
+        window = self.config.window
+        single_token = math.ceil(height / window) * math.ceil(width / window) == 1
+        return 2 if self.dcim is not None and single_token else 1
+
+    @property
     def activation_checkpointing(self) -> bool:
         """Whether encoder, fusion and decoder stages are recomputed in backward (off by default)."""
         return self.encoder.activation_checkpointing

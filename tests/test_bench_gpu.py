@@ -1,4 +1,4 @@
-"""benchmarks/bench_gpu.py, the script a lent GPU runs, exercised on the CPU (cpu and torch backends, no AMP)."""
+"""benchmarks/bench_gpu.py, the GPU checklist's benchmark, exercised on the CPU (cpu and torch backends, no AMP)."""
 
 from __future__ import annotations
 
@@ -32,3 +32,6 @@ def test_gpu_bench_runs_every_part_on_cpu(tmp_path):
     assert all(r["losses_finite"] and r["step_s"] > 0 for r in report["network"])
     assert cipa[1]["max_logit_diff_vs_cpu"] < 1e-3
     assert "| micro | torch |" in result.stdout
+    chosen, checkpointed = report["memory"]
+    assert chosen["batch"] == chosen["planned_batch"] == 12 and not chosen["checkpointing"]  # a CPU: the planned batch
+    assert checkpointed["checkpointing"] and checkpointed["step_s"] > 0 and checkpointed["predicted_gib"] > 0

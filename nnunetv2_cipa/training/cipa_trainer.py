@@ -190,23 +190,22 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         except ValueError as e:
             raise SystemExit(f"{self.__class__.__name__}: {e}") from e
 
-    def _parameter_count(self) -> int:
-        """Parameters of this trainer's network, counted on the meta device (nothing allocated)."""
+    def _meta_network(self) -> CIPA:
+        """This trainer's network on the meta device (nothing allocated): parameter count and smallest batch."""
         channels = determine_num_input_channels(self.plans_manager, self.configuration_manager, self.dataset_json)
         with torch.device("meta"):
-            network = self.build_network_architecture(self.plans_manager, self.configuration_manager, channels,
-                                                      self.label_manager.num_segmentation_heads,
-                                                      self.enable_deep_supervision)
-        return sum(p.numel() for p in network.parameters())
+            return self.build_network_architecture(self.plans_manager, self.configuration_manager, channels,
+                                                   self.label_manager.num_segmentation_heads,
+                                                   self.enable_deep_supervision)
 
     def _set_batch_size_and_oversample(self):
         super()._set_batch_size_and_oversample()  # the planned batch (per GPU under DDP)
         planned = self.batch_size
-        cuda = self.device.type == "cuda"
+        network = self._meta_network()
         choice = self._config(choose_batch_size, planned, self.device, self.cipa_preset,
-                              self.configuration_manager.patch_size, self._parameter_count() if cuda else 0,
+                              self.configuration_manager.patch_size, sum(p.numel() for p in network.parameters()),
                               resolve_backend(None, self.device), self.training_autocast_dtype(),
-                              self.checkpointing_enabled())
+                              self.checkpointing_enabled(), network.min_training_batch)
         self.print_to_log_file(choice.log_line())
         if self.accumulate_to_planned_batch:
             self.micro_batch_size = min(choice.chosen, planned)

@@ -30,13 +30,18 @@ TORCH_SCAN_WORKSPACE_BYTES_CUDA = 6 * (1 << 26) * 4  # ~6 live channel blocks of
 GIB = 2 ** 30
 
 # bytes per input pixel per sample of one forward + backward with deep supervision, keyed by
-# (preset, scan path, activation bytes, checkpointing); from `python benchmarks/bench_memory.py` (docs/benchmarks.md,
-# "Training memory"): tiny and micro at 512 x 512, small and base at 256 x 256 (their 512 x 512 steps exceed the
-# development machine's 24 GiB; per-pixel figures of tiny and micro agree between 256 and 512 within 3%).
+# (preset, scan path, activation bytes, checkpointing). Measured on CPU by `python benchmarks/bench_memory.py` at
+# 512 x 512 (docs/benchmarks.md, "Training memory"); the gathered path with the numba kernel behind it, which keeps
+# its chunk states too, so it errs on the high side for mamba-ssm. 256 x 256 gives the same figures within 2.2%.
 ACTIVATION_BYTES_PER_PIXEL: dict[tuple[str, str, int, bool], float] = {
-    ("micro", "in_place", 4, False): 954, ("micro", "in_place", 2, False): 614,
-    ("micro", "gathered", 4, False): 1229, ("micro", "gathered", 2, False): 1008,
-    ("tiny", "in_place", 4, False): 18055, ("tiny", "in_place", 2, False): 13091,
+    ("tiny", "gathered", 4, False): 21568, ("tiny", "gathered", 4, True): 6403,
+    ("tiny", "gathered", 2, False): 18359, ("tiny", "gathered", 2, True): 6157,
+    ("tiny", "in_place", 4, False): 17727, ("tiny", "in_place", 4, True): 3781,
+    ("tiny", "in_place", 2, False): 13861, ("tiny", "in_place", 2, True): 3228,
+    ("micro", "gathered", 4, False): 1075, ("micro", "gathered", 4, True): 416,
+    ("micro", "gathered", 2, False): 765, ("micro", "gathered", 2, True): 418,
+    ("micro", "in_place", 4, False): 955, ("micro", "in_place", 4, True): 302,
+    ("micro", "in_place", 2, False): 644, ("micro", "in_place", 2, True): 206,
 }
 
 
@@ -99,11 +104,11 @@ def batch_size_override() -> int | None:
 
 
 def choose_batch_size(planned: int, device: torch.device, preset: str, patch_size, parameters: int, backend: str,
-                      dtype, checkpointing: bool, free_bytes: int | None = None,
+                      dtype, checkpointing: bool, min_batch: int = 1, free_bytes: int | None = None,
                       device_name: str | None = None) -> BatchSizeChoice:
     """The batch size for training CIPA ``preset`` on ``device``: env override, else the planned batch on a CPU,
-    else min(planned, what fits in the free GPU memory), at least 1. ``free_bytes``/``device_name`` default to
-    torch.cuda.mem_get_info / get_device_name (tests pass them)."""
+    else min(planned, what fits in the free GPU memory), at least ``min_batch`` (the network's smallest trainable
+    batch). ``free_bytes``/``device_name`` default to torch.cuda.mem_get_info / get_device_name (tests pass them)."""
     override = batch_size_override()
     if override is not None:
         return BatchSizeChoice(planned, override, f"set by {BATCH_SIZE_ENV_VAR}")
@@ -116,7 +121,7 @@ def choose_batch_size(planned: int, device: torch.device, preset: str, patch_siz
     per_sample = activation_bytes_per_sample(preset, patch_size, backend, dtype, checkpointing)
     workspace = scan_workspace_bytes(backend, device.type)
     fits = fitting_batch_size(free_bytes, parameters, per_sample, workspace)
-    chosen = max(1, min(planned, fits))
+    chosen = max(min_batch, min(planned, fits))
     width = "16-bit" if activation_bytes(dtype) == 2 else "float32"
     reason = (f"{free_bytes / GIB:.1f} GiB free on {device_name}; memory model for CIPA-{preset} at "
               f"{'x'.join(str(int(s)) for s in patch_size)}, {backend} scan, {width} activations"
@@ -124,7 +129,7 @@ def choose_batch_size(planned: int, device: torch.device, preset: str, patch_siz
               f"{(training_state_bytes(parameters) + workspace) / GIB:.2f} GiB weights/gradients/AdamW"
               f"{'/scan workspace' if workspace else ''}, {USABLE_FRACTION:.0%} of the free memory usable -> "
               f"{fits} fit")
-    if fits < 1:
+    if fits < chosen:
         reason += ("; even one sample may not fit: enable activation checkpointing (nnUNetTrainerCIPA_checkpointing "
                    "or nnUNet_CIPA_checkpointing=1), or free GPU memory")
     return BatchSizeChoice(planned, chosen, reason, per_sample)

@@ -1,0 +1,228 @@
+"""Per-sample training memory of CIPA and of nnU-Net's planned PlainConvUNet, measured on CPU, against the memory
+model that the CIPA trainers use to choose their batch size (nnunetv2_cipa/training/memory_model.py).
+
+Each cell is one forward + backward of a deep-supervision loss (cross-entropy over every output) in a fresh process,
+at batch sizes b1 < b2: per-sample bytes = (peak(b2) - peak(b1)) / (b2 - b1), so the weights, their gradients and
+the libraries cancel out. Peak = VmHWM after a warm-up step and a reset of the high-water mark (/proc/self/clear_refs),
+minus the resident memory before the step; glibc is told to return every freed block of 64 KiB or more to the
+system (MALLOC_MMAP_THRESHOLD_=65536), so the resident memory follows the live tensors.
+16-bit rows run under CPU bfloat16 autocast, whose lower-precision op list (matmul, convolution, linear) matches
+CUDA's fp16 autocast: the same tensors are stored in 2 bytes. ``--checkpointing on`` sets the network's
+``activation_checkpointing``. Scan backends: ``cpu`` reads the map in place; ``cpu-gathered`` runs the numba kernel
+behind the gathered path that the ``cuda`` (mamba-ssm) and ``torch`` backends take (the four scan orders copied and
+kept for backward, plus the kernel's chunk states), at CPU speed; ``torch`` is the pure-PyTorch scan itself (slow).
+Usage: python benchmarks/bench_memory.py [--models tiny micro vanilla] [--sizes 256 512] [--backends cpu cpu-gathered]
+       [--dtypes float32 bfloat16] [--checkpointing off on] [--batches 1 2] [--json PATH]
+       python benchmarks/bench_memory.py --gpu-table   (the batch the model gives CIPA-tiny on common GPUs)
+Prints markdown tables and writes benchmarks/results/bench_memory.json (or --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import product
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_network import deep_supervision_loss, model_label, plan_vanilla, rss_kib  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_memory.json"
+CIPA_MODELS = ("tiny", "small", "base", "micro")
+GPU_MEMORY_GIB = (16, 24, 40, 48, 80, 141)  # common cards; free memory = this - CUDA_CONTEXT_GIB
+CUDA_CONTEXT_GIB = 0.6  # the CUDA context, cuBLAS / cuDNN handles: not free for tensors
+PLANNED_BATCH = 12  # nnU-Net's 2d plan for PCLT20K (512 x 512)
+
+
+def build(model: str, size: int, vanilla_config: dict | None, checkpointing: bool):
+    """CIPA preset ``model`` (deep supervision on) or the planned PlainConvUNet for ``size`` x ``size``."""
+    if model == "vanilla":
+        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+        arch = vanilla_config["architecture"]
+        return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
+                                      2, 2, allow_init=True, deep_supervision=True)
+    from nnunetv2_cipa.network import CIPA
+
+    network = CIPA(2, (size, size), preset=model, deep_supervision=True)
+    network.activation_checkpointing = checkpointing
+    return network
+
+
+def use_gathered_cpu_scan() -> None:
+    """Make directional_scan gather the scan orders for the numba selective scan, as it does for cuda and torch."""
+    import dataclasses
+
+    from nnunetv2_cipa.ops import backends
+
+    backends.BACKENDS["cpu"] = dataclasses.replace(backends.BACKENDS["cpu"], directional_scan=None)
+
+
+def worker(cell: dict) -> dict:
+    """Peak working memory of one training step, measured in this (fresh) process."""
+    import torch
+
+    if cell["backend"] == "cpu-gathered":
+        use_gathered_cpu_scan()
+
+    torch.manual_seed(0)
+    size, batch = cell["size"], cell["batch"]
+    network = build(cell["model"], size, cell.get("vanilla_config"), cell["checkpointing"]).train()
+    x = torch.rand(batch, 2, size, size)
+    target = torch.randint(0, 2, (batch, size, size))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cell["dtype"] == "bfloat16")
+
+    def step():
+        with autocast:
+            loss = deep_supervision_loss(network(x), target)
+        loss.backward()
+        network.zero_grad(set_to_none=True)
+
+    step()  # warm-up: kernel compilation, allocator and thread-pool set-up
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident size
+    before = rss_kib()
+    start = time.perf_counter()
+    step()
+    return {"peak_bytes": (rss_kib("VmHWM") - before) * 1024, "step_s": time.perf_counter() - start,
+            "params": sum(p.numel() for p in network.parameters())}
+
+
+def run_cell(cell: dict) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",
+               NNUNETV2_CIPA_SCAN_BACKEND=cell["backend"].removesuffix("-gathered"))
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cell)], capture_output=True, text=True,
+                          env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench_memory worker failed for {cell}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(models, sizes, backends, dtypes, checkpointing, batches) -> list[dict]:
+    """Every combination (vanilla: one backend, no checkpointing); per-sample bytes and the model's prediction."""
+    from nnunetv2_cipa.training.memory_model import activation_bytes_per_sample
+
+    vanilla_configs = {}
+    if "vanilla" in models:
+        for size in sizes:
+            with tempfile.TemporaryDirectory() as tmp:
+                vanilla_configs[size] = plan_vanilla(Path(tmp), size, cases=20)
+    b1, b2 = batches
+    rows = []
+    for model, size, backend, dtype, ckpt in product(models, sizes, backends, dtypes, checkpointing):
+        if model == "vanilla" and (backend != backends[0] or ckpt):
+            continue
+        cell = {"model": model, "size": size, "backend": backend, "dtype": dtype, "checkpointing": ckpt}
+        if model == "vanilla":
+            cell["vanilla_config"] = {"architecture": vanilla_configs[size]["architecture"]}
+        peaks = [run_cell(dict(cell, batch=b)) for b in (b1, b2)]
+        per_sample = (peaks[1]["peak_bytes"] - peaks[0]["peak_bytes"]) / (b2 - b1)
+        row = {k: v for k, v in cell.items() if k != "vanilla_config"}
+        row.update(per_sample_bytes=per_sample, bytes_per_pixel=per_sample / size ** 2,
+                   peak_bytes={b: p["peak_bytes"] for b, p in zip((b1, b2), peaks)},
+                   step_s={b: p["step_s"] for b, p in zip((b1, b2), peaks)}, params=peaks[0]["params"])
+        if model in CIPA_MODELS:
+            try:
+                predicted = activation_bytes_per_sample(model, (size, size), backend.removesuffix("-gathered")
+                                                        if backend == "cpu" else "cuda", dtype, ckpt)
+                row.update(predicted_bytes=predicted, prediction_error=predicted / per_sample - 1)
+            except ValueError as e:  # no coefficient for this preset (yet)
+                row["prediction_note"] = str(e)
+        if model == "vanilla":
+            row["planned_batch_size"] = vanilla_configs[size]["batch_size"]
+        rows.append(row)
+        print(f"measured {row['model']} {size} {backend} {dtype} ckpt={ckpt}: "
+              f"{per_sample / 2 ** 30:.3f} GiB/sample", file=sys.stderr)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| model | patch | scan backend | activations | checkpointing | per sample (GiB) | bytes / pixel "
+          "| model's prediction (GiB) | error |")
+    print("|---|---|---|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        label = model_label(r["model"])
+        backend = "-" if r["model"] == "vanilla" else r["backend"]
+        predicted = "-" if "predicted_bytes" not in r else f"{r['predicted_bytes'] / 2 ** 30:.3f}"
+        error = "-" if "prediction_error" not in r else f"{r['prediction_error']:+.1%}"
+        dtype = "16-bit (bf16 autocast)" if r["dtype"] == "bfloat16" else "float32"
+        print(f"| {label} | {r['size']}x{r['size']} | {backend} | {dtype} | {'on' if r['checkpointing'] else 'off'} "
+              f"| {r['per_sample_bytes'] / 2 ** 30:.3f} | {r['bytes_per_pixel']:.0f} | {predicted} | {error} |")
+
+
+def gpu_batch_table(preset: str = "tiny", patch=(512, 512)) -> list[dict]:
+    """The batch the memory model gives CIPA-``preset`` out of nnU-Net's planned 12 on each of GPU_MEMORY_GIB, for
+    the fused kernel (cuda backend) under fp16 autocast without and with activation checkpointing, and in float32."""
+    import torch
+
+    from nnunetv2_cipa.network import CIPA
+    from nnunetv2_cipa.training.memory_model import choose_batch_size
+
+    with torch.device("meta"):
+        network = CIPA(2, patch, preset=preset, deep_supervision=True)
+    parameters = sum(p.numel() for p in network.parameters())
+    rows = []
+    for gib in GPU_MEMORY_GIB:
+        free = int((gib - CUDA_CONTEXT_GIB) * 2 ** 30)
+        row = {"gpu_gib": gib}
+        for label, dtype, checkpointing in (("fp16", torch.float16, False), ("fp16_checkpointing", torch.float16, True),
+                                            ("float32", torch.float32, False)):
+            row[label] = choose_batch_size(PLANNED_BATCH, torch.device("cuda"), preset, patch, parameters, "cuda",
+                                           dtype, checkpointing, network.min_training_batch, free_bytes=free,
+                                           device_name=f"{gib} GB GPU").chosen
+        rows.append(row)
+    return rows
+
+
+def print_gpu_batch_table(rows: list[dict]) -> None:
+    print(f"\nBatch of CIPA-tiny at 512 x 512 (planned {PLANNED_BATCH}) by the memory model, cuda scan backend, "
+          f"free memory = GPU memory - {CUDA_CONTEXT_GIB} GiB\n")
+    print("| GPU memory | fp16 AMP (nnUNetTrainerCIPA, _bf16) | fp16 AMP + activation checkpointing | float32 (_noAMP) |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['gpu_gib']} GB | {r['fp16']} | {r['fp16_checkpointing']} | {r['float32']} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["tiny", "micro", "vanilla"],
+                        choices=[*CIPA_MODELS, "vanilla"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[256, 512])
+    parser.add_argument("--backends", nargs="+", default=["cpu", "cpu-gathered"],
+                        choices=["cpu", "cpu-gathered", "torch"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--batches", nargs=2, type=int, default=[1, 2], metavar=("B1", "B2"))
+    parser.add_argument("--json", type=Path, default=RESULTS)
+    parser.add_argument("--gpu-table", action="store_true", help="only print the GPU batch table of the memory model")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.gpu_table:
+        print_gpu_batch_table(gpu_batch_table())
+        return
+    if not args.batches[0] < args.batches[1]:
+        parser.error("--batches needs B1 < B2")
+    rows = measure(args.models, args.sizes, args.backends, args.dtypes, [c == "on" for c in args.checkpointing],
+                   args.batches)
+    print(f"\nPer-sample training memory on CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} "
+          f"cores), batches {args.batches[0]} and {args.batches[1]}\n")
+    print_table(rows)
+    table = gpu_batch_table()
+    print_gpu_batch_table(table)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"machine": platform.platform(), "batches": args.batches, "rows": rows,
+                                     "gpu_batch_table": table}, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Trainer behaviour beyond the network: batch size from the memory model, precision variants, the stop at a
+non-finite loss, gradient accumulation, activation checkpointing, and the paper-recipe trainer's settings."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from nnunetv2_cipa.network import CIPA
+from nnunetv2_cipa.training import cipa_trainer
+from nnunetv2_cipa.training.cipa_trainer import oversampled_fraction, unwrap
+from nnunetv2_cipa.training.loss import BCEAndSoftDiceLoss
+from nnunetv2_cipa.training.lr_schedule import PerIterationCosineLRScheduler
+from nnunetv2_cipa.training.memory_model import (BATCH_SIZE_ENV_VAR, activation_bytes_per_sample,
+                                                 choose_batch_size, fitting_batch_size, scan_workspace_bytes,
+                                                 training_state_bytes)
+from nnunetv2_cipa.training.paper_trainer import official_parameter_groups
+
+from test_trainer import ds_targets, make_trainer, nnunet_paths  # noqa: F401 (fixture)
+
+GIB = 2 ** 30
+
+
+def batch(trainer, n: int = 2, foreground: float = 0.3, seed: int = 0) -> dict:
+    """A random batch in nnU-Net's layout for ``trainer`` (deep-supervision targets when it uses them)."""
+    generator = torch.Generator().manual_seed(seed)
+    patch = trainer.configuration_manager.patch_size
+    data = torch.rand(n, 2, *patch, generator=generator)
+    target = (torch.rand(n, 1, *patch, generator=generator) < foreground).float()
+    scales = trainer._get_deep_supervision_scales()
+    return {"data": data, "target": ds_targets(target, scales) if scales else target}
+
+
+def test_oversampled_fraction_is_the_data_loaders():
+    assert oversampled_fraction(12, 0.33) == pytest.approx(4 / 12)  # samples 8..11 of a batch of 12
+    assert oversampled_fraction(2, 0.33) == 0.5 and oversampled_fraction(1, 0.33) == 0.0
+
+
+def test_choose_batch_size_caps_the_planned_batch_by_free_memory(monkeypatch):
+    monkeypatch.delenv(BATCH_SIZE_ENV_VAR, raising=False)
+    cuda = torch.device("cuda")
+    per_sample = activation_bytes_per_sample("micro", (512, 512), "torch", torch.float16, False)
+    free = (training_state_bytes(10 ** 6) + scan_workspace_bytes("torch", "cuda") + 3.5 * per_sample) / 0.9
+    choice = choose_batch_size(12, cuda, "micro", (512, 512), 10 ** 6, "torch", torch.float16, False,
+                               free_bytes=int(free), device_name="Test GPU")
+    assert choice.chosen == 3 and choice.planned == 12 and "Test GPU" in choice.reason and "3 fit" in choice.reason
+    assert choice.log_line().startswith("CIPA batch size: planned 12, using 3 (")
+    roomy = choose_batch_size(12, cuda, "micro", (512, 512), 10 ** 6, "cuda", torch.float16, False,
+                              free_bytes=100 * GIB, device_name="Big GPU")
+    assert roomy.chosen == 12  # never above the planned batch
+    tiny = choose_batch_size(12, cuda, "micro", (512, 512), 10 ** 6, "cuda", torch.float16, False,
+                             free_bytes=GIB // 100, device_name="Small GPU")
+    assert tiny.chosen == 1 and "may not fit" in tiny.reason
+    assert choose_batch_size(12, cuda, "micro", (512, 512), 10 ** 6, "cuda", torch.float16, False, min_batch=2,
+                             free_bytes=GIB // 100, device_name="Small GPU").chosen == 2
+    assert choose_batch_size(12, torch.device("cpu"), "micro", (512, 512), 0, "cpu", torch.float32, False).chosen == 12
+
+
+def test_batch_size_env_override_wins_and_is_checked(monkeypatch):
+    monkeypatch.setenv(BATCH_SIZE_ENV_VAR, "5")
+    choice = choose_batch_size(12, torch.device("cuda"), "tiny", (512, 512), 10 ** 6, "cuda", torch.float16, False,
+                               free_bytes=GIB, device_name="Test GPU")
+    assert choice.chosen == 5 and BATCH_SIZE_ENV_VAR in choice.reason
+    monkeypatch.setenv(BATCH_SIZE_ENV_VAR, "zero")
+    with pytest.raises(ValueError, match="positive integer"):
+        choose_batch_size(12, torch.device("cpu"), "tiny", (512, 512), 0, "cpu", torch.float32, False)
+
+
+def test_memory_model_rejects_unknown_inputs():
+    with pytest.raises(ValueError, match="scan backend"):
+        activation_bytes_per_sample("tiny", (512, 512), "triton", torch.float32, False)
+    with pytest.raises(ValueError, match="activation dtype"):
+        activation_bytes_per_sample("tiny", (512, 512), "cuda", torch.int8, False)
+    assert fitting_batch_size(GIB, 10 ** 9, 1) == 0  # the training state alone exceeds the memory
+
+
+def test_trainer_applies_the_choice_to_batch_and_oversampling(nnunet_paths, monkeypatch):
+    """A reduced batch keeps the planned batch's fraction of foreground samples; the log states both batches."""
+    trainer = make_trainer("nnUNetTrainerCIPA", nnunet_paths)
+    planned = trainer.configuration_manager.batch_size
+    monkeypatch.setenv(BATCH_SIZE_ENV_VAR, "1")
+    trainer._set_batch_size_and_oversample()
+    assert trainer.batch_size == 1 and trainer.probabilistic_oversampling
+    assert trainer.oversample_foreground_percent == pytest.approx(oversampled_fraction(planned, 0.33))
+    log = open(trainer.log_file).read()
+    assert f"CIPA batch size: planned {planned}, using 1 (set by {BATCH_SIZE_ENV_VAR})" in log
+
+    accumulating = make_trainer("nnUNetTrainerCIPA_accumulate", nnunet_paths)
+    accumulating._set_batch_size_and_oversample()
+    assert accumulating.batch_size == planned and accumulating.micro_batch_size == 1
+    assert not accumulating.probabilistic_oversampling
+    monkeypatch.setenv(BATCH_SIZE_ENV_VAR, "-3")
+    with pytest.raises(SystemExit, match="positive integer"):
+        make_trainer("nnUNetTrainerCIPA", nnunet_paths)._set_batch_size_and_oversample()
+
+
+def test_trainer_on_a_faked_gpu_uses_the_memory_model(nnunet_paths, monkeypatch):
+    """The device's free memory drives the choice (faked: the test machine has no GPU)."""
+    monkeypatch.delenv(BATCH_SIZE_ENV_VAR, raising=False)
+    trainer = make_trainer("nnUNetTrainerCIPA", nnunet_paths, patch_size=(512, 512))
+    trainer.device = torch.device("cuda")
+    parameters = sum(p.numel() for p in trainer._meta_network().parameters())
+    per_sample = activation_bytes_per_sample("tiny", (512, 512), "torch", torch.float16, False)
+    free = int((training_state_bytes(parameters) + scan_workspace_bytes("torch", "cuda") + 2.5 * per_sample) / 0.9)
+    monkeypatch.setattr(cipa_trainer, "choose_batch_size",
+                        functools.partial(choose_batch_size, free_bytes=free, device_name="Fake GPU"))
+    monkeypatch.setattr(cipa_trainer, "resolve_backend", lambda backend, device: "torch")
+    trainer._set_batch_size_and_oversample()
+    assert trainer.batch_size == 2
+    assert "Fake GPU" in open(trainer.log_file).read()
+
+
+def test_meta_network_matches_the_real_network(nnunet_paths):
+    trainer = make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths)
+    trainer.initialize()
+    meta = trainer._meta_network()
+    assert sum(p.numel() for p in meta.parameters()) == sum(p.numel() for p in trainer.network.parameters())
+    assert meta.min_training_batch == 2  # 64 x 64: one PET token per channel at the deepest stage
+
+
+def test_min_training_batch():
+    assert CIPA(2, (64, 64), preset="micro").min_training_batch == 2
+    assert CIPA(2, (64, 64), preset="micro", use_dcim=False).min_training_batch == 1
+    with torch.device("meta"):
+        assert CIPA(2, (256, 256), preset="tiny").min_training_batch == 1
+
+
+def test_training_log_names_batch_and_scan_backend(nnunet_paths):
+    trainer = make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths)
+    trainer.initialize()
+    log = open(trainer.log_file).read()
+    assert "CIPA batch size: planned" in log
+    assert "Selective scan: backend cpu on cpu" in log and f"torch {torch.__version__}" in log
+
+
+@pytest.mark.parametrize("name, dtype", [("nnUNetTrainerCIPA_bf16", torch.bfloat16),
+                                         ("nnUNetTrainerCIPA_noAMP", torch.float32)])
+def test_precision_variants_build_and_step(name, dtype, nnunet_paths):
+    trainer = make_trainer(name, nnunet_paths)
+    trainer.initialize()
+    assert trainer.grad_scaler is None and unwrap(trainer.network).autocast_dtype == dtype
+    seen = []
+    hook = unwrap(trainer.network).decoder.head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    before = [p.detach().clone() for p in trainer.network.parameters()]
+    loss = trainer.train_step(batch(trainer))["loss"]
+    hook.remove()
+    assert np.isfinite(loss) and seen == [dtype]
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))
+
+
+def test_non_finite_loss_stops_before_the_weights_change(nnunet_paths):
+    trainer = make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths)
+    trainer.initialize()
+    trainer.current_epoch, trainer.iteration_in_epoch = 3, 7
+    bad = batch(trainer)
+    bad["data"][0, 0, 0, 0] = float("nan")
+    before = [p.detach().clone() for p in trainer.network.parameters()]
+    with pytest.raises(FloatingPointError, match="loss is nan at epoch 3, iteration 7"):
+        trainer.train_step(bad)
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))
+
+
+def test_accumulated_micro_batches_give_the_weighted_gradient(nnunet_paths):
+    """train_step over micro-batches of 2 = the gradient of the batch-size-weighted sum of the chunk losses."""
+    trainer = make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths)
+    trainer.initialize()
+    trainer.micro_batch_size = 2
+    trainer.grad_clip_norm = None
+    data = batch(trainer, n=4)
+    reference = copy.deepcopy(unwrap(trainer.network))
+    torch.manual_seed(0)  # DropPath / dropout randomness: none in micro, but keep both runs on the same stream
+    trainer.optimizer.step = lambda: None  # keep the weights: compare gradients
+    trainer.train_step(data)
+    total = 0.0
+    for i in (0, 2):
+        part = [t[i:i + 2] for t in data["target"]]
+        total = total + trainer.loss(reference(data["data"][i:i + 2]), part) * 0.5
+    total.backward()
+    for ours, ref in zip(trainer.network.parameters(), reference.parameters()):
+        if ref.grad is not None:
+            torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_checkpointing_env_var_turns_it_on(nnunet_paths, monkeypatch):
+    monkeypatch.setenv("nnUNet_CIPA_checkpointing", "1")
+    trainer = make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths)
+    trainer.initialize()
+    assert unwrap(trainer.network).activation_checkpointing
+    assert "Activation checkpointing: on" in open(trainer.log_file).read()
+    monkeypatch.setenv("nnUNet_CIPA_checkpointing", "maybe")
+    with pytest.raises(SystemExit, match="nnUNet_CIPA_checkpointing"):
+        make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths).initialize()
+
+
+def test_paper_trainer_settings(nnunet_paths):
+    trainer = make_trainer("nnUNetTrainerCIPA_paper_debug", nnunet_paths)
+    trainer.initialize()
+    train_cases, val_cases = trainer.do_split()
+    assert trainer.batch_size == 4 and trainer.configuration_manager.batch_size == 4
+    assert trainer.num_iterations_per_epoch == len(train_cases) // 4
+    assert trainer.num_val_iterations_per_epoch == -(-len(val_cases) // 4)
+    assert trainer.enable_deep_supervision is False and trainer.grad_clip_norm is None
+    assert isinstance(trainer.loss, BCEAndSoftDiceLoss)
+    assert isinstance(trainer.lr_scheduler, PerIterationCosineLRScheduler)
+    assert trainer.lr_scheduler.total_steps == trainer.num_epochs * trainer.num_iterations_per_epoch
+    assert trainer.optimizer.defaults["lr"] == 6e-5 and trainer.optimizer.defaults["betas"] == (0.9, 0.999)
+    assert trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[3] is None
+    assert trainer.inference_allowed_mirroring_axes is None
+    network = unwrap(trainer.network)
+    assert network.binary_logit and not any(p.requires_grad for p in network.decoder.aux_heads.parameters())
+    trainer.lr_scheduler.step(0)
+    lr0 = trainer.optimizer.param_groups[0]["lr"]
+    trainer.train_step(batch(trainer, n=4))
+    lr1 = trainer.optimizer.param_groups[0]["lr"]
+    assert lr1 == pytest.approx(trainer.lr_scheduler.lr_at(1)) and lr1 < lr0
+
+
+def test_paper_trainer_keeps_the_plans_batch_in_the_plans(nnunet_paths):
+    trainer = make_trainer("nnUNetTrainerCIPA_paper_debug", nnunet_paths)
+    planned = trainer.plans_manager.plans["configurations"]["2d"]["batch_size"]
+    assert trainer.plans_manager.get_configuration("2d").batch_size == planned  # plans.json stays as planned
+
+
+def test_official_parameter_groups_leave_out_the_ssm_parameters():
+    """The official optimiser misses 8,673,024 parameters of CIPA-tiny with one output (built on the meta device)."""
+    with torch.device("meta"):
+        network = CIPA(2, (512, 512), preset="tiny", binary_logit=True)
+    groups, left_out = official_parameter_groups(network, 0.01)
+    assert sum(p.numel() for p in left_out) == 8_673_024
+    names = {n.rsplit(".", 1)[-1] for n, p in network.named_parameters() if any(p is q for q in left_out)}
+    assert names == {"x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds", "scale1", "scale2"}
+    grouped = sum(p.numel() for g in groups for p in g["params"])
+    assert grouped + sum(p.numel() for p in left_out) == sum(p.numel() for p in network.parameters())
+
+
+def test_documented_gpu_batches():
+    """The batches docs/usage.md ("Batch size and GPU memory") gives CIPA-tiny at 512 x 512 on common GPUs."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_memory import gpu_batch_table
+
+    table = {row["gpu_gib"]: (row["fp16"], row["fp16_checkpointing"], row["float32"]) for row in gpu_batch_table()}
+    assert table == {16: (2, 8, 2), 24: (4, 12, 3), 40: (7, 12, 6), 48: (9, 12, 7), 80: (12, 12, 12),
+                     141: (12, 12, 12)}
+    documented = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
+    for gib, (fp16, checkpointing, float32) in table.items():
+        assert f"| {gib} GB | {fp16} | {checkpointing} | {float32} |" in documented
