@@ -8,7 +8,7 @@ Every run trains fold 0 of the demo-sized synthetic dataset (24 training + 6 tes
 the demo's budget (30 epochs x 25 iterations, the planned batch), seeded, then predicts the test patients without
 mirroring and scores them (pooled Dice as in the CIPA protocol, and mean patient Dice). The arms are generated
 trainer subclasses in a temporary nnUNet_extTrainer folder; each changes one thing.
-Usage: python benchmarks/bench_recipe.py lr [--preset tiny] [--values 6e-5 2e-4 6e-4 2e-3] [--seeds 0 1]
+Usage: python benchmarks/bench_recipe.py lr [--preset micro] [--values 6e-5 2e-4 6e-4 2e-3] [--seeds 0 1]
        python benchmarks/bench_recipe.py augmentation [--preset micro] [--seeds 0 1 2]
 Prints a markdown table and writes benchmarks/results/bench_recipe_<experiment>.json.
 """
@@ -113,11 +113,11 @@ def score(gt_dir: Path, pred_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiment", choices=("lr", "augmentation"))
-    parser.add_argument("--preset", choices=sorted(PRESET_TRAINERS), help="default: tiny for lr, micro for augmentation")
+    parser.add_argument("--preset", choices=sorted(PRESET_TRAINERS), help="default: micro")
     parser.add_argument("--values", nargs="+", type=float, default=[6e-5, 2e-4, 6e-4, 2e-3], help="peak lrs (lr)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     args = parser.parse_args()
-    preset = args.preset or ("tiny" if args.experiment == "lr" else "micro")
+    preset = args.preset or "micro"
     from nnunetv2_cipa.paths import cli_environment
 
     rows = []

@@ -1,4 +1,4 @@
-"""Repair for CPU-only torch with PyPI's CUDA torchvision (see INSTALL_NOTES).
+"""Repair for CPU-only torch with PyPI's CUDA torchvision (README.md, "CPU-only machines").
 
 PyPI's torchvision wheel is a CUDA build. On a CPU build of torch its compiled ops fail to load, and then
 ``torchvision._meta_registrations`` registers fake kernels for ``torchvision::nms``/``qnms``, which do not exist, so
