@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunetv2_cipa.network import CIPA
+from nnunetv2_cipa.network import CIPA, PRESETS
 from nnunetv2_cipa.training import cipa_trainer
 from nnunetv2_cipa.training.cipa_trainer import oversampled_fraction, unwrap
 from nnunetv2_cipa.training.loss import BCEAndSoftDiceLoss
@@ -76,6 +76,20 @@ def test_memory_model_rejects_unknown_inputs():
     with pytest.raises(ValueError, match="activation dtype"):
         activation_bytes_per_sample("tiny", (512, 512), "cuda", torch.int8, False)
     assert fitting_batch_size(GIB, 10 ** 9, 1) == 0  # the training state alone exceeds the memory
+    with pytest.raises(ValueError, match="preset 'small' with the cpu scan"):
+        activation_bytes_per_sample("small", (512, 512), "cpu", torch.float32, False)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_has_a_gpu_memory_model(preset):
+    """Every preset can choose its batch on a GPU: the gathered path (cuda / torch scans) is measured for both
+    activation widths, with and without checkpointing; checkpointing always saves memory, 16-bit never costs more."""
+    per_sample = {(dtype, ckpt): activation_bytes_per_sample(preset, (512, 512), "cuda", dtype, ckpt)
+                  for dtype in (torch.float32, torch.float16) for ckpt in (False, True)}
+    for dtype in (torch.float32, torch.float16):
+        assert per_sample[dtype, True] < per_sample[dtype, False]
+    for ckpt in (False, True):
+        assert per_sample[torch.float16, ckpt] <= per_sample[torch.float32, ckpt] * 1.01
 
 
 def test_trainer_applies_the_choice_to_batch_and_oversampling(nnunet_paths, monkeypatch):

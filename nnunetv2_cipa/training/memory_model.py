@@ -32,7 +32,9 @@ GIB = 2 ** 30
 # bytes per input pixel per sample of one forward + backward with deep supervision, keyed by
 # (preset, scan path, activation bytes, checkpointing). Measured on CPU by `python benchmarks/bench_memory.py` at
 # 512 x 512 (docs/benchmarks.md, "Training memory"); the gathered path with the numba kernel behind it, which keeps
-# its chunk states too, so it errs on the high side for mamba-ssm. 256 x 256 gives the same figures within 2.2%.
+# its chunk states too, so it errs on the high side for mamba-ssm. 256 x 256 gives the same figures within 2.2%, so
+# small and base were measured at 256 x 256, and on the gathered path only (the in-place ``cpu`` scan never runs on a
+# GPU, where the batch is chosen).
 ACTIVATION_BYTES_PER_PIXEL: dict[tuple[str, str, int, bool], float] = {
     ("tiny", "gathered", 4, False): 21568, ("tiny", "gathered", 4, True): 6403,
     ("tiny", "gathered", 2, False): 18359, ("tiny", "gathered", 2, True): 6157,
@@ -42,6 +44,10 @@ ACTIVATION_BYTES_PER_PIXEL: dict[tuple[str, str, int, bool], float] = {
     ("micro", "gathered", 2, False): 765, ("micro", "gathered", 2, True): 418,
     ("micro", "in_place", 4, False): 955, ("micro", "in_place", 4, True): 302,
     ("micro", "in_place", 2, False): 644, ("micro", "in_place", 2, True): 206,
+    ("small", "gathered", 4, False): 30310, ("small", "gathered", 4, True): 13402,
+    ("small", "gathered", 2, False): 25887, ("small", "gathered", 2, True): 11665,
+    ("base", "gathered", 4, False): 40174, ("base", "gathered", 4, True): 17793,
+    ("base", "gathered", 2, False): 34308, ("base", "gathered", 2, True): 15489,
 }
 
 
@@ -59,8 +65,9 @@ def activation_bytes_per_sample(preset: str, patch_size, backend: str, dtype, ch
         raise ValueError(f"unknown scan backend {backend!r}; choose one of {sorted(SCAN_PATHS)}")
     key = (preset, SCAN_PATHS[backend], activation_bytes(dtype), bool(checkpointing))
     if key not in ACTIVATION_BYTES_PER_PIXEL:
-        raise ValueError(f"no measured memory coefficient for preset {preset!r} "
-                         f"(known: {sorted({k[0] for k in ACTIVATION_BYTES_PER_PIXEL})})")
+        raise ValueError(f"no measured memory coefficient for preset {preset!r} with the {backend} scan "
+                         f"({SCAN_PATHS[backend]} path); measured: "
+                         f"{sorted({(k[0], k[1]) for k in ACTIVATION_BYTES_PER_PIXEL})}")
     return int(ACTIVATION_BYTES_PER_PIXEL[key] * math.prod(int(s) for s in patch_size))
 
 
