@@ -9,8 +9,9 @@ the demo's budget (30 epochs x 25 iterations, the planned batch), seeded, then p
 mirroring and scores them (pooled Dice as in the CIPA protocol, and mean patient Dice). The arms are generated
 trainer subclasses in a temporary nnUNet_extTrainer folder; each changes one thing.
 Usage: python benchmarks/bench_recipe.py lr [--preset micro] [--values 6e-5 2e-4 6e-4 2e-3] [--seeds 0 1]
-       python benchmarks/bench_recipe.py augmentation [--preset micro] [--seeds 0 1 2]
-Prints a markdown table and writes benchmarks/results/bench_recipe_<experiment>.json.
+       python benchmarks/bench_recipe.py augmentation [--preset micro] [--augmentations nnunet paper] [--seeds 0 1 2]
+Prints a markdown table and writes benchmarks/results/bench_recipe_<experiment>.json, with the CLI runs' output in
+bench_recipe_<experiment>.log beside it.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class RecipeArm({base}):
             super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         if self.augmentation == "nnunet_no_rotation":
             rotation = (0.0, 0.0)
+        if self.augmentation == "paper":  # the official transforms work on the patch itself (nothing crops it back)
+            rotation, dummy_2d, initial_patch_size = (0.0, 0.0), False, tuple(self.configuration_manager.patch_size)
         return rotation, dummy_2d, initial_patch_size, mirror_axes
 
     def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, *args, **kwargs):
@@ -77,11 +80,13 @@ class {name}(RecipeArm):
 '''
 
 
-def arms(experiment: str, values, seeds) -> list[dict]:
+AUGMENTATIONS = ("nnunet", "nnunet_no_rotation", "paper")
+
+
+def arms(experiment: str, values, augmentations, seeds) -> list[dict]:
     if experiment == "lr":
         return [{"label": f"lr {v:g}", "lr": v, "augmentation": "nnunet", "seed": s} for v in values for s in seeds]
-    return [{"label": a, "lr": None, "augmentation": a, "seed": s}
-            for a in ("nnunet", "nnunet_no_rotation", "paper") for s in seeds]
+    return [{"label": a, "lr": None, "augmentation": a, "seed": s} for a in augmentations for s in seeds]
 
 
 def run(command: list[str], env: dict, log: Path) -> None:
@@ -115,6 +120,8 @@ def main() -> None:
     parser.add_argument("experiment", choices=("lr", "augmentation"))
     parser.add_argument("--preset", choices=sorted(PRESET_TRAINERS), help="default: micro")
     parser.add_argument("--values", nargs="+", type=float, default=[6e-5, 2e-4, 6e-4, 2e-3], help="peak lrs (lr)")
+    parser.add_argument("--augmentations", nargs="+", choices=AUGMENTATIONS, default=list(AUGMENTATIONS),
+                        help="arms of the augmentation experiment")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     args = parser.parse_args()
     preset = args.preset or "micro"
@@ -124,12 +131,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         env = dict(cli_environment(workdir), nnUNet_compile="false")
-        log = workdir / "bench_recipe.log"
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        log = RESULTS / f"bench_recipe_{args.experiment}.log"  # kept: a failed run names it
+        log.write_text("")
         prepare(workdir, env, log)
         ext = workdir / "ext"
         ext.mkdir()
         module = TRAINER_MODULE.format(base=PRESET_TRAINERS[preset])
-        runs = arms(args.experiment, args.values, args.seeds)
+        runs = arms(args.experiment, args.values, args.augmentations, args.seeds)
         for i, arm in enumerate(runs):
             arm["trainer"] = f"RecipeArm{i}"
             module += ARM.format(name=arm["trainer"], seed=arm["seed"], lr=arm["lr"], augmentation=arm["augmentation"])
@@ -159,7 +168,6 @@ def main() -> None:
         print(f"| {label} | {', '.join(f'{d:.3f}' for d in pooled)} | {statistics.mean(pooled):.3f} | "
               f"{statistics.mean(r['test_patient_dice'] for r in group):.3f} | "
               f"{statistics.mean(r['val_dice_per_case'] for r in group):.3f} |")
-    RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"bench_recipe_{args.experiment}.json"
     out.write_text(json.dumps({"experiment": args.experiment, "preset": preset, "rows": rows}, indent=2))
     print(f"\nwrote {out}")
