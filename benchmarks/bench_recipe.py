@@ -1,4 +1,4 @@
-"""Training-recipe experiments on the synthetic PCLT20K-like data, through the stock nnU-Net CLI on CPU.
+"""Training-recipe experiments on the synthetic PCLT20K-like data, through the stock nnU-Net CLI (CPU by default).
 
 - ``lr``: nnUNetTrainerCIPA's AdamW peak learning rate (its warm-up + poly schedule), for a given preset;
 - ``augmentation``: nnU-Net's default augmentation (rotation up to 180 degrees, scaling, mirroring on both axes,
@@ -11,7 +11,7 @@ trainer subclasses in a temporary nnUNet_extTrainer folder; each changes one thi
 Usage: python benchmarks/bench_recipe.py lr [--preset micro] [--values 6e-5 2e-4 6e-4 2e-3] [--seeds 0 1]
        python benchmarks/bench_recipe.py augmentation [--preset micro] [--augmentations nnunet paper] [--seeds 0 1 2]
 Prints a markdown table and writes benchmarks/results/bench_recipe_<experiment>.json, with the CLI runs' output in
-bench_recipe_<experiment>.log beside it.
+bench_recipe_<experiment>.log beside it. ``--device cuda`` runs the arms on a GPU (CIPA-tiny's sweep belongs there).
 """
 
 from __future__ import annotations
@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--augmentations", nargs="+", choices=AUGMENTATIONS, default=list(AUGMENTATIONS),
                         help="arms of the augmentation experiment")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     preset = args.preset or "micro"
     from nnunetv2_cipa.paths import cli_environment
@@ -147,16 +148,17 @@ def main() -> None:
         raw = Path(env["nnUNet_raw"]) / DATASET
         for arm in runs:
             start = time.perf_counter()
-            run(["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", arm["trainer"], "-device", "cpu"],
-                dict(env, nnUNet_n_proc_DA="0"), log)
+            run(["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", arm["trainer"], "-device", args.device],
+                dict(env, nnUNet_n_proc_DA="0") if args.device == "cpu" else env, log)
             pred = workdir / "pred" / arm["trainer"]
             run(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(DATASET_ID), "-c", "2d",
-                 "-tr", arm["trainer"], "-f", "0", "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta"],
+                 "-tr", arm["trainer"], "-f", "0", "-device", args.device, "-npp", "0", "-nps", "0", "--disable_tta"],
                 env, log)
             summary = json.loads((Path(env["nnUNet_results"]) / DATASET / f"{arm['trainer']}__nnUNetPlans__2d"
                                   / "fold_0" / "validation" / "summary.json").read_text())
-            rows.append({**arm, **score(raw / "labelsTs", pred), "val_dice_per_case": summary["foreground_mean"]["Dice"],
-                         "seconds": time.perf_counter() - start})
+            seconds = time.perf_counter() - start
+            rows.append({**arm, **score(raw / "labelsTs", pred),
+                         "val_dice_per_case": summary["foreground_mean"]["Dice"], "seconds": seconds})
             print(f"{arm['label']} seed {arm['seed']}: test Dice {rows[-1]['test_dice_pooled']:.3f}", file=sys.stderr)
     print(f"\n{args.experiment} experiment, CIPA-{preset}, demo budget, fold 0 of the synthetic data, seeds "
           f"{args.seeds}\n")
