@@ -185,7 +185,7 @@ def memory_row(preset: str, config: dict, device: str, batch: int | None, planne
     from nnunetv2_cipa.network import CIPA
     from nnunetv2_cipa.ops.backends import resolve_backend
     from nnunetv2_cipa.training.memory_model import (activation_bytes_per_sample, choose_batch_size,
-                                                     scan_workspace_bytes, training_state_bytes)
+                                                     scan_workspace_bytes, training_peak_bytes)
 
     patch = tuple(config["patch_size"])
     torch.manual_seed(0)
@@ -202,7 +202,7 @@ def memory_row(preset: str, config: dict, device: str, batch: int | None, planne
                                    checkpointing, model.min_training_batch, free_bytes=free)
         batch, row["choice"] = choice.chosen, choice.reason
     per_sample = activation_bytes_per_sample(preset, patch, backend, dtype, checkpointing)
-    predicted = training_state_bytes(parameters) + scan_workspace_bytes(backend, device) + batch * per_sample
+    predicted = training_peak_bytes(batch, parameters, per_sample, scan_workspace_bytes(backend, device))
     row.update(batch=batch, predicted_gib=predicted / 2 ** 30)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4)
     scaler = torch.amp.GradScaler(device, enabled=device == "cuda")

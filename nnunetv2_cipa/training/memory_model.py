@@ -81,9 +81,14 @@ def scan_workspace_bytes(backend: str, device_type: str) -> int:
     return TORCH_SCAN_WORKSPACE_BYTES_CUDA if backend == "torch" and device_type == "cuda" else 0
 
 
+def training_peak_bytes(batch: int, parameters: int, per_sample_bytes: int, workspace_bytes: int = 0) -> int:
+    """Predicted device memory of a training step of ``batch`` samples: training state, scan workspace, activations."""
+    return training_state_bytes(parameters) + workspace_bytes + batch * per_sample_bytes
+
+
 def fitting_batch_size(free_bytes: int, parameters: int, per_sample_bytes: int, workspace_bytes: int = 0) -> int:
     """Samples that fit in USABLE_FRACTION of ``free_bytes`` next to the training state (0 if not even one)."""
-    budget = USABLE_FRACTION * free_bytes - training_state_bytes(parameters) - workspace_bytes
+    budget = USABLE_FRACTION * free_bytes - training_peak_bytes(0, parameters, per_sample_bytes, workspace_bytes)
     return max(0, int(budget // per_sample_bytes))
 
 
@@ -133,7 +138,7 @@ def choose_batch_size(planned: int, device: torch.device, preset: str, patch_siz
     reason = (f"{free_bytes / GIB:.1f} GiB free on {device_name}; memory model for CIPA-{preset} at "
               f"{'x'.join(str(int(s)) for s in patch_size)}, {backend} scan, {width} activations"
               f"{', activation checkpointing' if checkpointing else ''}: {per_sample / GIB:.2f} GiB per sample + "
-              f"{(training_state_bytes(parameters) + workspace) / GIB:.2f} GiB weights/gradients/AdamW"
+              f"{training_peak_bytes(0, parameters, per_sample, workspace) / GIB:.2f} GiB weights/gradients/AdamW"
               f"{'/scan workspace' if workspace else ''}, {USABLE_FRACTION:.0%} of the free memory usable -> "
               f"{fits} fit")
     if fits < chosen:
