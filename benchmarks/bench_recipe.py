@@ -10,8 +10,9 @@ mirroring and scores them (pooled Dice as in the CIPA protocol, and mean patient
 trainer subclasses in a temporary nnUNet_extTrainer folder; each changes one thing.
 Usage: python benchmarks/bench_recipe.py lr [--preset micro] [--values 6e-5 2e-4 6e-4 2e-3] [--seeds 0 1]
        python benchmarks/bench_recipe.py augmentation [--preset micro] [--augmentations nnunet paper] [--seeds 0 1 2]
-Prints a markdown table and writes benchmarks/results/bench_recipe_<experiment>.json, with the CLI runs' output in
-bench_recipe_<experiment>.log beside it. ``--device cuda`` runs the arms on a GPU (CIPA-tiny's sweep belongs there).
+Prints a markdown table and writes benchmarks/results/bench_recipe_<experiment>_<preset>.json, rewritten after every
+arm (a sweep stopped midway keeps its finished arms), with the CLI runs' output in bench_recipe_<experiment>_<preset>.log
+beside it. ``--device cuda`` runs the arms on a GPU (CIPA-tiny's sweep belongs there).
 """
 
 from __future__ import annotations
@@ -129,11 +130,12 @@ def main() -> None:
     from nnunetv2_cipa.paths import cli_environment
 
     rows = []
+    out = RESULTS / f"bench_recipe_{args.experiment}_{preset}.json"
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         env = dict(cli_environment(workdir), nnUNet_compile="false")
         RESULTS.mkdir(parents=True, exist_ok=True)
-        log = RESULTS / f"bench_recipe_{args.experiment}.log"  # kept: a failed run names it
+        log = RESULTS / f"bench_recipe_{args.experiment}_{preset}.log"  # kept: a failed run names it
         log.write_text("")
         prepare(workdir, env, log)
         ext = workdir / "ext"
@@ -159,6 +161,7 @@ def main() -> None:
             seconds = time.perf_counter() - start
             rows.append({**arm, **score(raw / "labelsTs", pred),
                          "val_dice_per_case": summary["foreground_mean"]["Dice"], "seconds": seconds})
+            out.write_text(json.dumps({"experiment": args.experiment, "preset": preset, "rows": rows}, indent=2))
             print(f"{arm['label']} seed {arm['seed']}: test Dice {rows[-1]['test_dice_pooled']:.3f}", file=sys.stderr)
     print(f"\n{args.experiment} experiment, CIPA-{preset}, demo budget, fold 0 of the synthetic data, seeds "
           f"{args.seeds}\n")
@@ -170,8 +173,6 @@ def main() -> None:
         print(f"| {label} | {', '.join(f'{d:.3f}' for d in pooled)} | {statistics.mean(pooled):.3f} | "
               f"{statistics.mean(r['test_patient_dice'] for r in group):.3f} | "
               f"{statistics.mean(r['val_dice_per_case'] for r in group):.3f} |")
-    out = RESULTS / f"bench_recipe_{args.experiment}.json"
-    out.write_text(json.dumps({"experiment": args.experiment, "preset": preset, "rows": rows}, indent=2))
     print(f"\nwrote {out}")
 
 
