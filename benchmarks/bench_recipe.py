@@ -127,11 +127,12 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     preset = args.preset or "micro"
+    from nnunetv2_cipa.conversion.staging import sigterm_as_interrupt
     from nnunetv2_cipa.paths import cli_environment
 
     rows = []
     out = RESULTS / f"bench_recipe_{args.experiment}_{preset}.json"
-    with tempfile.TemporaryDirectory() as tmp:
+    with sigterm_as_interrupt(), tempfile.TemporaryDirectory() as tmp:  # a kill removes the work folder too
         workdir = Path(tmp)
         env = dict(cli_environment(workdir), nnUNet_compile="false")
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -177,4 +178,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the work folder is removed, finished arms are in the JSON
+        sys.exit(f"bench_recipe: stopped ({e or 'interrupted'})")
