@@ -204,7 +204,7 @@ def memory_row(preset: str, config: dict, device: str, batch: int | None, planne
     per_sample = activation_bytes_per_sample(preset, patch, backend, dtype, checkpointing)
     predicted = training_peak_bytes(batch, parameters, per_sample, scan_workspace_bytes(backend, device))
     row.update(batch=batch, predicted_gib=predicted / 2 ** 30)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4)
     scaler = torch.amp.GradScaler(device, enabled=device == "cuda")
     x = torch.rand(batch, 2, *patch, device=device)
     target = (x[:, 1] > 0.7).long()

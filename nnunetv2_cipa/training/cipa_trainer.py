@@ -117,7 +117,7 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 2e-4
+        self.initial_lr = 6e-4  # CIPA-tiny's measured best (docs/recipes.md, "Learning rate")
         self.weight_decay = 1e-2
         self.warmup_epochs = 10
         self.micro_batch_size: int | None = None  # set when accumulating to the planned batch
