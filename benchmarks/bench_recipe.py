@@ -11,8 +11,8 @@ trainer subclasses in a temporary nnUNet_extTrainer folder; each changes one thi
 Usage: python benchmarks/bench_recipe.py lr [--preset micro] [--values 6e-5 2e-4 6e-4 2e-3] [--seeds 0 1]
        python benchmarks/bench_recipe.py augmentation [--preset micro] [--augmentations nnunet paper] [--seeds 0 1 2]
 Prints a markdown table and writes benchmarks/results/bench_recipe_<experiment>_<preset>.json, rewritten after every
-arm (a sweep stopped midway keeps its finished arms), with the CLI runs' output in bench_recipe_<experiment>_<preset>.log
-beside it. ``--device cuda`` runs the arms on a GPU (CIPA-tiny's sweep belongs there).
+arm (a sweep stopped midway keeps its finished arms), with the CLI runs' output in
+bench_recipe_<experiment>_<preset>.log beside it. ``--device cuda`` runs the arms on a GPU (CIPA-tiny's sweep belongs there).
 """
 
 from __future__ import annotations
@@ -119,29 +119,29 @@ def score(gt_dir: Path, pred_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiment", choices=("lr", "augmentation"))
-    parser.add_argument("--preset", choices=sorted(PRESET_TRAINERS), help="default: micro")
+    parser.add_argument("--preset", choices=sorted(PRESET_TRAINERS), default="micro")
     parser.add_argument("--values", nargs="+", type=float, default=[6e-5, 2e-4, 6e-4, 2e-3], help="peak lrs (lr)")
     parser.add_argument("--augmentations", nargs="+", choices=AUGMENTATIONS, default=list(AUGMENTATIONS),
                         help="arms of the augmentation experiment")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
-    preset = args.preset or "micro"
     from nnunetv2_cipa.conversion.staging import sigterm_as_interrupt
     from nnunetv2_cipa.paths import cli_environment
 
     rows = []
-    out = RESULTS / f"bench_recipe_{args.experiment}_{preset}.json"
+    results = RESULTS / f"bench_recipe_{args.experiment}_{args.preset}"  # .json, and .log for the CLI runs' output
+    out = results.with_suffix(".json")
     with sigterm_as_interrupt(), tempfile.TemporaryDirectory() as tmp:  # a kill removes the work folder too
         workdir = Path(tmp)
         env = dict(cli_environment(workdir), nnUNet_compile="false")
         RESULTS.mkdir(parents=True, exist_ok=True)
-        log = RESULTS / f"bench_recipe_{args.experiment}_{preset}.log"  # kept: a failed run names it
+        log = results.with_suffix(".log")  # kept: a failed run names it
         log.write_text("")
         prepare(workdir, env, log)
         ext = workdir / "ext"
         ext.mkdir()
-        module = TRAINER_MODULE.format(base=PRESET_TRAINERS[preset])
+        module = TRAINER_MODULE.format(base=PRESET_TRAINERS[args.preset])
         runs = arms(args.experiment, args.values, args.augmentations, args.seeds)
         for i, arm in enumerate(runs):
             arm["trainer"] = f"RecipeArm{i}"
@@ -162,9 +162,9 @@ def main() -> None:
             seconds = time.perf_counter() - start
             rows.append({**arm, **score(raw / "labelsTs", pred),
                          "val_dice_per_case": summary["foreground_mean"]["Dice"], "seconds": seconds})
-            out.write_text(json.dumps({"experiment": args.experiment, "preset": preset, "rows": rows}, indent=2))
+            out.write_text(json.dumps({"experiment": args.experiment, "preset": args.preset, "rows": rows}, indent=2))
             print(f"{arm['label']} seed {arm['seed']}: test Dice {rows[-1]['test_dice_pooled']:.3f}", file=sys.stderr)
-    print(f"\n{args.experiment} experiment, CIPA-{preset}, demo budget, fold 0 of the synthetic data, seeds "
+    print(f"\n{args.experiment} experiment, CIPA-{args.preset}, demo budget, fold 0 of the synthetic data, seeds "
           f"{args.seeds}\n")
     print("| arm | test Dice, pooled (per seed) | mean | test patient Dice (mean) | fold-0 validation Dice (mean) |")
     print("|---|---|---:|---:|---:|")
