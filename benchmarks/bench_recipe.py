@@ -12,7 +12,8 @@ Usage: python benchmarks/bench_recipe.py lr [--preset micro] [--values 6e-5 2e-4
        python benchmarks/bench_recipe.py augmentation [--preset micro] [--augmentations nnunet paper] [--seeds 0 1 2]
 Prints a markdown table and writes benchmarks/results/bench_recipe_<experiment>_<preset>.json, rewritten after every
 arm (a sweep stopped midway keeps its finished arms), with the CLI runs' output in
-bench_recipe_<experiment>_<preset>.log beside it. ``--device cuda`` runs the arms on a GPU (CIPA-tiny's sweep belongs there).
+bench_recipe_<experiment>_<preset>.log beside it. ``--device cuda`` runs the arms on a GPU (a CIPA-tiny arm takes
+about 18 minutes on a 2-core CPU).
 """
 
 from __future__ import annotations
