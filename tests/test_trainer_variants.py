@@ -199,6 +199,76 @@ def test_accumulated_micro_batches_give_the_weighted_gradient(nnunet_paths):
             torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("n, micro, smallest, sizes", [(4, None, 1, [4]), (12, 5, 1, [4, 4, 4]), (7, 3, 2, [3, 2, 2]),
+                                                      (3, 1, 2, [3]), (12, 11, 2, [6, 6])])
+def test_micro_batches_are_balanced_and_never_below_the_smallest_batch(n, micro, smallest, sizes, nnunet_paths):
+    trainer = make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths)
+    trainer.micro_batch_size, trainer.min_training_batch = micro, smallest
+    data = torch.arange(n).view(n, 1, 1, 1)
+    chunks = list(trainer._micro_batches(data, [data.clone()]))
+    assert [len(d) for d, _, _ in chunks] == sizes
+    assert torch.cat([d for d, _, _ in chunks]).flatten().tolist() == list(range(n))
+    assert all(torch.equal(d, t[0]) for d, t, _ in chunks) and sum(w for _, _, w in chunks) == pytest.approx(1)
+
+
+def fail_once_out_of_memory(network, call: int):
+    """Make ``network``'s forward raise CUDA's out-of-memory error on its ``call``-th call (1-based), once."""
+    forward, calls = network.forward, []
+
+    def failing(x):
+        calls.append(x.shape[0])
+        if len(calls) == call:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB\nmore detail")
+        return forward(x)
+
+    network.forward = failing
+    return calls
+
+
+def test_out_of_memory_step_is_retried_in_smaller_micro_batches(nnunet_paths, capsys):
+    """An OOM in the second micro-batch of 4 (the first one's gradients already accumulated) -> the step is redone in
+    micro-batches of 2 and leaves exactly the gradients of a clean run in micro-batches of 2; the log and stderr
+    say so, once."""
+    trainers = [make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths) for _ in range(2)]
+    for trainer, micro in zip(trainers, (4, 2)):
+        trainer.initialize()
+        trainer.micro_batch_size, trainer.grad_clip_norm = micro, None
+        trainer.optimizer.step = lambda: None  # keep the weights: compare gradients
+    unwrap(trainers[1].network).load_state_dict(unwrap(trainers[0].network).state_dict())
+    calls = fail_once_out_of_memory(trainers[0].network, call=2)
+    data = batch(trainers[0], n=8)
+    losses = [trainer.train_step(copy.deepcopy(data))["loss"] for trainer in trainers]
+    assert calls == [4, 4, 2, 2, 2, 2] and trainers[0].micro_batch_size == 2
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for ours, clean in zip(trainers[0].network.parameters(), trainers[1].network.parameters()):
+        if clean.grad is not None:
+            torch.testing.assert_close(ours.grad, clean.grad, rtol=1e-5, atol=1e-7)
+    expected = ("out of GPU memory at epoch 0, iteration 0, in micro-batches of 4 of a batch of 8: retrying in "
+                "micro-batches of 2")
+    assert expected in open(trainers[0].log_file).read()
+    assert capsys.readouterr().err.count(expected) == 1
+    trainers[0].train_step(copy.deepcopy(data))  # later steps start at the smaller micro-batch
+    assert calls[6:] == [2, 2, 2, 2]
+
+
+@pytest.mark.parametrize("setting, why", [("smallest", "2 is the smallest micro-batch"),
+                                          ("ddp", "not retried under DDP"), ("off", "oom_backoff is off")])
+def test_out_of_memory_that_cannot_be_retried_stops_with_the_fix(setting, why, nnunet_paths):
+    trainer = make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths)
+    trainer.initialize()
+    assert trainer.min_training_batch == 2  # micro at the debug plan's patch: DCIM's BatchNorm needs 2
+    trainer.micro_batch_size = 2 if setting == "smallest" else None
+    trainer.is_ddp = setting == "ddp"
+    trainer.oom_backoff = setting != "off"
+    fail_once_out_of_memory(trainer.network, call=1)
+    before = [p.detach().clone() for p in trainer.network.parameters()]
+    with pytest.raises(torch.OutOfMemoryError, match=why) as raised:
+        trainer.train_step(batch(trainer, n=4 if setting != "smallest" else 2))
+    assert "Tried to allocate 9.00 GiB" in str(raised.value) and "nnUNet_CIPA_batch_size" in str(raised.value)
+    assert "nnUNetTrainerCIPA_checkpointing" in str(raised.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))
+
+
 def test_checkpointing_env_var_turns_it_on(nnunet_paths, monkeypatch):
     monkeypatch.setenv("nnUNet_CIPA_checkpointing", "1")
     trainer = make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths)

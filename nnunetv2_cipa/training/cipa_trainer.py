@@ -17,7 +17,9 @@ What differs from nnU-Net's default trainer, and why (docs/recipes.md compares e
   auxiliary heads are frozen (so DDP needs no find_unused_parameters).
 - training step: nnU-Net's (fp16 autocast + GradScaler on CUDA, gradient norm clipped at ``grad_clip_norm``), plus a
   stop with a clear message at the first non-finite loss, micro-batches when accumulating, and activation
-  checkpointing when ``activation_checkpointing`` or env ``nnUNet_CIPA_checkpointing=1``. ``network_autocast``
+  checkpointing when ``activation_checkpointing`` or env ``nnUNet_CIPA_checkpointing=1``. A step that runs out of
+  GPU memory is retried in micro-batches of half the size (``oom_backoff``; not under DDP), so a memory model that
+  is off costs speed, not the training. ``network_autocast``
   (bf16 / float32 variants) fixes the network's own precision in training, validation and prediction alike.
 - torch.compile: off unless ``nnUNet_compile`` is set to true (the scan kernels are not compile-friendly).
 - the scan backend, torch / CUDA / mamba-ssm versions and the GPU go into the training log.
@@ -26,7 +28,9 @@ What differs from nnU-Net's default trainer, and why (docs/recipes.md compares e
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -44,7 +48,7 @@ from nnunetv2_cipa.network import CIPA, OFFICIAL_INPUT_SCALE_SHIFT
 from nnunetv2_cipa.ops.backend_report import scan_backend_report
 from nnunetv2_cipa.ops.backends import resolve_backend
 from nnunetv2_cipa.training.lr_schedule import WarmupPolyLRScheduler
-from nnunetv2_cipa.training.memory_model import choose_batch_size
+from nnunetv2_cipa.training.memory_model import BATCH_SIZE_ENV_VAR, choose_batch_size
 from nnunetv2_cipa.training.pretrained_encoder import imagenet_checkpoint_path, missing_checkpoint_message
 
 CHECKPOINTING_ENV_VAR = "nnUNet_CIPA_checkpointing"
@@ -113,6 +117,7 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
     accumulate_to_planned_batch = False  # keep the planned batch on a small GPU, in micro-batches
     network_autocast: torch.dtype | None = None  # None: nnU-Net's fp16 autocast on CUDA; bf16 or float32: fixed
     grad_clip_norm: float | None = 12.0  # nnU-Net's
+    oom_backoff = True  # a training step out of GPU memory is retried in micro-batches of half the size
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -120,7 +125,8 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         self.initial_lr = 6e-4  # CIPA-tiny's measured best (docs/recipes.md, "Learning rate")
         self.weight_decay = 1e-2
         self.warmup_epochs = 10
-        self.micro_batch_size: int | None = None  # set when accumulating to the planned batch
+        self.micro_batch_size: int | None = None  # set when accumulating to the planned batch or backing off
+        self.min_training_batch = 1  # the network's smallest trainable batch (set with the batch size)
         self.iteration_in_epoch = 0
         self.imagenet_encoder_loaded = False
         if self.network_autocast is not None:
@@ -202,10 +208,11 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         super()._set_batch_size_and_oversample()  # the planned batch (per GPU under DDP)
         planned = self.batch_size
         network = self._meta_network()
+        self.min_training_batch = network.min_training_batch
         choice = self._config(choose_batch_size, planned, self.device, self.cipa_preset,
                               self.configuration_manager.patch_size, sum(p.numel() for p in network.parameters()),
                               resolve_backend(None, self.device), self.training_autocast_dtype(),
-                              self.checkpointing_enabled(), network.min_training_batch)
+                              self.checkpointing_enabled(), self.min_training_batch)
         self.print_to_log_file(choice.log_line())
         if self.accumulate_to_planned_batch:
             self.micro_batch_size = min(choice.chosen, planned)
@@ -261,14 +268,19 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
+    def _micro_batch_count(self, n: int) -> int:
+        """Chunks of a batch of ``n``: as few as keep each within ``micro_batch_size`` (one when unset), but none
+        below ``min_training_batch`` unless the batch itself is."""
+        return max(1, min(math.ceil(n / (self.micro_batch_size or n)), n // self.min_training_batch))
+
     def _micro_batches(self, data: torch.Tensor, target):
-        """(data, target, weight) chunks of at most ``micro_batch_size`` samples (the whole batch otherwise)."""
-        size = self.micro_batch_size or data.shape[0]
-        starts = range(0, data.shape[0], size)
-        for start in starts:
-            part = slice(start, start + size)
+        """(data, target, weight) for each of the balanced chunks of ``data`` (B, C, H, W) and its target;
+        weight = the chunk's share of the batch."""
+        n = data.shape[0]
+        for part in torch.arange(n).tensor_split(self._micro_batch_count(n)):
+            part = slice(int(part[0]), int(part[-1]) + 1)
             chunk_target = [t[part] for t in target] if isinstance(target, list) else target[part]
-            yield data[part], chunk_target, data[part].shape[0] / data.shape[0]
+            yield data[part], chunk_target, (part.stop - part.start) / n
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
@@ -278,11 +290,9 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
                 f"iteration {self.iteration_in_epoch} (lr {lr:.3g}); training stopped before this step changed the "
                 f"weights. Try the bf16 or float32 variant (nnUNetTrainerCIPA_bf16, _noAMP) or a lower learning rate")
 
-    def train_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
+    def _accumulate_gradients(self, data: torch.Tensor, target) -> torch.Tensor:
+        """Forward and backward of the batch in micro-batches; the gradients of the batch loss are left in .grad
+        (scaled by the GradScaler when there is one). Returns the loss."""
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for data_part, target_part, weight in self._micro_batches(data, target):
@@ -291,6 +301,49 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
             self._check_finite(loss)
             (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
             total += loss.detach()
+        return total
+
+    def _back_off(self, batch_size: int, error: str) -> None:
+        """After an out-of-memory ``error`` in a step of ``batch_size`` samples: halve the micro-batch, or raise
+        torch.OutOfMemoryError with what to do when that is not possible."""
+        current = math.ceil(batch_size / self._micro_batch_count(batch_size))  # the largest chunk
+        smaller = max(self.min_training_batch, current // 2)
+        where = (f"{self.__class__.__name__}: out of GPU memory at epoch {self.current_epoch}, iteration "
+                 f"{self.iteration_in_epoch}, in micro-batches of {current} of a batch of {batch_size}")
+        if not self.oom_backoff:
+            why = "oom_backoff is off"
+        elif self.is_ddp:
+            why = "not retried under DDP (every process must run the same micro-batches)"
+        elif smaller >= current:
+            why = f"{current} is the smallest micro-batch"
+        else:
+            why = None
+        if why is not None:
+            raise torch.OutOfMemoryError(
+                f"{where} ({error}); {why}. Set a smaller batch (export {BATCH_SIZE_ENV_VAR}=N), turn on activation "
+                f"checkpointing (-tr nnUNetTrainerCIPA_checkpointing or export {CHECKPOINTING_ENV_VAR}=1), or free "
+                f"GPU memory")
+        self.micro_batch_size = smaller
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        message = (f"{where}: retrying in micro-batches of {smaller}, with the gradients accumulated (the batch "
+                   f"stays {batch_size}). To start with a batch that fits, set {BATCH_SIZE_ENV_VAR} or turn on "
+                   "activation checkpointing")
+        self.print_to_log_file(message)
+        print(f"nnunetv2_cipa WARNING: {message}", file=sys.stderr, flush=True)
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        while True:
+            try:
+                total = self._accumulate_gradients(data, target)
+                break
+            except torch.OutOfMemoryError as e:
+                error = str(e).strip().split("\n")[0]  # only the text: its frames hold the failed step's tensors
+            self._back_off(data.shape[0], error)
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
         if self.grad_clip_norm is not None:
