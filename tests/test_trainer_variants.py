@@ -211,6 +211,39 @@ def test_micro_batches_are_balanced_and_never_below_the_smallest_batch(n, micro,
     assert all(torch.equal(d, t[0]) for d, t, _ in chunks) and sum(w for _, _, w in chunks) == pytest.approx(1)
 
 
+def test_micro_batches_under_ddp_all_reduce_once_per_step(nnunet_paths):
+    """With DDP (gloo, one process) a step in micro-batches all-reduces the gradients once, in the last backward, and
+    gives the gradients of the same step without DDP."""
+    import torch.distributed as dist
+
+    trainer = make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths)
+    trainer.initialize()
+    trainer.grad_clip_norm, trainer.micro_batch_size = None, 2
+    trainer.optimizer.step = lambda: None  # keep the weights: compare gradients
+    data = batch(trainer, n=4)
+    trainer.train_step(copy.deepcopy(data))
+    plain = [None if p.grad is None else p.grad.clone() for p in trainer.network.parameters()]
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        trainer.network = torch.nn.parallel.DistributedDataParallel(trainer.network)
+        reductions = []
+
+        def count(state, bucket):
+            reductions.append(bucket.index())
+            future = torch.futures.Future()
+            future.set_result(bucket.buffer())
+            return future
+
+        trainer.network.register_comm_hook(None, count)
+        trainer.train_step(copy.deepcopy(data))
+    finally:
+        dist.destroy_process_group()
+    assert reductions and len(reductions) == len(set(reductions))  # every bucket once: one synchronised backward
+    for ours, expected in zip(trainer.network.module.parameters(), plain):
+        if expected is not None:
+            torch.testing.assert_close(ours.grad, expected, rtol=1e-5, atol=1e-7)
+
+
 def fail_once_out_of_memory(network, call: int):
     """Make ``network``'s forward raise CUDA's out-of-memory error on its ``call``-th call (1-based), once."""
     forward, calls = network.forward, []

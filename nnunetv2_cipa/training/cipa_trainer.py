@@ -292,14 +292,18 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
 
     def _accumulate_gradients(self, data: torch.Tensor, target) -> torch.Tensor:
         """Forward and backward of the batch in micro-batches; the gradients of the batch loss are left in .grad
-        (scaled by the GradScaler when there is one). Returns the loss."""
+        (scaled by the GradScaler when there is one). Under DDP only the last micro-batch's backward all-reduces
+        them. Returns the loss."""
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for data_part, target_part, weight in self._micro_batches(data, target):
-            with self._step_autocast():
-                loss = self.loss(self.network(data_part), target_part) * weight
-            self._check_finite(loss)
-            (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
+        chunks = list(self._micro_batches(data, target))
+        for index, (data_part, target_part, weight) in enumerate(chunks):
+            local = index < len(chunks) - 1 and isinstance(self.network, DistributedDataParallel)
+            with self.network.no_sync() if local else contextlib.nullcontext():
+                with self._step_autocast():
+                    loss = self.loss(self.network(data_part), target_part) * weight
+                self._check_finite(loss)
+                (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
             total += loss.detach()
         return total
 
