@@ -19,8 +19,8 @@ What differs from nnU-Net's default trainer, and why (docs/recipes.md compares e
   stop with a clear message at the first non-finite loss, micro-batches when accumulating, and activation
   checkpointing when ``activation_checkpointing`` or env ``nnUNet_CIPA_checkpointing=1``. A step that runs out of
   GPU memory is retried in micro-batches of half the size (``oom_backoff``; not under DDP), so a memory model that
-  is off costs speed, not the training. ``network_autocast``
-  (bf16 / float32 variants) fixes the network's own precision in training, validation and prediction alike.
+  is off costs speed, not the training. ``network_autocast`` (bf16 / float32 variants) fixes the network's own
+  precision in training, validation and prediction alike.
 - torch.compile: off unless ``nnUNet_compile`` is set to true (the scan kernels are not compile-friendly).
 - the scan backend, torch / CUDA / mamba-ssm versions and the GPU go into the training log.
 """
