@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import types
 
 import numpy as np
 import pytest
@@ -203,7 +204,7 @@ def test_accumulated_micro_batches_give_the_weighted_gradient(nnunet_paths):
                                                       (3, 1, 2, [3]), (12, 11, 2, [6, 6])])
 def test_micro_batches_are_balanced_and_never_below_the_smallest_batch(n, micro, smallest, sizes, nnunet_paths):
     trainer = make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths)
-    trainer.micro_batch_size, trainer.min_training_batch = micro, smallest
+    trainer.micro_batch_size, trainer.network = micro, types.SimpleNamespace(min_training_batch=smallest)
     data = torch.arange(n).view(n, 1, 1, 1)
     chunks = list(trainer._micro_batches(data, [data.clone()]))
     assert [len(d) for d, _, _ in chunks] == sizes

@@ -126,7 +126,6 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         self.weight_decay = 1e-2
         self.warmup_epochs = 10
         self.micro_batch_size: int | None = None  # set when accumulating to the planned batch or backing off
-        self.min_training_batch = 1  # the network's smallest trainable batch (set with the batch size)
         self.iteration_in_epoch = 0
         self.imagenet_encoder_loaded = False
         if self.network_autocast is not None:
@@ -208,11 +207,10 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         super()._set_batch_size_and_oversample()  # the planned batch (per GPU under DDP)
         planned = self.batch_size
         network = self._meta_network()
-        self.min_training_batch = network.min_training_batch
         choice = self._config(choose_batch_size, planned, self.device, self.cipa_preset,
                               self.configuration_manager.patch_size, sum(p.numel() for p in network.parameters()),
                               resolve_backend(None, self.device), self.training_autocast_dtype(),
-                              self.checkpointing_enabled(), self.min_training_batch)
+                              self.checkpointing_enabled(), network.min_training_batch)
         self.print_to_log_file(choice.log_line())
         if self.accumulate_to_planned_batch:
             self.micro_batch_size = min(choice.chosen, planned)
@@ -267,6 +265,11 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         if self.device.type == "cuda" and self.network_autocast is None:
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
+
+    @property
+    def min_training_batch(self) -> int:
+        """The network's smallest trainable batch (after ``initialize``)."""
+        return unwrap(self.network).min_training_batch
 
     def _micro_batch_count(self, n: int) -> int:
         """Chunks of a batch of ``n``: as few as keep each within ``micro_batch_size`` (one when unset), but none
