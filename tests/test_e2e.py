@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import pytest
@@ -33,9 +34,9 @@ def two_at_a_time(*jobs) -> list:
         return [future.result() for future in [pool.submit(job) for job in jobs]]
 
 
-def predict(dataset, trainer: str, output, folds=FOLDS) -> str:
+def predict(dataset, trainer: str, output) -> str:
     return run_cli(["nnUNetv2_predict", "-i", str(dataset.raw / "imagesTs"), "-o", str(output), "-d", str(DATASET_ID),
-                    "-c", "2d", "-tr", trainer, "-f", *folds, "-device", "cpu", "-npp", "0", "-nps", "0",
+                    "-c", "2d", "-tr", trainer, "-f", *FOLDS, "-device", "cpu", "-npp", "0", "-nps", "0",
                     "--save_probabilities"], dataset.env).stdout
 
 
@@ -54,14 +55,14 @@ def test_stock_cli_end_to_end(planned_dataset, tmp_path):
     test_cases = {p.name[: -len("_0000.png")] for p in (ds.raw / "imagesTs").glob("*_0000.png")}
     shape = np.asarray(Image.open(next((ds.raw / "labelsTs").glob("*.png")))).shape
 
-    two_at_a_time(*(lambda t=trainer, f=fold: train(ds, t, f, "--npz") for trainer in (CIPA, PAPER) for fold in FOLDS))
+    two_at_a_time(*(partial(train, ds, trainer, fold, "--npz") for trainer in (CIPA, PAPER) for fold in FOLDS))
     predictions = {trainer: tmp_path / f"pred_{trainer}" for trainer in (CIPA, PAPER)}
 
     def resume_then_validate():
         train(ds, CIPA, "0", "--c")  # resume from the final checkpoint
         train(ds, CIPA, "0", "--val", "--npz")
 
-    two_at_a_time(resume_then_validate, lambda: predict(ds, PAPER, predictions[PAPER]))
+    two_at_a_time(resume_then_validate, partial(predict, ds, PAPER, predictions[PAPER]))
     cipa_output = predict(ds, CIPA, predictions[CIPA])
     # the predictor rebuilt the network from the class found through nnUNet_extTrainer
     assert f"Using trainer '{CIPA}' from: {ds.env['nnUNet_extTrainer']}" in cipa_output
