@@ -20,14 +20,18 @@ build_mamba() {  # the extension selective_scan_cuda and the mamba_ssm package, 
     # unpacked once: a second call on the still-warm machine continues the build (ninja keeps its objects)
     [ -d /tmp/mamba ] || { mkdir -p /tmp/mamba && tar xzf .gpu/mamba_ssm-*.tar.gz -C /tmp/mamba; } || return 1
     src=$(ls -d /tmp/mamba/mamba_ssm-*/)
-    # only this GPU's architecture: setup.py's own -gencode list spans sm_75 to sm_121 (many times the compile time)
+    # only this GPU's architecture: setup.py's own -gencode list spans sm_75 to sm_121 (many times the compile time);
+    # and C++20 where torch's headers require it (torch >= 2.14), which setup.py's -std=c++17 would override
     grep -q "cc_flag = \[\"-gencode\", \"arch=compute_" "$src/setup.py" || "$PY" - "$src/setup.py" "$arch" <<'PYEOF'
 import sys
+from nnunetv2_cipa.ops.cuda_scan import torch_requires_cxx20
 path, arch = sys.argv[1], sys.argv[2].replace(".", "")
 text = open(path).read()
 marker = "    # HACK: The compiler flag -D_GLIBCXX_USE_CXX11_ABI"
 assert marker in text, "mamba-ssm's setup.py changed: adapt gpu_check.sh"
 text = text.replace(marker, f'    cc_flag = ["-gencode", "arch=compute_{arch},code=sm_{arch}"]\n' + marker, 1)
+if torch_requires_cxx20():
+    text = text.replace('"-std=c++17"', '"-std=c++20"')
 open(path, "w").write(text)
 PYEOF
     cd "$src" && TORCH_CUDA_ARCH_LIST=$arch MAMBA_FORCE_BUILD=TRUE MAX_JOBS=$(nproc) \

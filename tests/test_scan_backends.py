@@ -172,6 +172,17 @@ def test_mamba_ssm_not_installed(fresh_state, capsys):
     assert "mamba-ssm is not installed" in err and 'pip install --no-build-isolation "nnunetv2-cipa[cuda]"' in err
 
 
+@pytest.mark.parametrize("torch_version, cxx20", [("2.11.0+cu130", False), ("2.13.0", False), ("2.14.1+cu130", True),
+                                                  ("3.0.0a0+git1234", True)])
+def test_fix_tells_torch_2_14_users_to_build_with_cxx20(monkeypatch, torch_version, cxx20):
+    """torch >= 2.14's headers need C++20, which mamba-ssm's setup.py (to 2.3.2.post1) overrides with -std=c++17."""
+    monkeypatch.setattr(torch, "__version__", torch_version)
+    fix = FusedKernelProbe().fix()
+    assert fix.startswith(("MAMBA_KEEP_CUDA_BUILD=TRUE pip install", "MAMBA_FORCE_BUILD=TRUE"))
+    assert ("-std=c++20 in place of -std=c++17" in fix) is cxx20
+    assert (f"torch {torch_version} needs C++20" in fix) is cxx20
+
+
 def test_smoke_call_checks_values_and_reports_errors():
     cpu = torch.device("cpu")
     assert smoke_call(selective_scan_reference, cpu) is None

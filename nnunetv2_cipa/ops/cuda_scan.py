@@ -19,6 +19,7 @@ import torch
 from nnunetv2_cipa.ops.reference_scan import selective_scan_reference
 
 INTERFACE = "mamba_ssm.ops.selective_scan_interface"
+CXX20_TORCH = (2, 14)  # the first torch whose ATen headers refuse to compile before C++20
 _SMOKE_TOLERANCE = 1e-3  # relative to the largest reference value, float32
 
 
@@ -28,6 +29,12 @@ def mamba_ssm_version() -> str:
         return importlib.metadata.version("mamba-ssm")
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def torch_requires_cxx20() -> bool:
+    """Whether the installed torch's headers need C++20, which mamba-ssm's setup.py (up to 2.3.2.post1) overrides
+    with its own -std=c++17, so that its build stops in ATen.h."""
+    return tuple(int(part) for part in torch.__version__.split(".")[:2]) >= CXX20_TORCH
 
 
 def _first_line(error: BaseException) -> str:
@@ -118,10 +125,16 @@ class FusedKernelProbe:
         """How to install or rebuild mamba-ssm so that the fused kernel works (a command line)."""
         version = mamba_ssm_version()
         if version == "not installed":
-            return 'MAMBA_KEEP_CUDA_BUILD=TRUE pip install --no-build-isolation "nnunetv2-cipa[cuda]"'
-        return (f'MAMBA_FORCE_BUILD=TRUE MAMBA_KEEP_CUDA_BUILD=TRUE pip install --no-build-isolation --no-cache-dir '
-                f'--force-reinstall --no-deps "mamba-ssm=={version}" (builds it for this torch; docs/usage.md, '
-                '"0. Install": building for this GPU only)')
+            command = 'MAMBA_KEEP_CUDA_BUILD=TRUE pip install --no-build-isolation "nnunetv2-cipa[cuda]"'
+        else:
+            command = (f'MAMBA_FORCE_BUILD=TRUE MAMBA_KEEP_CUDA_BUILD=TRUE pip install --no-build-isolation '
+                       f'--no-cache-dir --force-reinstall --no-deps "mamba-ssm=={version}" (builds it for this torch; '
+                       'docs/usage.md, "0. Install": building for this GPU only)')
+        if torch_requires_cxx20():
+            command += (f'; torch {torch.__version__} needs C++20: if the build stops at "#error C++20 or later '
+                        'compatible compiler is required to use ATen", build from mamba-ssm\'s source with -std=c++20 '
+                        'in place of -std=c++17 in its setup.py (docs/usage.md, "0. Install")')
+        return command
 
 
 PROBE = FusedKernelProbe()
