@@ -75,16 +75,27 @@ def stub_mamba(monkeypatch, extension="working", calls=None):
 
 
 class FailingImport:
-    """A meta-path finder that fails the interface's import as an extension built for another torch does."""
+    """A meta-path finder that fails the interface's import with ``error``: by default as an extension built for
+    another torch does."""
 
-    def __init__(self):
-        self.attempts = 0
+    def __init__(self, error: ImportError = ImportError(UNDEFINED_SYMBOL)):
+        self.attempts, self.error = 0, error
 
     def find_spec(self, name, path=None, target=None):
         if name == INTERFACE:
             self.attempts += 1
-            raise ImportError(UNDEFINED_SYMBOL)
+            raise self.error
         return None
+
+
+def fail_interface_import(monkeypatch, finder: FailingImport) -> None:
+    """mamba_ssm and mamba_ssm.ops importable, the interface module failing through ``finder``."""
+    for name in ("mamba_ssm", "mamba_ssm.ops"):
+        package = types.ModuleType(name)
+        package.__path__ = []
+        monkeypatch.setitem(sys.modules, name, package)
+    monkeypatch.delitem(sys.modules, INTERFACE, raising=False)
+    monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
 
 
 def test_working_extension_selects_cuda(fresh_state, monkeypatch, capsys):
@@ -137,12 +148,7 @@ def test_missing_extension_falls_back_with_one_warning(fresh_state, monkeypatch,
 def test_import_error_falls_back_naming_it_and_is_not_retried(fresh_state, monkeypatch, capsys):
     fresh_state()
     finder = FailingImport()
-    for name in ("mamba_ssm", "mamba_ssm.ops"):
-        package = types.ModuleType(name)
-        package.__path__ = []
-        monkeypatch.setitem(sys.modules, name, package)
-    monkeypatch.delitem(sys.modules, INTERFACE, raising=False)
-    monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
+    fail_interface_import(monkeypatch, finder)
     assert [resolve_backend(None, GPU) for _ in range(3)] == ["torch"] * 3
     assert resolve_backend(None, torch.device("cuda", 1)) == "torch"
     assert finder.attempts == 1  # the failed import is cached, for every device
@@ -151,6 +157,38 @@ def test_import_error_falls_back_naming_it_and_is_not_retried(fresh_state, monke
     assert "ImportError: " + UNDEFINED_SYMBOL in err
     with pytest.raises(ValueError, match="undefined symbol"):
         resolve_backend("cuda", GPU)
+
+
+@pytest.mark.parametrize("missing, declared, requirement", [
+    ("transformers", ["torch", "transformers", "triton>=3.5.0"], "transformers"),
+    ("triton.language", ["torch", "transformers", "triton>=3.5.0"], "triton>=3.5.0"),
+    ("huggingface_hub", ["torch", "transformers"], "huggingface_hub"),  # not declared: the module's name
+    ("quack", ['quack-kernels>=0.3.4; extra == "dev"'], "quack"),
+])
+def test_missing_dependency_is_named_with_the_requirement_to_install(fresh_state, monkeypatch, capsys, missing,
+                                                                     declared, requirement):
+    """mamba-ssm installed with --no-deps: its package's imports fail on a dependency, which a rebuild would not
+    bring; the warning and the fix name the requirement (from mamba-ssm's metadata where it is declared)."""
+    fresh_state()
+    top_level = missing.split(".")[0]
+    fail_interface_import(monkeypatch, FailingImport(ModuleNotFoundError(f"No module named '{top_level}'",
+                                                                         name=missing)))
+    real_requires = cuda_scan.importlib.metadata.requires
+    monkeypatch.setattr(cuda_scan.importlib.metadata, "requires",
+                        lambda dist: declared if dist == "mamba-ssm" else real_requires(dist))
+    assert resolve_backend(None, GPU) == "torch"
+    err = capsys.readouterr().err
+    assert f"No module named '{top_level}'): it needs {requirement}" in err
+    assert cuda_scan.PROBE.fix() == f'pip install "{requirement}"'
+    assert f'pip install "{requirement}"' in err and "MAMBA_FORCE_BUILD" not in err  # the fix, no rebuild
+
+
+def test_missing_submodule_of_mamba_ssm_is_not_a_dependency(fresh_state, monkeypatch):
+    fresh_state()
+    fail_interface_import(monkeypatch, FailingImport(ModuleNotFoundError("No module named 'selective_scan_cuda'",
+                                                                         name="selective_scan_cuda")))
+    assert "selective_scan_cuda" in cuda_scan.PROBE.problem(GPU)
+    assert "pip install" in cuda_scan.PROBE.fix() and "--no-build-isolation" in cuda_scan.PROBE.fix()
 
 
 def test_failed_smoke_call_falls_back_per_device(fresh_state, monkeypatch, capsys):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import re
 
 import torch
 
@@ -35,6 +36,23 @@ def torch_requires_cxx20() -> bool:
     """Whether the installed torch's headers need C++20, which mamba-ssm's setup.py (up to 2.3.2.post1) overrides
     with its own -std=c++17, so that its build stops in ATen.h."""
     return tuple(int(part) for part in torch.__version__.split(".")[:2]) >= CXX20_TORCH
+
+
+def _requirement_for(module: str) -> str:
+    """The requirement to pip-install for a missing top-level ``module`` that mamba-ssm imports: its entry in
+    mamba-ssm's declared dependencies where one matches (e.g. "triton>=3.5.0"), else the module's name."""
+    def normal(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    try:
+        declared = importlib.metadata.requires("mamba-ssm") or []
+    except importlib.metadata.PackageNotFoundError:
+        declared = []
+    for requirement in declared:
+        name = re.match(r"[A-Za-z0-9._-]+", requirement)
+        if name and normal(name.group()) == normal(module) and "extra ==" not in requirement:
+            return requirement.split(";")[0].strip()
+    return module
 
 
 def _first_line(error: BaseException) -> str:
@@ -75,11 +93,14 @@ def smoke_call(scan_fn, device: torch.device) -> str | None:
 
 class FusedKernelProbe:
     """Whether mamba-ssm's fused kernel can run on a CUDA device. The import is attempted once per probe (a failure
-    is kept, not retried), the smoke call once per device; ``smoke(scan_fn, device) -> reason or None``."""
+    is kept, not retried), the smoke call once per device; ``smoke(scan_fn, device) -> reason or None``. mamba-ssm's
+    package imports its dependencies (transformers, einops, triton, ...) on the way to the interface: one missing, as
+    after an install with ``--no-deps``, is reported with the requirement to install, not a rebuild."""
 
     def __init__(self, smoke=smoke_call):
         self._smoke = smoke
         self._import_result = None  # (interface module or None, reason or None) after the first attempt
+        self._missing_dependency = None  # the requirement to install when a module mamba-ssm imports is missing
         self._device_problems: dict[int, str | None] = {}
 
     def _import(self):
@@ -87,8 +108,14 @@ class FusedKernelProbe:
             try:
                 interface = importlib.import_module(INTERFACE)
             except Exception as e:  # ImportError, or an extension that fails to load (undefined symbol, ...)
-                if isinstance(e, ModuleNotFoundError) and e.name == "mamba_ssm":
+                missing = (e.name or "") if isinstance(e, ModuleNotFoundError) else ""
+                top_level = missing.split(".")[0]
+                if missing == "mamba_ssm":
                     reason = "mamba-ssm is not installed"
+                elif top_level and top_level not in ("mamba_ssm", "selective_scan_cuda"):
+                    self._missing_dependency = _requirement_for(top_level)
+                    reason = (f"mamba-ssm {mamba_ssm_version()} cannot be imported ({_first_line(e)}): it needs "
+                              f"{self._missing_dependency}")
                 else:
                     reason = f"mamba-ssm {mamba_ssm_version()} cannot be imported ({_first_line(e)})"
                 self._import_result = (None, reason)
@@ -123,6 +150,8 @@ class FusedKernelProbe:
 
     def fix(self) -> str:
         """How to install or rebuild mamba-ssm so that the fused kernel works (a command line)."""
+        if self._missing_dependency is not None:  # installed with --no-deps, say: no rebuild needed
+            return f'pip install "{self._missing_dependency}"'
         version = mamba_ssm_version()
         if version == "not installed":
             command = 'MAMBA_KEEP_CUDA_BUILD=TRUE pip install --no-build-isolation "nnunetv2-cipa[cuda]"'
