@@ -49,6 +49,14 @@ def fresh_state(monkeypatch):
     return install
 
 
+def stub_packages(monkeypatch) -> None:
+    """Empty mamba_ssm and mamba_ssm.ops packages in sys.modules."""
+    for name in ("mamba_ssm", "mamba_ssm.ops"):
+        package = types.ModuleType(name)
+        package.__path__ = []
+        monkeypatch.setitem(sys.modules, name, package)
+
+
 def stub_mamba(monkeypatch, extension="working", calls=None):
     """mamba_ssm, mamba_ssm.ops and the interface module in sys.modules; ``extension`` "working" (fwd and bwd),
     None (an install without the compiled extension) or "absent" (no attribute at all)."""
@@ -67,10 +75,7 @@ def stub_mamba(monkeypatch, extension="working", calls=None):
         interface.selective_scan_cuda = types.SimpleNamespace(fwd=lambda *a: None, bwd=lambda *a: None)
     elif extension is None:
         interface.selective_scan_cuda = None
-    for name in ("mamba_ssm", "mamba_ssm.ops"):
-        package = types.ModuleType(name)
-        package.__path__ = []
-        monkeypatch.setitem(sys.modules, name, package)
+    stub_packages(monkeypatch)
     monkeypatch.setitem(sys.modules, INTERFACE, interface)
 
 
@@ -90,10 +95,7 @@ class FailingImport:
 
 def fail_interface_import(monkeypatch, finder: FailingImport) -> None:
     """mamba_ssm and mamba_ssm.ops importable, the interface module failing through ``finder``."""
-    for name in ("mamba_ssm", "mamba_ssm.ops"):
-        package = types.ModuleType(name)
-        package.__path__ = []
-        monkeypatch.setitem(sys.modules, name, package)
+    stub_packages(monkeypatch)
     monkeypatch.delitem(sys.modules, INTERFACE, raising=False)
     monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
 

@@ -150,7 +150,7 @@ class FusedKernelProbe:
 
     def fix(self) -> str:
         """How to install or rebuild mamba-ssm so that the fused kernel works (a command line)."""
-        if self._missing_dependency is not None:  # installed with --no-deps, say: no rebuild needed
+        if self._missing_dependency is not None:  # a dependency missing (an install with --no-deps): no rebuild
             return f'pip install "{self._missing_dependency}"'
         version = mamba_ssm_version()
         if version == "not installed":
