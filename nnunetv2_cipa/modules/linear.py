@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 _ENV_VAR = "NNUNETV2_CIPA_CPU_LINEAR"
-_DEFAULT = "onednn" if torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64") \
-    else "blas"
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()  # read once: torch.compile cannot trace the call
+_DEFAULT = "onednn" if _HAS_ONEDNN and platform.machine().lower() in ("x86_64", "amd64") else "blas"
 
 
 def cpu_linear_backend() -> str:
@@ -27,7 +27,7 @@ def cpu_linear_backend() -> str:
     name = os.environ.get(_ENV_VAR, _DEFAULT).lower()
     if name not in ("onednn", "blas"):
         raise ValueError(f"{_ENV_VAR}={name!r}: choose 'onednn' or 'blas'")
-    if name == "onednn" and not torch.backends.mkldnn.is_available():
+    if name == "onednn" and not _HAS_ONEDNN:
         raise ValueError(f"{_ENV_VAR}=onednn, but this torch build has no oneDNN (mkldnn)")
     return name
 

@@ -29,12 +29,14 @@ def _cross_scan_positions(height: int, width: int, device: torch.device) -> torc
     return torch.stack([rows, cols, rows.flip(0), cols.flip(0)])
 
 
+@torch.compiler.disable  # eager under torch.compile: the cached tensors themselves reach the scan
 def cross_scan_positions(height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """VMamba's 4 scan orders of an H x W map, (4, H*W) int64: step t of direction k visits row-major position
     ``[k, t]``; k = 0 row-major, 1 column-major (step w*H + h visits h*W + w), 2 and 3 the same reversed."""
     return _cross_scan_positions(height, width, torch.device(device))
 
 
+@torch.compiler.disable
 def sequence_positions(length: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The one scan order of a token sequence, (1, L) int64."""
     return _cross_scan_positions(1, length, torch.device(device))[:1]

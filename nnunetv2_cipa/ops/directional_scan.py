@@ -11,6 +11,9 @@ A (K*d, N); B, C (b, L, K, N) in position order; D, delta_bias (K*d,); positions
 0..L-1. A backend with its own directional scan (``cpu``) reads everything in position order (no per-direction
 copies); for the others the K scan orders are gathered, ``selective_scan`` runs once with grouped B/C and the outputs
 are scattered back.
+
+Under ``torch.compile`` the op runs eagerly (``torch.compiler.disable``: a graph break): its backends are numba
+kernels, mamba-ssm's CUDA extension or Python loops over chunks, none of which a compiler can trace.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ def _gathered_scan(u, delta, A, B, C, positions, delta_bias, delta_softplus, bac
     return y[:, dirs, torch.argsort(steps, dim=1)].sum(1)  # argsort[k, p]: the step at which k visits p
 
 
+@torch.compiler.disable
 def directional_scan(u, delta, A, B, C, positions, D=None, delta_bias=None, delta_softplus=False, backend=None):
     """K-direction selective scan of u summed in position order, (b, L, d) -> (b, L, d) (see the module docstring);
     computed in float32 whatever the autocast state, returned in u's dtype."""

@@ -68,6 +68,7 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
     check_optional("selective_scan", "z", z, (batch, dim, length))
 
 
+@torch.compiler.disable  # eager under torch.compile, as directional_scan
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, backend=None):
     """Selective scan, (batch, dim, L) -> (batch, dim, L), in float32 whatever the autocast state."""
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)

@@ -21,7 +21,8 @@ What differs from nnU-Net's default trainer, and why (docs/recipes.md compares e
   GPU memory is retried in micro-batches of half the size (``oom_backoff``; not under DDP), so a memory model that
   is off costs speed, not the training. ``network_autocast`` (bf16 / float32 variants) fixes the network's own
   precision in training, validation and prediction alike.
-- torch.compile: off unless ``nnUNet_compile`` is set to true (the scan kernels are not compile-friendly).
+- torch.compile: off unless ``nnUNet_compile`` is set to true (and, as in nnU-Net, never on CPU); then with static
+  shapes (``compile_settings``), the selective scans running eagerly between compiled graphs.
 - the scan backend, torch / CUDA / mamba-ssm versions and the GPU go into the training log.
 """
 
@@ -47,6 +48,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from nnunetv2_cipa.network import CIPA, OFFICIAL_INPUT_SCALE_SHIFT
 from nnunetv2_cipa.ops.backend_report import scan_backend_report
 from nnunetv2_cipa.ops.backends import resolve_backend
+from nnunetv2_cipa.training.compile_settings import use_static_shape_compile
 from nnunetv2_cipa.training.lr_schedule import WarmupPolyLRScheduler
 from nnunetv2_cipa.training.memory_model import BATCH_SIZE_ENV_VAR, choose_batch_size
 from nnunetv2_cipa.training.pretrained_encoder import imagenet_checkpoint_path, missing_checkpoint_message
@@ -226,6 +228,8 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
     # ---- set-up and logging ----------------------------------------------------------------------------------
 
     def initialize(self):
+        if self._do_i_compile():
+            self.print_to_log_file(use_static_shape_compile())
         super().initialize()
         network = unwrap(self.network)
         network.activation_checkpointing = self.checkpointing_enabled()

@@ -1,0 +1,130 @@
+"""CIPA under torch.compile as nnUNetTrainerCIPA compiles it (``nnUNet_compile=true``): compile time, step time
+against eager and the agreement of outputs and gradients.
+
+The settings are the trainer's (``nnunetv2_cipa.training.compile_settings``: static shapes, the scans eager).
+Two phases, as nnU-Net runs them: ``train`` (train mode, deep supervision, forward + backward of a cross-entropy over
+every output) and ``predict`` (eval mode, no deep supervision, batch 1, no_grad, as nnU-Net's predictor). On CUDA
+both run under fp16 autocast, as nnU-Net does. "first call" is the compiled model's first step (tracing and code
+generation; the graph variants it compiled are counted), "step" the median of the following ones.
+Usage: python benchmarks/bench_compile.py [--preset micro] [--patch 64] [--batch 2] [--device cpu|cuda]
+       [--compile-backend inductor|aot_eager] [--steps 5] [--json PATH]
+Prints a markdown table and writes benchmarks/results/bench_compile.json (or --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_network import deep_supervision_loss  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_compile.json"
+
+
+def seconds(fn, device: str) -> float:
+    begin = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - begin
+
+
+def relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float | None:
+    """max |a - b| / max |b| over all paired tensors together (a per-tensor ratio would be noise over noise for the
+    gradients that are zero in exact arithmetic, e.g. of conv biases before a BatchNorm); None for no tensors."""
+    if not b:
+        return None
+    scale = max(y.float().abs().max() for y in b).clamp_min(1e-30)
+    return max((x.float() - y.float()).abs().max() for x, y in zip(a, b)).div(scale).item()
+
+
+def phase(name: str, network, compiled, x: torch.Tensor, target: torch.Tensor, device: str, steps: int) -> dict:
+    """Eager vs compiled timings and agreement of one phase (``train`` or ``predict``)."""
+    from torch._dynamo.utils import counters
+
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device == "cuda" else contextlib.nullcontext()
+    training = name == "train"
+    network.train(training)
+    network.deep_supervision = training
+
+    def run(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Outputs and parameter gradients (none when predicting)."""
+        network.zero_grad(set_to_none=True)
+        with autocast, torch.set_grad_enabled(training):
+            outputs = model(x)
+            outputs = outputs if isinstance(outputs, list) else [outputs]
+            if training:
+                deep_supervision_loss(outputs, target).backward()
+        grads = [p.grad for p in network.parameters() if p.grad is not None] if training else []
+        return [o.detach() for o in outputs], grads
+
+    torch.manual_seed(0)
+    reference = run(network)
+    graphs_before = counters["stats"]["unique_graphs"]
+    torch.manual_seed(0)
+    result = []
+    first_call = seconds(lambda: result.extend(run(compiled)), device)
+    graphs = counters["stats"]["unique_graphs"] - graphs_before
+    eager = statistics.median(seconds(lambda: run(network), device) for _ in range(steps))
+    step = statistics.median(seconds(lambda: run(compiled), device) for _ in range(steps))
+    return {"phase": name, "batch": x.shape[0], "first_call_s": first_call, "graphs_compiled": graphs,
+            "eager_step_s": eager, "compiled_step_s": step, "speedup": eager / step,
+            "output_difference": relative_difference(result[0], reference[0]),
+            "gradient_difference": relative_difference(result[1], reference[1])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="micro")
+    parser.add_argument("--patch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    from nnunetv2_cipa.network import CIPA
+    from nnunetv2_cipa.ops.backends import resolve_backend
+    from nnunetv2_cipa.training.compile_settings import use_static_shape_compile
+
+    settings = use_static_shape_compile()
+    torch.manual_seed(0)
+    network = CIPA(2, (args.patch, args.patch), preset=args.preset, deep_supervision=True).to(args.device)
+    compiled = torch.compile(network, backend=args.compile_backend)
+    x = torch.rand(args.batch, 2, args.patch, args.patch, device=args.device)
+    target = (torch.rand(args.batch, args.patch, args.patch, device=args.device) > 0.9).long()
+    rows = [phase("train", network, compiled, x, target, args.device, args.steps),
+            phase("predict", network, compiled, x[:1], target[:1], args.device, args.steps)]
+
+    print(f"\nCIPA-{args.preset} at {args.patch} x {args.patch} under torch.compile (backend {args.compile_backend}, "
+          f"{args.device}, scan backend {resolve_backend(None, torch.device(args.device))}, torch "
+          f"{torch.__version__}); {settings}\n")
+    print("| phase | batch | first call (compile) | graphs compiled | eager step | compiled step | eager / compiled "
+          "| outputs: max rel. difference | gradients: max rel. difference |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['phase']} | {r['batch']} | {r['first_call_s']:.1f} s | {r['graphs_compiled']} | "
+              f"{r['eager_step_s'] * 1e3:.1f} ms | {r['compiled_step_s'] * 1e3:.1f} ms | {r['speedup']:.2f}x | "
+              f"{r['output_difference']:.1e} | "
+              + ("-" if r["gradient_difference"] is None else f"{r['gradient_difference']:.1e}") + " |")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                                     "device": args.device, "preset": args.preset, "patch": args.patch,
+                                     "compile_backend": args.compile_backend, "settings": settings, "rows": rows},
+                                    indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
