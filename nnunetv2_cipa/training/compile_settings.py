@@ -21,7 +21,7 @@ RECOMPILE_LIMIT = 256  # compiled variants of one function (torch's default: 8; 
 
 
 def use_static_shape_compile() -> str:
-    """Make torch.compile (process-wide) specialise on every shape, with the limits above; returns the log line."""
+    """Make torch.compile (process-wide) specialise on every shape, with the limit above; returns the log line."""
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.automatic_dynamic_shapes = False
