@@ -1,5 +1,5 @@
 """CIPA under torch.compile as nnUNetTrainerCIPA compiles it (``nnUNet_compile=true``): compile time, step time
-against eager and the agreement of outputs and gradients.
+against eager, and the agreement of outputs and gradients with eager and with a float64 copy of the network.
 
 The settings are the trainer's (``nnunetv2_cipa.training.compile_settings``: static shapes, the scans eager).
 Two phases, as nnU-Net runs them: ``train`` (train mode, deep supervision, forward + backward of a cross-entropy over
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -44,43 +45,52 @@ def relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float |
     gradients that are zero in exact arithmetic, e.g. of conv biases before a BatchNorm); None for no tensors."""
     if not b:
         return None
-    scale = max(y.float().abs().max() for y in b).clamp_min(1e-30)
-    return max((x.float() - y.float()).abs().max() for x, y in zip(a, b)).div(scale).item()
+    scale = max(y.double().abs().max() for y in b).clamp_min(1e-30)
+    return max((x.double() - y.double()).abs().max() for x, y in zip(a, b)).div(scale).item()
 
 
 def phase(name: str, network, compiled, x: torch.Tensor, target: torch.Tensor, device: str, steps: int) -> dict:
-    """Eager vs compiled timings and agreement of one phase (``train`` or ``predict``)."""
+    """Eager vs compiled timings and agreement of one phase (``train`` or ``predict``); both are also compared with
+    a float64 copy of the network (its scans in float32 where the backend computes in float32, as mamba-ssm's), so
+    that a difference between them reads against float32's own error."""
     from torch._dynamo.utils import counters
 
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device == "cuda" else contextlib.nullcontext()
     training = name == "train"
     network.train(training)
     network.deep_supervision = training
+    exact_network = copy.deepcopy(network).double()  # the same weights and BatchNorm statistics as now
 
-    def run(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Outputs and parameter gradients (none when predicting)."""
-        network.zero_grad(set_to_none=True)
-        with autocast, torch.set_grad_enabled(training):
-            outputs = model(x)
+    def run(model, owner, inputs, autocast: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Outputs and gradients of ``owner``'s parameters (none when predicting)."""
+        owner.zero_grad(set_to_none=True)
+        context = torch.autocast("cuda", dtype=torch.float16) if autocast else contextlib.nullcontext()
+        with context, torch.set_grad_enabled(training):
+            outputs = model(inputs)
             outputs = outputs if isinstance(outputs, list) else [outputs]
             if training:
                 deep_supervision_loss(outputs, target).backward()
-        grads = [p.grad for p in network.parameters() if p.grad is not None] if training else []
+        grads = [p.grad for p in owner.parameters() if p.grad is not None] if training else []
         return [o.detach() for o in outputs], grads
 
+    amp = device == "cuda"  # nnU-Net's fp16 autocast on CUDA
+    exact = run(exact_network, exact_network, x.double(), autocast=False)
     torch.manual_seed(0)
-    reference = run(network)
+    reference = run(network, network, x, amp)
     graphs_before = counters["stats"]["unique_graphs"]
     torch.manual_seed(0)
     result = []
-    first_call = seconds(lambda: result.extend(run(compiled)), device)
+    first_call = seconds(lambda: result.extend(run(compiled, network, x, amp)), device)
     graphs = counters["stats"]["unique_graphs"] - graphs_before
-    eager = statistics.median(seconds(lambda: run(network), device) for _ in range(steps))
-    step = statistics.median(seconds(lambda: run(compiled), device) for _ in range(steps))
+    eager = statistics.median(seconds(lambda: run(network, network, x, amp), device) for _ in range(steps))
+    step = statistics.median(seconds(lambda: run(compiled, network, x, amp), device) for _ in range(steps))
     return {"phase": name, "batch": x.shape[0], "first_call_s": first_call, "graphs_compiled": graphs,
             "eager_step_s": eager, "compiled_step_s": step, "speedup": eager / step,
             "output_difference": relative_difference(result[0], reference[0]),
-            "gradient_difference": relative_difference(result[1], reference[1])}
+            "gradient_difference": relative_difference(result[1], reference[1]),
+            "eager_output_error": relative_difference(reference[0], exact[0]),
+            "compiled_output_error": relative_difference(result[0], exact[0]),
+            "eager_gradient_error": relative_difference(reference[1], exact[1]),
+            "compiled_gradient_error": relative_difference(result[1], exact[1])}
 
 
 def main() -> None:
@@ -111,13 +121,19 @@ def main() -> None:
           f"{args.device}, scan backend {resolve_backend(None, torch.device(args.device))}, torch "
           f"{torch.__version__}); {settings}\n")
     print("| phase | batch | first call (compile) | graphs compiled | eager step | compiled step | eager / compiled "
-          "| outputs: max rel. difference | gradients: max rel. difference |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| compiled vs eager: outputs / gradients | vs float64, eager: outputs / gradients | vs float64, compiled: "
+          "outputs / gradients |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def pair(r: dict, outputs: str, gradients: str) -> str:
+        return f"{r[outputs]:.1e} / " + ("-" if r[gradients] is None else f"{r[gradients]:.1e}")
+
     for r in rows:
         print(f"| {r['phase']} | {r['batch']} | {r['first_call_s']:.1f} s | {r['graphs_compiled']} | "
               f"{r['eager_step_s'] * 1e3:.1f} ms | {r['compiled_step_s'] * 1e3:.1f} ms | {r['speedup']:.2f}x | "
-              f"{r['output_difference']:.1e} | "
-              + ("-" if r["gradient_difference"] is None else f"{r['gradient_difference']:.1e}") + " |")
+              f"{pair(r, 'output_difference', 'gradient_difference')} | "
+              f"{pair(r, 'eager_output_error', 'eager_gradient_error')} | "
+              f"{pair(r, 'compiled_output_error', 'compiled_gradient_error')} |")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                                      "device": args.device, "preset": args.preset, "patch": args.patch,
