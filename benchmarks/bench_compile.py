@@ -7,7 +7,7 @@ every output) and ``predict`` (eval mode, no deep supervision, batch 1, no_grad,
 both run under fp16 autocast, as nnU-Net does. "first call" is the compiled model's first step (tracing and code
 generation; the graph variants it compiled are counted), "step" the median of the following ones.
 Usage: python benchmarks/bench_compile.py [--preset micro] [--patch 64] [--batch 2] [--device cpu|cuda]
-       [--compile-backend inductor|aot_eager] [--steps 5] [--json PATH]
+       [--compile-backend inductor|aot_eager] [--steps 5] [--json PATH] [--no-float64]
 Prints a markdown table and writes benchmarks/results/bench_compile.json (or --json).
 """
 
@@ -49,16 +49,16 @@ def relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float |
     return max((x.double() - y.double()).abs().max() for x, y in zip(a, b)).div(scale).item()
 
 
-def phase(name: str, network, compiled, x: torch.Tensor, target: torch.Tensor, device: str, steps: int) -> dict:
-    """Eager vs compiled timings and agreement of one phase (``train`` or ``predict``); both are also compared with
-    a float64 copy of the network (its scans in float32 where the backend computes in float32, as mamba-ssm's), so
-    that a difference between them reads against float32's own error."""
+def phase(name: str, network, compiled, x: torch.Tensor, target: torch.Tensor, device: str, steps: int,
+          float64: bool = True) -> dict:
+    """Eager vs compiled timings and agreement of one phase (``train`` or ``predict``); with ``float64`` both are also
+    compared with a float64 copy of the network (its scans in float32 where the backend computes in float32, as
+    mamba-ssm's), so that a difference between them reads against float32's own error (None without)."""
     from torch._dynamo.utils import counters
 
     training = name == "train"
     network.train(training)
     network.deep_supervision = training
-    exact_network = copy.deepcopy(network).double()  # the same weights and BatchNorm statistics as now
 
     def run(model, owner, inputs, autocast: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Outputs and gradients of ``owner``'s parameters (none when predicting)."""
@@ -73,7 +73,12 @@ def phase(name: str, network, compiled, x: torch.Tensor, target: torch.Tensor, d
         return [o.detach() for o in outputs], grads
 
     amp = device == "cuda"  # nnU-Net's fp16 autocast on CUDA
-    exact = run(exact_network, exact_network, x.double(), autocast=False)
+    if float64:
+        exact_network = copy.deepcopy(network).double()  # the same weights and BatchNorm statistics as now
+        exact = run(exact_network, exact_network, x.double(), autocast=False)
+        del exact_network
+    else:
+        exact = ([], [])
     torch.manual_seed(0)
     reference = run(network, network, x, amp)
     graphs_before = counters["stats"]["unique_graphs"]
@@ -102,6 +107,8 @@ def main() -> None:
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", type=Path, default=RESULTS)
+    parser.add_argument("--no-float64", action="store_true",
+                        help="skip the float64 comparison (its training step needs about twice float32's memory)")
     args = parser.parse_args()
 
     from nnunetv2_cipa.network import CIPA
@@ -114,8 +121,8 @@ def main() -> None:
     compiled = torch.compile(network, backend=args.compile_backend)
     x = torch.rand(args.batch, 2, args.patch, args.patch, device=args.device)
     target = (torch.rand(args.batch, args.patch, args.patch, device=args.device) > 0.9).long()
-    rows = [phase("train", network, compiled, x, target, args.device, args.steps),
-            phase("predict", network, compiled, x[:1], target[:1], args.device, args.steps)]
+    rows = [phase("train", network, compiled, x, target, args.device, args.steps, not args.no_float64),
+            phase("predict", network, compiled, x[:1], target[:1], args.device, args.steps, not args.no_float64)]
 
     print(f"\nCIPA-{args.preset} at {args.patch} x {args.patch} under torch.compile (backend {args.compile_backend}, "
           f"{args.device}, scan backend {resolve_backend(None, torch.device(args.device))}, torch "
@@ -126,7 +133,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
     def pair(r: dict, outputs: str, gradients: str) -> str:
-        return f"{r[outputs]:.1e} / " + ("-" if r[gradients] is None else f"{r[gradients]:.1e}")
+        return " / ".join("-" if r[key] is None else f"{r[key]:.1e}" for key in (outputs, gradients))
 
     for r in rows:
         print(f"| {r['phase']} | {r['batch']} | {r['first_call_s']:.1f} s | {r['graphs_compiled']} | "
