@@ -60,8 +60,9 @@ def phase(name: str, network, compiled, x: torch.Tensor, target: torch.Tensor, d
     network.train(training)
     network.deep_supervision = training
 
-    def run(model, owner, inputs, autocast: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Outputs and gradients of ``owner``'s parameters (none when predicting)."""
+    def run(model, inputs, autocast: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Outputs and parameter gradients (none when predicting) of ``model`` (a compiled one: of its network)."""
+        owner = getattr(model, "_orig_mod", model)
         owner.zero_grad(set_to_none=True)
         context = torch.autocast("cuda", dtype=torch.float16) if autocast else contextlib.nullcontext()
         with context, torch.set_grad_enabled(training):
@@ -75,19 +76,19 @@ def phase(name: str, network, compiled, x: torch.Tensor, target: torch.Tensor, d
     amp = device == "cuda"  # nnU-Net's fp16 autocast on CUDA
     if float64:
         exact_network = copy.deepcopy(network).double()  # the same weights and BatchNorm statistics as now
-        exact = run(exact_network, exact_network, x.double(), autocast=False)
+        exact = run(exact_network, x.double(), autocast=False)
         del exact_network
     else:
         exact = ([], [])
     torch.manual_seed(0)
-    reference = run(network, network, x, amp)
+    reference = run(network, x, amp)
     graphs_before = counters["stats"]["unique_graphs"]
     torch.manual_seed(0)
     result = []
-    first_call = seconds(lambda: result.extend(run(compiled, network, x, amp)), device)
+    first_call = seconds(lambda: result.extend(run(compiled, x, amp)), device)
     graphs = counters["stats"]["unique_graphs"] - graphs_before
-    eager = statistics.median(seconds(lambda: run(network, network, x, amp), device) for _ in range(steps))
-    step = statistics.median(seconds(lambda: run(compiled, network, x, amp), device) for _ in range(steps))
+    eager = statistics.median(seconds(lambda: run(network, x, amp), device) for _ in range(steps))
+    step = statistics.median(seconds(lambda: run(compiled, x, amp), device) for _ in range(steps))
     return {"phase": name, "batch": x.shape[0], "first_call_s": first_call, "graphs_compiled": graphs,
             "eager_step_s": eager, "compiled_step_s": step, "speedup": eager / step,
             "output_difference": relative_difference(result[0], reference[0]),
