@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from nnunetv2_cipa.modules.crm import ChannelRectification
 from nnunetv2_cipa.modules.dcim import RegionGlobalInteraction, window_partition, window_unpartition
-from nnunetv2_cipa.modules.ss2d import SS1D, SS2D, MemorylessMixer, SelectiveScanMixer, cross_scan_positions
+from nnunetv2_cipa.modules.ss2d import (SS1D, SS2D, MemorylessMixer, SelectiveScanMixer, cross_scan_positions,
+                                        sequence_positions)
 from nnunetv2_cipa.ops.backends import available_backends
 from nnunetv2_cipa.ops.reference_scan import selective_scan_reference
 
@@ -21,6 +22,13 @@ def test_cross_scan_positions_are_the_four_vmamba_orders():
     assert positions[1].tolist() == [h * 5 + w for w in range(5) for h in range(4)]   # column-major
     assert positions[2].tolist() == positions[0].flip(0).tolist()
     assert positions[3].tolist() == positions[1].flip(0).tolist()
+
+
+def test_position_lists_are_cached_objects():
+    """The scan checks a GPU position tensor once per object, so each size must give the same tensor every call."""
+    assert cross_scan_positions(4, 5) is cross_scan_positions(4, 5)
+    assert sequence_positions(7) is sequence_positions(7)
+    assert sequence_positions(7).tolist() == [list(range(7))]
 
 
 def official_ss2d(ssm: SS2D, x: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,7 @@ def stub_mamba(monkeypatch, extension="working", calls=None):
         if calls is not None:
             calls.append({"dtypes": {t.dtype for t in (u, delta, A, B, C)},
                           "contiguous": all(t.is_contiguous() for t in (u, delta, B, C)),
+                          "bias contiguous": delta_bias is None or delta_bias.is_contiguous(),
                           "D": D is not None, "z": z is not None, "softplus": delta_softplus})
         return selective_scan_reference(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                         delta_softplus=delta_softplus)
@@ -112,6 +113,17 @@ def test_working_extension_selects_cuda(fresh_state, monkeypatch, capsys):
     assert (report["backend"], report["fused_kernel_problem"], report["fix"]) == ("cuda", None, None)
 
 
+def test_probe_first_run_under_inference_mode_selects_cuda(fresh_state, monkeypatch, capsys):
+    """nnUNetv2_predict makes the first scan inside torch.inference_mode(), where no autograd graph is recorded: the
+    smoke call's backward must still run there, or every prediction would fall back to the torch scan."""
+    fresh_state()
+    stub_mamba(monkeypatch)
+    with torch.inference_mode():
+        assert resolve_backend(None, GPU) == "cuda"
+        assert smoke_call(selective_scan_reference, torch.device("cpu")) is None
+    assert capsys.readouterr().err == ""
+
+
 def test_cuda_backend_calls_the_fused_function_in_float32(fresh_state, monkeypatch):
     """The cuda row of the table hands mamba-ssm's function float32 contiguous inputs with D, z and the bias, and
     returns u's dtype (run here on CPU tensors through the stub, which computes the reference)."""
@@ -122,9 +134,10 @@ def test_cuda_backend_calls_the_fused_function_in_float32(fresh_state, monkeypat
     u, delta, z = (torch.randn(2, 8, 30, generator=gen, dtype=torch.float64).transpose(0, 1).contiguous()
                    .transpose(0, 1) for _ in range(3))  # non-contiguous float64
     A, B, C = -torch.rand(8, 4, generator=gen), torch.randn(2, 2, 4, 30, generator=gen), torch.randn(2, 2, 4, 30)
-    D, bias = torch.randn(8, generator=gen), torch.rand(8, generator=gen)
+    D, bias = torch.randn(8, generator=gen), torch.rand(16, generator=gen)[::2]  # strided: mamba-ssm's C++ refuses it
     y = backends.BACKENDS["cuda"].selective_scan(u, delta, A, B, C, D, z, bias, True)
-    assert calls == [{"dtypes": {torch.float32}, "contiguous": True, "D": True, "z": True, "softplus": True}]
+    assert calls == [{"dtypes": {torch.float32}, "contiguous": True, "bias contiguous": True, "D": True, "z": True,
+                      "softplus": True}]
     expected = selective_scan_reference(u.float(), delta.float(), A, B, C, D, z.float(), bias, True)
     assert y.dtype == torch.float64
     torch.testing.assert_close(y.float(), expected)

@@ -40,7 +40,7 @@ def run_with_grads(inputs, backend, use_optional=(True, True, True), delta_softp
     y = selective_scan(u, delta, A, B, C, D=D if use_d else None, z=z if use_z else None,
                        delta_bias=bias if use_bias else None, delta_softplus=delta_softplus, backend=backend)
     used = [t for t, keep in zip(inputs, (True,) * 5 + (use_d, use_z, use_bias)) if keep]
-    weight = torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y)
+    weight = torch.cos(torch.arange(y.numel(), dtype=y.dtype, device=y.device)).view_as(y)
     grads = torch.autograd.grad((y * weight).sum(), used)
     return y, grads
 

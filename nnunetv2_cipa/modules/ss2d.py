@@ -36,10 +36,16 @@ def cross_scan_positions(height: int, width: int, device: torch.device | str = "
     return _cross_scan_positions(height, width, torch.device(device))
 
 
+@functools.lru_cache(maxsize=64)
+def _sequence_positions(length: int, device: torch.device) -> torch.Tensor:
+    return _cross_scan_positions(1, length, device)[:1]
+
+
 @torch.compiler.disable
 def sequence_positions(length: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The one scan order of a token sequence, (1, L) int64."""
-    return _cross_scan_positions(1, length, torch.device(device))[:1]
+    """The one scan order of a token sequence, (1, L) int64 (one cached tensor per length and device, so that the
+    scan checks it once)."""
+    return _sequence_positions(length, torch.device(device))
 
 
 def dt_rank_for(d_model: int) -> int:

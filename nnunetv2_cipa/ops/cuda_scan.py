@@ -62,7 +62,13 @@ def _first_line(error: BaseException) -> str:
 
 def smoke_call(scan_fn, device: torch.device) -> str | None:
     """Run ``scan_fn`` (mamba-ssm's ``selective_scan_fn`` signature) forward and backward once on tiny grouped float32
-    inputs on ``device``; None when it ran and matches the reference loop (output and gradients), else what failed."""
+    inputs on ``device``; None when it ran and matches the reference loop (output and gradients), else what failed.
+    It works from inside ``torch.inference_mode()`` too, where nnU-Net's predictor makes the first scan."""
+    with torch.inference_mode(False):  # inference tensors record no autograd graph
+        return _smoke_call(scan_fn, device)
+
+
+def _smoke_call(scan_fn, device: torch.device) -> str | None:
     gen = torch.Generator().manual_seed(0)
     batch, dim, groups, n_state, length = 1, 4, 2, 4, 16
     u, delta = torch.randn(batch, dim, length, generator=gen), torch.rand(batch, dim, length, generator=gen)
@@ -173,5 +179,6 @@ def cuda_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     """The whole operator through mamba-ssm's kernel, in float32 (contiguous copies); returns u's dtype."""
     args = [t.float().contiguous() for t in (u, delta, A, B, C)]
     out = PROBE.scan_fn()(*args, D=None if D is None else D.float(), z=None if z is None else z.float(),
-                          delta_bias=None if delta_bias is None else delta_bias.float(), delta_softplus=delta_softplus)
+                          delta_bias=None if delta_bias is None else delta_bias.float().contiguous(),
+                          delta_softplus=delta_softplus)
     return out.to(u.dtype)
