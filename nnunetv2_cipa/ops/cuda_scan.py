@@ -60,15 +60,10 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
+@torch.inference_mode(False)  # nnU-Net's predictor makes the first scan in inference mode, which records no graph
 def smoke_call(scan_fn, device: torch.device) -> str | None:
     """Run ``scan_fn`` (mamba-ssm's ``selective_scan_fn`` signature) forward and backward once on tiny grouped float32
-    inputs on ``device``; None when it ran and matches the reference loop (output and gradients), else what failed.
-    It works from inside ``torch.inference_mode()`` too, where nnU-Net's predictor makes the first scan."""
-    with torch.inference_mode(False):  # inference tensors record no autograd graph
-        return _smoke_call(scan_fn, device)
-
-
-def _smoke_call(scan_fn, device: torch.device) -> str | None:
+    inputs on ``device``; None when it ran and matches the reference loop (output and gradients), else what failed."""
     gen = torch.Generator().manual_seed(0)
     batch, dim, groups, n_state, length = 1, 4, 2, 4, 16
     u, delta = torch.randn(batch, dim, length, generator=gen), torch.rand(batch, dim, length, generator=gen)
