@@ -12,17 +12,29 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 PY=$(command -v "${PY:-python3}")
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH  # .gpu/wheels' ninja binary
+
+build_prerequisites() {  # what a from-source build of mamba-ssm needs; prints what is missing, fails if anything is
+    local missing="" cuda_home=${CUDA_HOME:-}
+    [ -n "$cuda_home" ] || cuda_home=$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")
+    [ -x "$cuda_home/bin/nvcc" ] || missing+=" nvcc (CUDA_HOME=$cuda_home)"
+    command -v ninja >/dev/null || missing+=" ninja"
+    for module in wheel packaging setuptools; do
+        "$PY" -c "import $module" 2>/dev/null || missing+=" $module"
+    done
+    [ -z "$missing" ] || { echo "cannot build mamba-ssm here, missing:$missing"; return 1; }
+}
 
 build_mamba() {  # the extension selective_scan_cuda and the mamba_ssm package, into /tmp/site_mamba
     local arch src
+    build_prerequisites || return 1
     arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
     # unpacked once: a second call on the still-warm machine continues the build (ninja keeps its objects)
     [ -d /tmp/mamba ] || { mkdir -p /tmp/mamba && tar xzf .gpu/mamba_ssm-*.tar.gz -C /tmp/mamba; } || return 1
     src=$(ls -d /tmp/mamba/mamba_ssm-*/)
     # only this GPU's architecture: setup.py's own -gencode list spans sm_75 to sm_121 (many times the compile time);
     # and C++20 where torch's headers require it (torch >= 2.14), which setup.py's -std=c++17 would override
-    grep -q "cc_flag = \[\"-gencode\", \"arch=compute_" "$src/setup.py" || "$PY" - "$src/setup.py" "$arch" <<'PYEOF'
+    grep -q "cc_flag = \[\"-gencode\", \"arch=compute_" "$src/setup.py" || "$PY" - "$src/setup.py" "$arch" <<'PYEOF' || return 1
 import sys
 from nnunetv2_cipa.ops.cuda_scan import torch_requires_cxx20
 path, arch = sys.argv[1], sys.argv[2].replace(".", "")

@@ -183,7 +183,8 @@ class CIPA(nn.Module):
     each output is the raw logit for a sigmoid loss. ``input_scale``/``input_shift`` map the input affinely first
     (official: x*3.2 - 1.6 on [0, 1] inputs). ``autocast_dtype`` fixes the precision of every forward whatever the
     caller's autocast: None follows the caller, ``torch.float32`` runs without autocast, ``torch.bfloat16`` /
-    ``torch.float16`` under autocast to that type. Setting ``activation_checkpointing`` recomputes every encoder
+    ``torch.float16`` under autocast to that type, with float32 outputs (the loss outside is computed in float32).
+    Setting ``activation_checkpointing`` recomputes every encoder
     stage, fusion stage and decoder stage in backward instead of keeping their activations.
     """
 
@@ -281,7 +282,8 @@ class CIPA(nn.Module):
             return self._forward(x)
         enabled = self.autocast_dtype != torch.float32
         with torch.autocast(x.device.type, dtype=self.autocast_dtype if enabled else None, enabled=enabled):
-            return self._forward(x)
+            outputs = self._forward(x)
+        return [o.float() for o in outputs] if isinstance(outputs, list) else outputs.float()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         batch, channels, height, width = x.shape

@@ -13,7 +13,7 @@ from nnunetv2_cipa.modules.ss2d import SS2D, cross_scan_positions
 from nnunetv2_cipa.network import CIPA
 from nnunetv2_cipa.ops import backends
 from nnunetv2_cipa.ops import directional_scan as directional_scan_op
-from nnunetv2_cipa.training.cipa_trainer import unwrap
+from nnunetv2_cipa.training.cipa_trainer import nnUNetTrainerCIPA, unwrap
 from nnunetv2_cipa.training.compile_settings import RECOMPILE_LIMIT, use_static_shape_compile
 
 from test_trainer import make_trainer, nnunet_paths  # noqa: F401 (fixture)
@@ -94,6 +94,30 @@ def test_compiled_network_matches_eager(compile_settings):
         assert relative_difference([compiled(x[:1])], [network(x[:1])]) < 1e-5
 
 
+def test_compiled_network_with_activation_checkpointing_matches_eager(compile_settings):
+    """Checkpointed stages under torch.compile: the gradients of the plain eager step, and DCIM's BatchNorm running
+    statistics updated once (the recomputation in backward leaves them alone)."""
+    torch.manual_seed(0)
+    network = CIPA(2, (32, 48), preset="micro", deep_supervision=True)
+    norms = [m for m in network.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    initial = {k: v.clone() for k, v in network.state_dict().items()}
+    x = torch.rand(2, 2, 32, 48)
+
+    def train_step(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        network.load_state_dict(initial)
+        network.zero_grad(set_to_none=True)
+        sum(o.square().mean() for o in model(x)).backward()
+        return ([p.grad.clone() for p in network.parameters() if p.grad is not None],
+                [t.clone() for m in norms for t in (m.running_mean, m.running_var, m.num_batches_tracked)])
+
+    ref_grads, ref_stats = train_step(network)
+    network.activation_checkpointing = True
+    grads, stats = train_step(torch.compile(network, backend="aot_eager"))
+    assert norms and all(int(m.num_batches_tracked) == 1 for m in norms)
+    assert relative_difference(grads, ref_grads) < 1e-5
+    assert all(torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6) for a, b in zip(stats, ref_stats))
+
+
 def test_trainer_compiles_with_static_shapes(nnunet_paths, restored_dynamo_config, monkeypatch):  # noqa: F811
     trainer = make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths)
     monkeypatch.setattr(trainer, "_do_i_compile", lambda: True)  # nnU-Net's decision on a GPU (never on CPU)
@@ -103,3 +127,18 @@ def test_trainer_compiles_with_static_shapes(nnunet_paths, restored_dynamo_confi
     assert dynamo_config.recompile_limit >= RECOMPILE_LIMIT
     with open(trainer.log_file) as log:
         assert "torch.compile: static shapes" in log.read()
+
+
+def test_network_built_for_nnunet_predictor_gets_static_shapes(nnunet_paths, restored_dynamo_config,  # noqa: F811
+                                                                monkeypatch):
+    """nnUNetv2_predict builds the network from the trainer class and compiles it itself (nnUNet_compile=true)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    manager = PlansManager(nnunet_paths.plans())
+    dynamo_config.automatic_dynamic_shapes = True
+    monkeypatch.setenv("nnUNet_compile", "false")
+    nnUNetTrainerCIPA.build_network_architecture(manager, manager.get_configuration("2d"), 2, 2, False)
+    assert dynamo_config.automatic_dynamic_shapes is True
+    monkeypatch.setenv("nnUNet_compile", "T")
+    nnUNetTrainerCIPA.build_network_architecture(manager, manager.get_configuration("2d"), 2, 2, False)
+    assert dynamo_config.automatic_dynamic_shapes is False and dynamo_config.recompile_limit >= RECOMPILE_LIMIT

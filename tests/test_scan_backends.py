@@ -198,6 +198,19 @@ def test_missing_dependency_is_named_with_the_requirement_to_install(fresh_state
     assert f'pip install "{requirement}"' in err and "MAMBA_FORCE_BUILD" not in err  # the fix, no rebuild
 
 
+def test_mamba_ssm_older_than_transformers_5_is_named_with_the_pin(fresh_state, monkeypatch, capsys):
+    """mamba-ssm before 2.3.0 imports GreedySearchDecoderOnlyOutput, which transformers 5 removed: the fix is a
+    transformers pin (or mamba-ssm >= 2.3.0), not a rebuild of the extension."""
+    fresh_state()
+    error = ImportError("cannot import name 'GreedySearchDecoderOnlyOutput' from 'transformers.generation'",
+                        name="transformers.generation")
+    fail_interface_import(monkeypatch, FailingImport(error))
+    assert resolve_backend(None, GPU) == "torch"
+    err = capsys.readouterr().err
+    assert "cannot import name 'GreedySearchDecoderOnlyOutput'" in err and "before 2.3.0 needs transformers<5" in err
+    assert cuda_scan.PROBE.fix() == 'pip install "transformers<5"' and "MAMBA_FORCE_BUILD" not in err
+
+
 def test_missing_submodule_of_mamba_ssm_is_not_a_dependency(fresh_state, monkeypatch):
     fresh_state()
     fail_interface_import(monkeypatch, FailingImport(ModuleNotFoundError("No module named 'selective_scan_cuda'",

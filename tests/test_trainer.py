@@ -211,6 +211,68 @@ def test_ddp_two_processes_no_unused_parameters(nnunet_paths, trainer, deep_supe
     assert set(grads) == {0, 1} and all(g > 0 for g in grads.values())
 
 
+def _batch_choice_worker(rank: int, world_size: int, port: int, plans: dict, dataset_json: dict, free_gib: list,
+                         queue) -> None:
+    """Under DDP on faked GPUs with ``free_gib[rank]`` GiB free: the batch nnUNetTrainerCIPA chooses, and the paper
+    trainer's batch and iterations per epoch."""
+    import torch.distributed as dist
+
+    from nnunetv2_cipa.training import cipa_trainer
+    from nnunetv2_cipa.training.paper_trainer import nnUNetTrainerCIPA_paper_debug
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.cuda.mem_get_info = lambda device: (int(free_gib[rank] * 2 ** 30), 80 * 2 ** 30)
+    torch.cuda.get_device_name = lambda device: f"Fake GPU {rank}"
+    cipa_trainer.resolve_backend = lambda backend, device: "torch"
+    trainers = {cls.__name__: cls(plans=copy.deepcopy(plans), configuration="2d", fold=0, dataset_json=dataset_json)
+                for cls in (nnUNetTrainerCIPA, nnUNetTrainerCIPA_paper_debug)}
+    for trainer in trainers.values():
+        assert trainer.is_ddp and trainer.device.type == "cuda"  # nnU-Net's DDP always trains on a GPU
+        trainer._set_batch_size_and_oversample()
+    paper = trainers["nnUNetTrainerCIPA_paper_debug"]
+    paper.network = paper._meta_network()
+    paper.configure_optimizers()
+    queue.put((rank, trainers["nnUNetTrainerCIPA"].batch_size, paper.batch_size, paper.num_iterations_per_epoch))
+    dist.destroy_process_group()
+
+
+def test_ddp_processes_agree_on_batch_and_epoch_length(nnunet_paths):
+    """Three DDP processes (gloo): nnUNetTrainerCIPA plans every process's batch with the least free GPU memory
+    (process 1 has room for one sample of the 12 planned, 4 per process: all take 1), and the paper recipe's global batch of 4,
+    split [2, 1, 1] by nnU-Net, gives every process the same number of iterations (else the longer ones wait for
+    an all-reduce that never comes)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from nnunetv2_cipa.training.memory_model import (activation_bytes_per_sample, scan_workspace_bytes,
+                                                     training_state_bytes)
+
+    plans = plans_with_patch(nnunet_paths, (256, 256))  # one sample trains (a batch of 1 at the debug plan's patch
+    plans["configurations"]["2d"]["batch_size"] = 12    # would give DCIM's BatchNorm a single value per channel)
+    plans["continue_training"] = False
+    manager = PlansManager(plans)
+    with torch.device("meta"):
+        network = nnUNetTrainerCIPA.build_network_architecture(manager, manager.get_configuration("2d"), 2, 2, True)
+    per_sample = activation_bytes_per_sample("tiny", manager.get_configuration("2d").patch_size, "torch",
+                                             torch.float16, False)
+    fixed = training_state_bytes(sum(p.numel() for p in network.parameters())) + scan_workspace_bytes("torch", "cuda")
+    one_sample_gib = (fixed + 1.5 * per_sample) / 0.9 / 2 ** 30
+    dataset_json = json.loads((nnunet_paths.preprocessed / "dataset.json").read_text())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").Queue()
+    mp.start_processes(_batch_choice_worker, nprocs=3, join=True, start_method="spawn",
+                       args=(3, port, plans, dataset_json, [60.0, one_sample_gib, 60.0], queue))
+    results = sorted(queue.get() for _ in range(3))
+    train_cases = len(json.loads((nnunet_paths.preprocessed / "splits_final.json").read_text())[0]["train"])
+    assert [r[1] for r in results] == [1, 1, 1]  # not 4 / 1 / 4
+    assert [r[2] for r in results] == [2, 1, 1]
+    assert [r[3] for r in results] == [max(1, train_cases // 4)] * 3
+
+
 def test_sync_batchnorm_conversion_covers_dcim(nnunet_paths):
     """Under DDP nnU-Net converts BatchNorm to SyncBatchNorm; only DCIM's conv stacks have BatchNorm."""
     manager = PlansManager(nnunet_paths.plans())

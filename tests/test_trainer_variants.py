@@ -4,7 +4,6 @@ non-finite loss, gradient accumulation, activation checkpointing, and the paper-
 from __future__ import annotations
 
 import copy
-import functools
 import types
 
 import numpy as np
@@ -121,8 +120,8 @@ def test_trainer_on_a_faked_gpu_uses_the_memory_model(nnunet_paths, monkeypatch)
     parameters = sum(p.numel() for p in trainer._meta_network().parameters())
     per_sample = activation_bytes_per_sample("tiny", (512, 512), "torch", torch.float16, False)
     free = int((training_state_bytes(parameters) + scan_workspace_bytes("torch", "cuda") + 2.5 * per_sample) / 0.9)
-    monkeypatch.setattr(cipa_trainer, "choose_batch_size",
-                        functools.partial(choose_batch_size, free_bytes=free, device_name="Fake GPU"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Fake GPU")
     monkeypatch.setattr(cipa_trainer, "resolve_backend", lambda backend, device: "torch")
     trainer._set_batch_size_and_oversample()
     assert trainer.batch_size == 2
@@ -158,12 +157,14 @@ def test_precision_variants_build_and_step(name, dtype, nnunet_paths):
     trainer = make_trainer(name, nnunet_paths)
     trainer.initialize()
     assert trainer.grad_scaler is None and unwrap(trainer.network).autocast_dtype == dtype
-    seen = []
+    seen, loss_inputs = [], []
     hook = unwrap(trainer.network).decoder.head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    loss_hook = trainer.loss.register_forward_pre_hook(lambda m, args: loss_inputs.append({o.dtype for o in args[0]}))
     before = [p.detach().clone() for p in trainer.network.parameters()]
     loss = trainer.train_step(batch(trainer))["loss"]
-    hook.remove()
+    hook.remove(), loss_hook.remove()
     assert np.isfinite(loss) and seen == [dtype]
+    assert loss_inputs == [{torch.float32}]  # cross-entropy and Dice on float32 logits, not bf16 ones
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))
 
 
@@ -286,18 +287,19 @@ def test_out_of_memory_step_is_retried_in_smaller_micro_batches(nnunet_paths, ca
 
 
 @pytest.mark.parametrize("setting, why", [("smallest", "2 is the smallest micro-batch"),
+                                          ("odd", "3 is the smallest micro-batch"),  # 5 = 3 + 2: no smaller split
                                           ("ddp", "not retried under DDP"), ("off", "oom_backoff is off")])
 def test_out_of_memory_that_cannot_be_retried_stops_with_the_fix(setting, why, nnunet_paths):
     trainer = make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths)
     trainer.initialize()
     assert trainer.min_training_batch == 2  # micro at the debug plan's patch: DCIM's BatchNorm needs 2
-    trainer.micro_batch_size = 2 if setting == "smallest" else None
+    trainer.micro_batch_size = 2 if setting in ("smallest", "odd") else None
     trainer.is_ddp = setting == "ddp"
     trainer.oom_backoff = setting != "off"
     fail_once_out_of_memory(trainer.network, call=1)
     before = [p.detach().clone() for p in trainer.network.parameters()]
     with pytest.raises(torch.OutOfMemoryError, match=why) as raised:
-        trainer.train_step(batch(trainer, n=4 if setting != "smallest" else 2))
+        trainer.train_step(batch(trainer, n={"smallest": 2, "odd": 5}.get(setting, 4)))
     assert "Tried to allocate 9.00 GiB" in str(raised.value) and "nnUNet_CIPA_batch_size" in str(raised.value)
     assert "nnUNetTrainerCIPA_checkpointing" in str(raised.value)
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))

@@ -21,8 +21,17 @@ def maybe_checkpoint(enabled: bool, modules: Iterable[nn.Module], fn: Callable, 
     if not (enabled and torch.is_grad_enabled()):
         return fn(*args)
     norms = [m for module in modules for m in module.modules() if isinstance(m, _BatchNorm)]
+    return _eager_checkpoint(fn, args, tuple(norms))
+
+
+@torch.compiler.disable
+def _eager_checkpoint(fn: Callable, args: tuple, norms: tuple[_BatchNorm, ...]):
+    """``checkpoint`` with the BatchNorm context, run eagerly under torch.compile too. Traced, checkpoint accepts only
+    TorchDispatchMode contexts; and torch runs a checkpointed segment with a graph break (every CIPA stage has them:
+    the scans run eagerly) eagerly anyway, where, without the context, the recomputation would update the running
+    statistics a second time. So under torch.compile the checkpointed stages run eagerly, the rest compiled."""
     return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True,
-                      context_fn=functools.partial(_contexts, tuple(norms)))
+                      context_fn=functools.partial(_contexts, norms))
 
 
 def _contexts(norms: tuple[_BatchNorm, ...]):

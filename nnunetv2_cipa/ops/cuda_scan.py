@@ -24,12 +24,20 @@ CXX20_TORCH = (2, 14)  # the first torch whose ATen headers refuse to compile be
 _SMOKE_TOLERANCE = 1e-3  # relative to the largest reference value, float32
 
 
-def mamba_ssm_version() -> str:
-    """The installed mamba-ssm distribution's version, or "not installed"."""
+TRANSFORMERS_FOR_OLD_MAMBA_SSM = "transformers<5"  # mamba-ssm < 2.3.0 imports generation classes transformers 5 removed
+
+
+def distribution_version(name: str) -> str:
+    """The installed version of distribution ``name``, or "not installed"."""
     try:
-        return importlib.metadata.version("mamba-ssm")
+        return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def mamba_ssm_version() -> str:
+    """The installed mamba-ssm distribution's version, or "not installed"."""
+    return distribution_version("mamba-ssm")
 
 
 def torch_requires_cxx20() -> bool:
@@ -96,12 +104,13 @@ class FusedKernelProbe:
     """Whether mamba-ssm's fused kernel can run on a CUDA device. The import is attempted once per probe (a failure
     is kept, not retried), the smoke call once per device; ``smoke(scan_fn, device) -> reason or None``. mamba-ssm's
     package imports its dependencies (transformers, einops, triton, ...) on the way to the interface: one missing, as
-    after an install with ``--no-deps``, is reported with the requirement to install, not a rebuild."""
+    after an install with ``--no-deps``, or a transformers too new for mamba-ssm before 2.3.0 (``ImportError: cannot
+    import name 'GreedySearchDecoderOnlyOutput'``) is reported with the requirement to install, not a rebuild."""
 
     def __init__(self, smoke=smoke_call):
         self._smoke = smoke
         self._import_result = None  # (interface module or None, reason or None) after the first attempt
-        self._missing_dependency = None  # the requirement to install when a module mamba-ssm imports is missing
+        self._requirement = None  # what to pip-install when mamba-ssm's import fails on a dependency
         self._device_problems: dict[int, str | None] = {}
 
     def _import(self):
@@ -114,9 +123,14 @@ class FusedKernelProbe:
                 if missing == "mamba_ssm":
                     reason = "mamba-ssm is not installed"
                 elif top_level and top_level not in ("mamba_ssm", "selective_scan_cuda"):
-                    self._missing_dependency = _requirement_for(top_level)
+                    self._requirement = _requirement_for(top_level)
                     reason = (f"mamba-ssm {mamba_ssm_version()} cannot be imported ({_first_line(e)}): it needs "
-                              f"{self._missing_dependency}")
+                              f"{self._requirement}")
+                elif (e.name or "").split(".")[0] == "transformers":  # a name gone from the installed transformers
+                    self._requirement = TRANSFORMERS_FOR_OLD_MAMBA_SSM
+                    reason = (f"mamba-ssm {mamba_ssm_version()} cannot be imported with transformers "
+                              f"{distribution_version('transformers')} ({_first_line(e)}): mamba-ssm before 2.3.0 "
+                              f"needs {TRANSFORMERS_FOR_OLD_MAMBA_SSM}")
                 else:
                     reason = f"mamba-ssm {mamba_ssm_version()} cannot be imported ({_first_line(e)})"
                 self._import_result = (None, reason)
@@ -151,8 +165,8 @@ class FusedKernelProbe:
 
     def fix(self) -> str:
         """How to install or rebuild mamba-ssm so that the fused kernel works (a command line)."""
-        if self._missing_dependency is not None:  # a dependency missing (an install with --no-deps): no rebuild
-            return f'pip install "{self._missing_dependency}"'
+        if self._requirement is not None:  # a dependency missing or too new: no rebuild
+            return f'pip install "{self._requirement}"'
         version = mamba_ssm_version()
         if version == "not installed":
             command = 'MAMBA_KEEP_CUDA_BUILD=TRUE pip install --no-build-isolation "nnunetv2-cipa[cuda]"'

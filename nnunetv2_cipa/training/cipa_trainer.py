@@ -35,6 +35,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
@@ -48,7 +49,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from nnunetv2_cipa.network import CIPA, OFFICIAL_INPUT_SCALE_SHIFT
 from nnunetv2_cipa.ops.backend_report import scan_backend_report
 from nnunetv2_cipa.ops.backends import resolve_backend
-from nnunetv2_cipa.training.compile_settings import use_static_shape_compile
+from nnunetv2_cipa.training.compile_settings import compile_requested, use_static_shape_compile
+from nnunetv2_cipa.training.distributed import reduce_across_processes
 from nnunetv2_cipa.training.lr_schedule import WarmupPolyLRScheduler
 from nnunetv2_cipa.training.memory_model import BATCH_SIZE_ENV_VAR, choose_batch_size
 from nnunetv2_cipa.training.pretrained_encoder import imagenet_checkpoint_path, missing_checkpoint_message
@@ -137,7 +139,8 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        """CIPA for ``configuration_manager.patch_size``; called on the class by nnU-Net's predictor as well."""
+        """CIPA for ``configuration_manager.patch_size``; called on the class by nnU-Net's predictor as well, which
+        compiles the result when nnUNet_compile is true: the static-shape settings are applied here for it."""
         patch_size = tuple(int(s) for s in configuration_manager.patch_size)
         if len(patch_size) != 2:
             raise ValueError(f"{cls.__name__} is a 2D network: use the '2d' configuration (patch size {patch_size})")
@@ -152,6 +155,8 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
                        use_dcim=cls.use_dcim, token_mixer=cls.token_mixer, deep_supervision=enable_deep_supervision,
                        binary_logit=cls.binary_logit, input_scale=scale, input_shift=shift,
                        autocast_dtype=cls.network_autocast)
+        if compile_requested():
+            use_static_shape_compile()
         if not enable_deep_supervision:
             network.decoder.aux_heads.requires_grad_(False)  # unused: kept only so that checkpoints load either way
         return network
@@ -205,6 +210,15 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
                                                    self.label_manager.num_segmentation_heads,
                                                    self.enable_deep_supervision)
 
+    def _free_device_bytes(self) -> int | None:
+        """Free memory of this process's GPU; under DDP the least of all processes', so that every process picks
+        the same batch (batch Dice all-gathers per-sample terms, and micro-batches must match for SyncBatchNorm).
+        None on other devices."""
+        if self.device.type != "cuda":
+            return None
+        free = torch.cuda.mem_get_info(self.device)[0]
+        return reduce_across_processes(free, dist.ReduceOp.MIN, self.device) if self.is_ddp else free
+
     def _set_batch_size_and_oversample(self):
         super()._set_batch_size_and_oversample()  # the planned batch (per GPU under DDP)
         planned = self.batch_size
@@ -212,8 +226,11 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         choice = self._config(choose_batch_size, planned, self.device, self.cipa_preset,
                               self.configuration_manager.patch_size, sum(p.numel() for p in network.parameters()),
                               resolve_backend(None, self.device), self.training_autocast_dtype(),
-                              self.checkpointing_enabled(), network.min_training_batch)
+                              self.checkpointing_enabled(), network.min_training_batch, self._free_device_bytes())
         self.print_to_log_file(choice.log_line())
+        if self.is_ddp and self.device.type == "cuda":
+            self.print_to_log_file(f"DDP: every one of the {dist.get_world_size()} processes plans with the least "
+                                   "free GPU memory among them")
         if self.accumulate_to_planned_batch:
             self.micro_batch_size = min(choice.chosen, planned)
             self.print_to_log_file(f"Keeping the planned batch of {planned}: gradients accumulated over micro-batches "
@@ -234,8 +251,9 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         network = unwrap(self.network)
         network.activation_checkpointing = self.checkpointing_enabled()
         if network.activation_checkpointing:
+            compiled = "; under torch.compile these stages run eagerly" if self._do_i_compile() else ""
             self.print_to_log_file("Activation checkpointing: on (every encoder, fusion and decoder stage is "
-                                   "recomputed in backward)")
+                                   f"recomputed in backward{compiled})")
         self.print_to_log_file(scan_backend_log_line(self.device))
         if self.imagenet_encoder:
             self._maybe_load_imagenet_encoder()
@@ -275,16 +293,19 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         """The network's smallest trainable batch (after ``initialize``)."""
         return unwrap(self.network).min_training_batch
 
-    def _micro_batch_count(self, n: int) -> int:
-        """Chunks of a batch of ``n``: as few as keep each within ``micro_batch_size`` (one when unset), but none
+    def _micro_batch_count(self, n: int, micro_batch_size: int | None) -> int:
+        """Chunks of a batch of ``n``: as few as keep each within ``micro_batch_size`` (one when None), but none
         below ``min_training_batch`` unless the batch itself is."""
-        return max(1, min(math.ceil(n / (self.micro_batch_size or n)), n // self.min_training_batch))
+        return max(1, min(math.ceil(n / (micro_batch_size or n)), n // self.min_training_batch))
+
+    def _largest_micro_batch(self, n: int, micro_batch_size: int | None) -> int:
+        return math.ceil(n / self._micro_batch_count(n, micro_batch_size))
 
     def _micro_batches(self, data: torch.Tensor, target):
         """(data, target, weight) for each of the balanced chunks of ``data`` (B, C, H, W) and its target;
         weight = the chunk's share of the batch."""
         n = data.shape[0]
-        for part in torch.arange(n).tensor_split(self._micro_batch_count(n)):
+        for part in torch.arange(n).tensor_split(self._micro_batch_count(n, self.micro_batch_size)):
             part = slice(int(part[0]), int(part[-1]) + 1)
             chunk_target = [t[part] for t in target] if isinstance(target, list) else target[part]
             yield data[part], chunk_target, (part.stop - part.start) / n
@@ -317,7 +338,7 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
     def _back_off(self, batch_size: int, error: str) -> None:
         """After an out-of-memory ``error`` in a step of ``batch_size`` samples: halve the micro-batch, or raise
         torch.OutOfMemoryError with what to do when that is not possible."""
-        current = math.ceil(batch_size / self._micro_batch_count(batch_size))  # the largest chunk
+        current = self._largest_micro_batch(batch_size, self.micro_batch_size)
         smaller = max(self.min_training_batch, current // 2)
         where = (f"{self.__class__.__name__}: out of GPU memory at epoch {self.current_epoch}, iteration "
                  f"{self.iteration_in_epoch}, in micro-batches of {current} of a batch of {batch_size}")
@@ -325,7 +346,7 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
             why = "oom_backoff is off"
         elif self.is_ddp:
             why = "not retried under DDP (every process must run the same micro-batches)"
-        elif smaller >= current:
+        elif self._largest_micro_batch(batch_size, smaller) >= current:  # balanced chunks of >= min_training_batch
             why = f"{current} is the smallest micro-batch"
         else:
             why = None

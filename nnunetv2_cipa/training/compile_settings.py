@@ -17,7 +17,15 @@ still reaches its limit runs eagerly, with torch's warning. The scans always run
 
 from __future__ import annotations
 
+import os
+
 RECOMPILE_LIMIT = 256  # compiled variants of one function (torch's default: 8; its per-function cap is 256)
+
+
+def compile_requested() -> bool:
+    """Env nnUNet_compile as nnU-Net reads it (true / 1 / t); its predictor then compiles the network, on any device,
+    without a trainer's ``initialize``."""
+    return os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t")
 
 
 def use_static_shape_compile() -> str:

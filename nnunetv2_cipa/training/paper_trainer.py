@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
 from torch import nn
@@ -30,6 +31,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunetv2_cipa.training.augmentation import official_augmentation
 from nnunetv2_cipa.training.cipa_trainer import nnUNetTrainerCIPA, unwrap, weight_decay_groups
+from nnunetv2_cipa.training.distributed import reduce_across_processes
 from nnunetv2_cipa.training.loss import BCEAndSoftDiceLoss
 from nnunetv2_cipa.training.lr_schedule import PerIterationCosineLRScheduler
 
@@ -88,7 +90,7 @@ class nnUNetTrainerCIPA_paper(nnUNetTrainerCIPA):
             groups = weight_decay_groups(network, self.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, betas=(0.9, 0.999), eps=1e-8)
         train_cases, val_cases = self.do_split()
-        global_batch = self.batch_size * (torch.distributed.get_world_size() if self.is_ddp else 1)
+        global_batch = reduce_across_processes(self.batch_size, dist.ReduceOp.SUM, self.device)  # DDP: [2, 1, 1]...
         self.num_iterations_per_epoch = max(1, len(train_cases) // global_batch)
         self.num_val_iterations_per_epoch = max(1, math.ceil(len(val_cases) / global_batch))
         self.print_to_log_file(f"Paper schedule: {self.num_epochs} epochs x {self.num_iterations_per_epoch} "
