@@ -6,6 +6,9 @@ VENV   ?= .venv
 TORCH       ?= torch==2.13.0
 TORCHVISION ?= torchvision==0.28.0
 PY := $(VENV)/bin/python
+# test worker processes; one module runs in one worker (its module-scoped fixtures are built once)
+TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 .PHONY: setup test test-fast demo bench clean
 
@@ -20,10 +23,10 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 test: setup
-	$(VENV)/bin/python -m pytest -ra --durations=15 tests
+	$(VENV)/bin/python -m pytest $(XDIST) -ra --durations=15 tests
 
 test-fast: setup
-	$(VENV)/bin/python -m pytest -ra -m "not slow" tests
+	$(VENV)/bin/python -m pytest $(XDIST) -ra -m "not slow" tests
 
 demo: setup
 	$(VENV)/bin/nnunetv2_cipa demo

@@ -22,6 +22,12 @@ DATASET_ID = 901
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_PCLT20K"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with a slow test first, so that the test workers start on the long ones and finish together."""
+    slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in slow_modules)
+
+
 def run_cli(args: list[str], env: dict, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     """Run a console script from this environment (``nnUNetv2_*`` or ``nnunetv2_cipa``) and return its result."""
     result = subprocess.run([str(BIN / args[0]), *args[1:]], env=env, capture_output=True, text=True,

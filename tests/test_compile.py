@@ -70,6 +70,7 @@ def test_scans_run_eagerly_between_compiled_graphs(compile_settings, monkeypatch
     assert all(p is cross_scan_positions(*size) for p, size in zip(positions_seen, sizes))
 
 
+@pytest.mark.slow
 def test_compiled_network_matches_eager(compile_settings):
     """A training step with deep supervision, then a batch-1 prediction in eval mode, as nnU-Net runs them."""
     torch.manual_seed(0)
