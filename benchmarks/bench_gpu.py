@@ -12,7 +12,10 @@ Four parts, each model / backend in its own subprocess (fresh CUDA memory statis
   backends (float32 eval forward, same weights);
 - **memory**: CIPA-tiny fp16-AMP training steps (AdamW, as the trainer) at the batch the memory model picks for this
   device out of ``--planned-batch`` (PCLT20K's plan: 12), and at ``--planned-batch`` with activation checkpointing:
-  step time, peak allocated / reserved device memory, the model's predicted peak and its error.
+  step time, peak allocated / reserved device memory, the model's predicted peak and its error. Then the same on each
+  smaller GPU of ``--emulate-gib`` (default 24 GB): the caching allocator is capped at that card's memory less its
+  CUDA context (``torch.cuda.set_per_process_memory_fraction``), the batch is the model's choice for the card without
+  and with checkpointing, and an out-of-memory error there is what a user of that card would get.
 
 The plan comes from nnU-Net's planner, which the GPU machine may lack: ``--write-plan FILE`` runs it here (as
 bench_network does, 2-channel random PNGs of ``--size``) and ``--plan FILE`` reads it there. ``--device cpu --quick``
@@ -20,8 +23,9 @@ with a plan of small images (``--write-plan ... --size 64``) runs every code pat
 CIPA-micro, 2 repeats; the cpu backend in place of cuda) to test this script.
 Usage: python benchmarks/bench_gpu.py --write-plan .gpu/plan.json [--size 512]
        python benchmarks/bench_gpu.py --plan .gpu/plan.json [--iterations 20] [--planned-batch 12] [--quick]
-              [--device cuda] [--out DIR]
-Prints markdown tables and writes bench_gpu.json to --out (default benchmarks/results).
+              [--emulate-gib 24 ...] [--device cuda] [--out DIR]
+Prints markdown tables and writes bench_gpu.json to --out (default benchmarks/results), rewritten after every part
+(agreement, memory, network, scan: in that order) so that a run stopped midway keeps the parts it finished.
 """
 
 from __future__ import annotations
@@ -176,10 +180,26 @@ def network(name: str, backend: str | None, config: dict, device: str, iteration
     return row
 
 
+def emulate_gpu(memory_gib: float, device: str) -> int:
+    """Cap the caching allocator at what a GPU of ``memory_gib`` GB leaves for tensors (its memory less the CUDA
+    context, as in bench_memory's GPU table) and return that cap in bytes; only the cap's arithmetic on a CPU."""
+    import torch
+
+    from bench_memory import CUDA_CONTEXT_GIB
+
+    cap = int((memory_gib - CUDA_CONTEXT_GIB) * 2 ** 30)
+    if device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        if cap >= total:
+            raise ValueError(f"--emulate-gib {memory_gib}: not smaller than this GPU ({total / 2 ** 30:.1f} GiB)")
+        torch.cuda.set_per_process_memory_fraction(cap / total)
+    return cap
+
+
 def memory_row(preset: str, config: dict, device: str, batch: int | None, planned: int, checkpointing: bool,
-               iterations: int) -> dict:
+               iterations: int, memory_gib: float | None = None) -> dict:
     """AMP training steps of CIPA ``preset`` at ``batch`` (None: the memory model's choice out of ``planned``)
-    against the memory model's predicted peak."""
+    against the memory model's predicted peak, on this device or on an emulated GPU of ``memory_gib`` GB."""
     import torch
 
     from nnunetv2_cipa.network import CIPA
@@ -188,18 +208,27 @@ def memory_row(preset: str, config: dict, device: str, batch: int | None, planne
                                                      scan_workspace_bytes, training_peak_bytes)
 
     patch = tuple(config["patch_size"])
+    cap = emulate_gpu(memory_gib, device) if memory_gib is not None else None
     torch.manual_seed(0)
     model = CIPA(2, patch, preset=preset, deep_supervision=True).to(device).train()
     model.activation_checkpointing = checkpointing
     parameters = sum(p.numel() for p in model.parameters())
     backend = resolve_backend(None, torch.device(device))
     dtype = torch.float16 if device == "cuda" else torch.float32
-    row = {"preset": preset, "backend": backend, "checkpointing": checkpointing, "planned_batch": planned}
+    row = {"preset": preset, "backend": backend, "checkpointing": checkpointing, "planned_batch": planned,
+           "gpu_gib": memory_gib}
     if batch is None:
-        free = torch.cuda.mem_get_info()[0] + sum(p.numel() * p.element_size() for p in model.parameters()) \
-            if device == "cuda" else None
-        choice = choose_batch_size(planned, torch.device(device), preset, patch, parameters, backend, dtype,
-                                   checkpointing, model.min_training_batch, free_bytes=free)
+        # free memory as the trainer sees it: before the network is on the device
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        if cap is not None:
+            free = cap - (torch.cuda.memory_reserved() - weights if device == "cuda" else 0)
+        else:
+            free = torch.cuda.mem_get_info()[0] + weights if device == "cuda" else None
+        # an emulated GPU's choice is a GPU's choice, also when this script is tested on a CPU
+        chooser = torch.device("cuda" if cap is not None else device)
+        choice = choose_batch_size(planned, chooser, preset, patch, parameters, backend, dtype, checkpointing,
+                                   model.min_training_batch, free_bytes=free,
+                                   device_name=f"{memory_gib:g} GB GPU" if cap is not None else None)
         batch, row["choice"] = choice.chosen, choice.reason
     per_sample = activation_bytes_per_sample(preset, patch, backend, dtype, checkpointing)
     predicted = training_peak_bytes(batch, parameters, per_sample, scan_workspace_bytes(backend, device))
@@ -234,8 +263,10 @@ def worker(args) -> dict:
     if args.worker.startswith("memory"):
         preset = "micro" if args.quick else "tiny"
         checkpointing = args.worker == "memory-checkpointing"
-        return memory_row(preset, config, args.device, args.planned_batch if checkpointing else None,
-                          args.planned_batch, checkpointing, args.iterations)
+        # on the device itself: the planned batch with checkpointing; on an emulated GPU: the model's choice
+        batch = args.planned_batch if checkpointing and args.gpu_gib is None else None
+        return memory_row(preset, config, args.device, batch, args.planned_batch, checkpointing, args.iterations,
+                          args.gpu_gib)
     return network(args.worker, args.backend, config, args.device, args.iterations)
 
 
@@ -248,10 +279,13 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20, help="timed AMP training steps per model")
     parser.add_argument("--planned-batch", type=int, default=12,
                         help="batch nnU-Net plans for PCLT20K at 512 x 512 (the memory rows' reference; default 12)")
+    parser.add_argument("--emulate-gib", nargs="*", type=float, default=[24], metavar="GB",
+                        help="memory rows also on these smaller GPUs, emulated by capping the allocator (default 24)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and models (tests this script on a CPU)")
     parser.add_argument("--out", default=str(RESULTS), help="folder for bench_gpu.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
+    parser.add_argument("--gpu-gib", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write_plan:
         from bench_network import plan_vanilla
@@ -269,13 +303,14 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
-    def sub(worker_name, backend=None):
+    def sub(worker_name, backend=None, gpu_gib=None):
         command = [sys.executable, __file__, "--plan", args.plan, "--device", args.device, "--worker", worker_name,
                    "--iterations", str(2 if args.quick else args.iterations), "--planned-batch",
                    str(args.planned_batch)] + (["--quick"] if args.quick else [])
-        proc = subprocess.run(command + (["--backend", backend] if backend else []), capture_output=True, text=True)
+        command += (["--backend", backend] if backend else []) + (["--gpu-gib", str(gpu_gib)] if gpu_gib else [])
+        proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode:
-            print(f"{worker_name} ({backend}) failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            print(f"{worker_name} ({backend or gpu_gib or ''}) failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
             return {"error": proc.stderr[-3000:]}
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -283,22 +318,29 @@ def main() -> None:
 
     backends = scan_backends(args.device)
     preset = "micro" if args.quick else "tiny"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
               "backends": backends, "plan": json.loads(Path(args.plan).read_text())}
-    report["agreement"] = {b: sub("agreement", b) for b in backends}
-    report["scan"] = {b: sub("scan", b) for b in backends}
-    report["network"] = [sub("vanilla")] + [sub(preset, b) for b in backends]
-    report["memory"] = [sub("memory"), sub("memory-checkpointing")]
-    cipa = [r for r in report["network"][1:] if "logits_file" in r]
+
+    def save(part, value):
+        report[part] = value
+        (out / "bench_gpu.json").write_text(json.dumps(report, indent=2))
+        print(f"{part}: done", flush=True)
+
+    save("agreement", {b: sub("agreement", b) for b in backends})
+    save("memory", [sub(name, gpu_gib=gib) for gib in (None, *args.emulate_gib)
+                    for name in ("memory", "memory-checkpointing")])
+    network_rows = [sub("vanilla")] + [sub(preset, b) for b in backends]
+    cipa = [r for r in network_rows if "logits_file" in r]
     if len(cipa) > 1:
         reference = torch.load(cipa[0]["logits_file"])
         for row in cipa[1:]:
             row["max_logit_diff_vs_" + cipa[0]["backend"]] = float((torch.load(row["logits_file"]) - reference)
                                                                    .abs().max())
+    save("network", network_rows)
+    save("scan", {b: sub("scan", b) for b in backends})
     print_tables(report)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_gpu.json").write_text(json.dumps(report, indent=2))
     print(f"\nwrote {out / 'bench_gpu.json'}")
 
 
@@ -331,16 +373,17 @@ def print_tables(report: dict) -> None:
         print(f"| {row['model']} | {row['backend'] or '-'} | {row['step_s'] * 1e3:.1f} ms | "
               f"{peak(row)} | {row['losses_finite']} | {row['first_loss']:.3f} -> "
               f"{row['last_loss']:.3f} | {diff} |")
-    print("\n| CIPA memory | backend | batch (planned) | checkpointing | AMP step | peak allocated / reserved | "
-          "predicted | error |\n|---|---|---|---|---:|---:|---:|---:|")
+    print("\n| CIPA memory | GPU | backend | batch (planned) | checkpointing | AMP step | peak allocated / reserved | "
+          "predicted | error |\n|---|---|---|---|---|---:|---:|---:|---:|")
     for row in report["memory"]:
         if "error" in row:
-            print("| failed | | | | | | | |")
+            print("| failed | | | | | | | | |")
             continue
+        gpu = f"{row['gpu_gib']:g} GB (emulated)" if row["gpu_gib"] else "this one"
         step = "OOM" if "out_of_memory" in row else f"{row['step_s'] * 1e3:.0f} ms"
         measured = f"{row['peak_gib']:.2f} / {row['reserved_gib']:.2f} GiB" if "peak_gib" in row else "-"
         error = f"{row['prediction_error']:+.1%}" if "prediction_error" in row else "-"
-        print(f"| {row['preset']} | {row['backend']} | {row['batch']} ({row['planned_batch']}) | "
+        print(f"| {row['preset']} | {gpu} | {row['backend']} | {row['batch']} ({row['planned_batch']}) | "
               f"{'on' if row['checkpointing'] else 'off'} | {step} | {measured} | {row['predicted_gib']:.2f} GiB | "
               f"{error} |")
 

@@ -5,8 +5,8 @@
 # 1. mamba-ssm's selective-scan extension is built for this GPU's architecture only, in the background (bounded by
 #    MAMBA_BUILD_S, default 300 s); 2. meanwhile the GPU tests that need only CUDA run; 3. then the cuda-backend
 #    tests (when the build worked) and benchmarks/bench_gpu.py at the 512 x 512 plan, including CIPA-tiny at the
-#    batch the memory model picks and at batch 12 with activation checkpointing. Logs and bench_gpu.json go to
-#    $OUT (default ./gpu_out).
+#    batch the memory model picks and at batch 12 with activation checkpointing, on this GPU and on an emulated
+#    24 GB one. Logs and bench_gpu.json go to $OUT (default ./gpu_out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
