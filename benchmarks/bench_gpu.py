@@ -218,12 +218,9 @@ def memory_row(preset: str, config: dict, device: str, batch: int | None, planne
     row = {"preset": preset, "backend": backend, "checkpointing": checkpointing, "planned_batch": planned,
            "gpu_gib": memory_gib}
     if batch is None:
-        # free memory as the trainer sees it: before the network is on the device
+        # free memory as the trainer sees it: before the network is on the device (an emulated card's is its cap)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        if cap is not None:
-            free = cap - (torch.cuda.memory_reserved() - weights if device == "cuda" else 0)
-        else:
-            free = torch.cuda.mem_get_info()[0] + weights if device == "cuda" else None
+        free = cap if cap is not None else torch.cuda.mem_get_info()[0] + weights if device == "cuda" else None
         # an emulated GPU's choice is a GPU's choice, also when this script is tested on a CPU
         chooser = torch.device("cuda" if cap is not None else device)
         choice = choose_batch_size(planned, chooser, preset, patch, parameters, backend, dtype, checkpointing,
