@@ -30,8 +30,15 @@ def test_timm_imports_in_a_fresh_interpreter():
     assert result.stdout.strip() == "ok"
 
 
-def test_repair_is_installed_and_idempotent():
-    assert torchvision_fix.pth_path().exists(), "run `python -m nnunetv2_cipa.torchvision_fix install`"
+def test_repair_is_active_exactly_where_torchvision_lacks_its_ops_and_idempotent():
+    """Needed with a CPU torch and PyPI's CUDA torchvision; a no-op next to a matching torchvision (e.g. torch
+    2.14.1 / torchvision 0.29.1, both CUDA builds), where the .pth may be missing."""
+    import torchvision.extension
+
+    ops_loaded = torchvision.extension._has_ops()
+    if not ops_loaded:
+        assert torchvision_fix.pth_path().exists(), "run `python -m nnunetv2_cipa.torchvision_fix install`"
+    assert torchvision_fix.is_active() == (not ops_loaded)
     before = list(sys.meta_path)
     torchvision_fix.install_hook()  # torchvision already imported in this process: must not add anything
     assert sys.meta_path == before
