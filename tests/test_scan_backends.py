@@ -124,6 +124,29 @@ def test_probe_first_run_under_inference_mode_selects_cuda(fresh_state, monkeypa
     assert capsys.readouterr().err == ""
 
 
+def test_probe_first_run_inside_a_checkpointed_stage_selects_cuda(fresh_state, monkeypatch, capsys):
+    """With activation checkpointing on, the first scan on a device may run inside torch.utils.checkpoint, whose
+    saved-tensor hooks would capture the smoke call's own forward + backward: it must still pass (not cache the kernel
+    as unusable) and leave the checkpointed stage's backward intact."""
+    from torch.utils.checkpoint import checkpoint
+
+    smoke = SmokeOnCpu()
+    fresh_state(smoke)
+    stub_mamba(monkeypatch)
+    chosen = []
+
+    def stage(x):
+        chosen.append(resolve_backend(None, GPU))
+        return (x * x).sum()
+
+    x = torch.arange(3.0, requires_grad=True)
+    checkpoint(stage, x, use_reentrant=False).backward()
+    assert chosen == ["cuda", "cuda"]  # forward, and the recomputation in backward
+    assert smoke.devices == [GPU]
+    assert torch.equal(x.grad, 2 * x.detach())
+    assert capsys.readouterr().err == ""
+
+
 def test_cuda_backend_calls_the_fused_function_in_float32(fresh_state, monkeypatch):
     """The cuda row of the table hands mamba-ssm's function float32 contiguous inputs with D, z and the bias, and
     returns u's dtype (run here on CPU tensors through the stub, which computes the reference)."""
@@ -172,6 +195,18 @@ def test_import_error_falls_back_naming_it_and_is_not_retried(fresh_state, monke
     assert "ImportError: " + UNDEFINED_SYMBOL in err
     with pytest.raises(ValueError, match="undefined symbol"):
         resolve_backend("cuda", GPU)
+
+
+def test_import_failing_with_a_runtime_error_falls_back_naming_it(fresh_state, monkeypatch, capsys):
+    """transformers' lazy imports raise RuntimeError (no ``name`` attribute) when one of its modules fails, e.g. after
+    a torch / torchvision mismatch: the torch scan with a warning, not a crash of the backend choice."""
+    fresh_state()
+    error = RuntimeError("Failed to import transformers.generation.utils because of the following error")
+    fail_interface_import(monkeypatch, FailingImport(error))
+    assert resolve_backend(None, GPU) == "torch"
+    err = capsys.readouterr().err
+    assert "cannot be imported (RuntimeError: Failed to import transformers.generation.utils" in err
+    assert "pip install" in cuda_scan.PROBE.fix()
 
 
 @pytest.mark.parametrize("missing, declared, requirement", [

@@ -5,7 +5,8 @@
 interface raise ImportError; mamba-ssm's later sources build it only on request (MAMBA_KEEP_CUDA_BUILD=TRUE) and
 set it to None when absent, so the interface imports and the first scan raises. A kernel compiled for other GPU
 architectures imports and fails only when launched. :class:`FusedKernelProbe` therefore imports the interface once,
-checks the extension object itself, and runs one small forward + backward per device against the reference loop.
+checks the extension object itself, and runs one small forward + backward per device against the reference loop (in
+a thread of its own, so that a first scan inside a checkpointed stage or under inference mode does not change it).
 mamba-ssm is imported on the first probe, never when this module is imported.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import re
+import threading
 
 import torch
 
@@ -68,6 +70,26 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
+def _in_fresh_thread(fn, *args):
+    """``fn(*args)`` in a new thread, so that none of the caller's thread-local autograd state reaches it (the
+    saved-tensor hooks of activation checkpointing when the first scan runs in a checkpointed stage, inference mode,
+    autocast); an exception is raised again here."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as e:  # handed to the calling thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, name="mamba-ssm smoke call")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 @torch.inference_mode(False)  # nnU-Net's predictor makes the first scan in inference mode, which records no graph
 def smoke_call(scan_fn, device: torch.device) -> str | None:
     """Run ``scan_fn`` (mamba-ssm's ``selective_scan_fn`` signature) forward and backward once on tiny grouped float32
@@ -117,8 +139,10 @@ class FusedKernelProbe:
         if self._import_result is None:
             try:
                 interface = importlib.import_module(INTERFACE)
-            except Exception as e:  # ImportError, or an extension that fails to load (undefined symbol, ...)
-                missing = (e.name or "") if isinstance(e, ModuleNotFoundError) else ""
+            except Exception as e:  # ImportError, an extension that fails to load (undefined symbol, ...), or a
+                # RuntimeError from a dependency's lazy import (transformers: "Failed to import transformers...")
+                name = getattr(e, "name", None) or ""  # ImportError's; a RuntimeError or OSError has none
+                missing = name if isinstance(e, ModuleNotFoundError) else ""
                 top_level = missing.split(".")[0]
                 if missing == "mamba_ssm":
                     reason = "mamba-ssm is not installed"
@@ -126,7 +150,7 @@ class FusedKernelProbe:
                     self._requirement = _requirement_for(top_level)
                     reason = (f"mamba-ssm {mamba_ssm_version()} cannot be imported ({_first_line(e)}): it needs "
                               f"{self._requirement}")
-                elif (e.name or "").split(".")[0] == "transformers":  # a name gone from the installed transformers
+                elif name.split(".")[0] == "transformers":  # a name gone from the installed transformers
                     self._requirement = TRANSFORMERS_FOR_OLD_MAMBA_SSM
                     reason = (f"mamba-ssm {mamba_ssm_version()} cannot be imported with transformers "
                               f"{distribution_version('transformers')} ({_first_line(e)}): mamba-ssm before 2.3.0 "
@@ -158,7 +182,7 @@ class FusedKernelProbe:
         index = device.index if device.index is not None else (
             torch.cuda.current_device() if torch.cuda.is_available() else 0)
         if index not in self._device_problems:
-            failure = self._smoke(interface.selective_scan_fn, torch.device("cuda", index))
+            failure = _in_fresh_thread(self._smoke, interface.selective_scan_fn, torch.device("cuda", index))
             self._device_problems[index] = None if failure is None else \
                 f"mamba-ssm {mamba_ssm_version()}'s fused kernel: {failure}"
         return self._device_problems[index]
