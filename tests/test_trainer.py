@@ -237,40 +237,97 @@ def _batch_choice_worker(rank: int, world_size: int, port: int, plans: dict, dat
     dist.destroy_process_group()
 
 
-def test_ddp_processes_agree_on_batch_and_epoch_length(nnunet_paths):
-    """Three DDP processes (gloo): nnUNetTrainerCIPA plans every process's batch with the least free GPU memory
-    (process 1 has room for one sample of the 12 planned, 4 per process: all take 1), and the paper recipe's global batch of 4,
-    split [2, 1, 1] by nnU-Net, gives every process the same number of iterations (else the longer ones wait for
-    an all-reduce that never comes)."""
-    import socket
+def free_gib_for(samples: float, plans: dict) -> float:
+    """Free GPU memory in which the memory model fits ``samples`` (rounded down) samples of nnUNetTrainerCIPA at the
+    plans' patch size (torch scan, fp16 activations)."""
+    from nnunetv2_cipa.training.memory_model import (USABLE_FRACTION, activation_bytes_per_sample,
+                                                     scan_workspace_bytes, training_state_bytes)
 
-    import torch.multiprocessing as mp
-
-    from nnunetv2_cipa.training.memory_model import (activation_bytes_per_sample, scan_workspace_bytes,
-                                                     training_state_bytes)
-
-    plans = plans_with_patch(nnunet_paths, (256, 256))  # one sample trains (a batch of 1 at the debug plan's patch
-    plans["configurations"]["2d"]["batch_size"] = 12    # would give DCIM's BatchNorm a single value per channel)
-    plans["continue_training"] = False
     manager = PlansManager(plans)
     with torch.device("meta"):
         network = nnUNetTrainerCIPA.build_network_architecture(manager, manager.get_configuration("2d"), 2, 2, True)
     per_sample = activation_bytes_per_sample("tiny", manager.get_configuration("2d").patch_size, "torch",
                                              torch.float16, False)
     fixed = training_state_bytes(sum(p.numel() for p in network.parameters())) + scan_workspace_bytes("torch", "cuda")
-    one_sample_gib = (fixed + 1.5 * per_sample) / 0.9 / 2 ** 30
-    dataset_json = json.loads((nnunet_paths.preprocessed / "dataset.json").read_text())
+    return (fixed + samples * per_sample) / USABLE_FRACTION / 2 ** 30
+
+
+def start_ddp(worker, world_size: int, *args) -> list:
+    """``worker(rank, world_size, port, *args, queue)`` in ``world_size`` spawned processes; what each put on the
+    queue, sorted."""
+    import socket
+
+    import torch.multiprocessing as mp
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     queue = mp.get_context("spawn").Queue()
-    mp.start_processes(_batch_choice_worker, nprocs=3, join=True, start_method="spawn",
-                       args=(3, port, plans, dataset_json, [60.0, one_sample_gib, 60.0], queue))
-    results = sorted(queue.get() for _ in range(3))
+    mp.start_processes(worker, nprocs=world_size, join=True, start_method="spawn",
+                       args=(world_size, port, *args, queue))
+    return sorted(queue.get() for _ in range(world_size))
+
+
+def test_ddp_processes_agree_on_batch_and_epoch_length(nnunet_paths):
+    """Three DDP processes (gloo): nnUNetTrainerCIPA plans every process's batch with the least free GPU memory
+    (process 1 has room for one sample of the 12 planned, 4 per process: all take 1), and the paper recipe's global batch of 4,
+    split [2, 1, 1] by nnU-Net, gives every process the same number of iterations (else the longer ones wait for
+    an all-reduce that never comes)."""
+    plans = plans_with_patch(nnunet_paths, (256, 256))  # one sample trains (a batch of 1 at the debug plan's patch
+    plans["configurations"]["2d"]["batch_size"] = 12    # would give DCIM's BatchNorm a single value per channel)
+    plans["continue_training"] = False  # what nnU-Net's entry point adds to the plans
+    dataset_json = json.loads((nnunet_paths.preprocessed / "dataset.json").read_text())
+    results = start_ddp(_batch_choice_worker, 3, plans, dataset_json, [60.0, free_gib_for(1.5, plans), 60.0])
     train_cases = len(json.loads((nnunet_paths.preprocessed / "splits_final.json").read_text())[0]["train"])
     assert [r[1] for r in results] == [1, 1, 1]  # not 4 / 1 / 4
     assert [r[2] for r in results] == [2, 1, 1]
     assert [r[3] for r in results] == [max(1, train_cases // 4)] * 3
+
+
+def _accumulation_worker(rank: int, world_size: int, port: int, plans: dict, dataset_json: dict, cases: list,
+                         queue) -> None:
+    """Under DDP on faked GPUs: nnUNetTrainerCIPA_accumulate's micro-batch sizes per step for each (planned global
+    batch, free GiB) in ``cases``, or the message it stops with."""
+    import torch.distributed as dist
+
+    from nnunetv2_cipa.training import cipa_trainer
+    from nnunetv2_cipa.training.variants import nnUNetTrainerCIPA_accumulate
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.cuda.get_device_name = lambda device: f"Fake GPU {rank}"
+    cipa_trainer.resolve_backend = lambda backend, device: "torch"
+    outcomes = []
+    for global_batch, free_gib in cases:
+        torch.cuda.mem_get_info = lambda device, free=free_gib: (int(free * 2 ** 30), 80 * 2 ** 30)
+        case_plans = copy.deepcopy(plans)
+        case_plans["configurations"]["2d"]["batch_size"] = global_batch
+        trainer = nnUNetTrainerCIPA_accumulate(plans=case_plans, configuration="2d", fold=0, dataset_json=dataset_json)
+        try:
+            trainer._set_batch_size_and_oversample()
+        except SystemExit as e:
+            outcomes.append(str(e))
+        else:
+            data = torch.zeros(trainer.batch_size, 1, 1, 1)
+            outcomes.append([len(d) for d, _, _ in trainer._micro_batches(data, data)])
+    queue.put((rank, outcomes))
+    dist.destroy_process_group()
+
+
+def test_ddp_accumulation_runs_as_many_micro_batches_on_every_gpu(nnunet_paths):
+    """SyncBatchNorm gathers in every forward pass, so under DDP every process must run the same number of
+    micro-batches although nnU-Net splits the batch unevenly: a batch of 5 on 2 GPUs ([3, 2]) with room for 2
+    samples runs 2 micro-batches on both ([2, 1] and [1, 1], not [2, 1] and [2]); a batch of 3 ([2, 1]) with room
+    for one sample cannot, and stops with what to do instead of hanging."""
+    plans = plans_with_patch(nnunet_paths, (256, 256))
+    plans["continue_training"] = False
+    dataset_json = json.loads((nnunet_paths.preprocessed / "dataset.json").read_text())
+    cases = [(5, free_gib_for(2.5, plans)), (3, free_gib_for(1.5, plans))]
+    (_, (even_0, stop_0)), (_, (even_1, stop_1)) = start_ddp(_accumulation_worker, 2, plans, dataset_json, cases)
+    assert (even_0, even_1) == ([2, 1], [1, 1])
+    assert stop_0 == stop_1
+    assert "splits the planned batch of 3 unevenly over 2 GPUs" in stop_0 and "need 2 passes" in stop_0
+    assert "Use a number of GPUs that divides 3" in stop_0
 
 
 def test_sync_batchnorm_conversion_covers_dcim(nnunet_paths):

@@ -12,7 +12,7 @@ import torch
 
 from nnunetv2_cipa.network import CIPA, PRESETS
 from nnunetv2_cipa.training import cipa_trainer
-from nnunetv2_cipa.training.cipa_trainer import oversampled_fraction, unwrap
+from nnunetv2_cipa.training.cipa_trainer import emulated_bf16_warning, oversampled_fraction, unwrap
 from nnunetv2_cipa.training.loss import BCEAndSoftDiceLoss
 from nnunetv2_cipa.training.lr_schedule import PerIterationCosineLRScheduler
 from nnunetv2_cipa.training.memory_model import (BATCH_SIZE_ENV_VAR, activation_bytes_per_sample,
@@ -149,6 +149,17 @@ def test_training_log_names_batch_and_scan_backend(nnunet_paths):
     log = open(trainer.log_file).read()
     assert "CIPA batch size: planned" in log
     assert "Selective scan: backend cpu on cpu" in log and f"torch {torch.__version__}" in log
+
+
+@pytest.mark.parametrize("capability, slow", [((7, 0), True), ((7, 5), True), ((8, 0), False), ((9, 0), False)])
+def test_bf16_on_a_gpu_without_native_bf16_is_named_a_slow_path(monkeypatch, capability, slow):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla V100")
+    warning = emulated_bf16_warning(torch.device("cuda", 0))
+    assert (warning is not None) == slow
+    if slow:
+        assert warning.startswith(f"Tesla V100 (compute capability {capability[0]}.{capability[1]}) has no native")
+    assert emulated_bf16_warning(torch.device("cpu")) is None
 
 
 @pytest.mark.parametrize("name, dtype", [("nnUNetTrainerCIPA_bf16", torch.bfloat16),

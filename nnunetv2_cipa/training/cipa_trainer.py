@@ -6,7 +6,8 @@ What differs from nnU-Net's default trainer, and why (docs/recipes.md compares e
   normalisation the network maps [0, 1] to the official [-1.6, 1.6] range itself.
 - batch size: the planned one if it fits the GPU, else what fits by ``memory_model`` (env ``nnUNet_CIPA_batch_size``
   overrides); a reduced batch keeps the planned fraction of foreground-oversampled samples (probabilistic
-  oversampling). ``accumulate_to_planned_batch`` keeps the planned batch instead, computed in micro-batches.
+  oversampling). ``accumulate_to_planned_batch`` keeps the planned batch instead, computed in micro-batches (under
+  DDP as many on every GPU, for SyncBatchNorm).
 - optimiser: AdamW (betas 0.9/0.999, weight decay 0.01 as in the official recipe) with no weight decay on norms,
   biases and SSM parameters (A_log, D, dt bias); every parameter is optimised (the official grouping froze 8.67 M).
 - schedule: linear warm-up over ``warmup_epochs`` (at most a tenth of the epochs) then nnU-Net's polynomial decay;
@@ -87,6 +88,12 @@ def oversampled_fraction(batch_size: int, oversample_foreground_percent: float) 
     return (batch_size - round(batch_size * (1 - oversample_foreground_percent))) / batch_size
 
 
+def micro_batch_count(n: int, micro_batch_size: int | None, min_batch: int) -> int:
+    """Chunks of a batch of ``n``: as few as keep each within ``micro_batch_size`` (one when None), but none below
+    ``min_batch`` samples unless the batch itself is."""
+    return max(1, min(math.ceil(n / (micro_batch_size or n)), n // min_batch))
+
+
 def scan_backend_log_line(device: torch.device) -> str:
     """One training-log line: the scan backend in use on ``device`` and the versions and GPU behind it."""
     r = scan_backend_report(device)
@@ -96,6 +103,19 @@ def scan_backend_log_line(device: torch.device) -> str:
     if r["fused_kernel_problem"]:
         line += f"; mamba-ssm's fused kernel is unusable: {r['fused_kernel_problem']} (fix: {r['fix']})"
     return line
+
+
+def emulated_bf16_warning(device: torch.device) -> str | None:
+    """Why bfloat16 autocast is a slow path on ``device``: a GPU before compute capability 8.0 (V100, T4, ...) has no
+    native bfloat16 and emulates it. None elsewhere."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 8:
+        return None
+    return (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no native bfloat16: "
+            "bf16 autocast is emulated there, slower than fp16; nnUNetTrainerCIPA trains with fp16 autocast and loss "
+            "scaling")
 
 
 def env_flag(name: str) -> bool:
@@ -130,6 +150,7 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         self.weight_decay = 1e-2
         self.warmup_epochs = 10
         self.micro_batch_size: int | None = None  # set when accumulating to the planned batch or backing off
+        self.micro_batch_count: int | None = None  # under DDP when accumulating: chunks per step, equal on all GPUs
         self.iteration_in_epoch = 0
         self.imagenet_encoder_loaded = False
         if self.network_autocast is not None:
@@ -233,14 +254,37 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
                                    "free GPU memory among them")
         if self.accumulate_to_planned_batch:
             self.micro_batch_size = min(choice.chosen, planned)
+            passes = ""
+            if self.is_ddp:
+                self.micro_batch_count = self._agree_on_micro_batch_count(planned, network.min_training_batch)
+                passes = f", {self.micro_batch_count} forward passes per step on every GPU"
             self.print_to_log_file(f"Keeping the planned batch of {planned}: gradients accumulated over micro-batches "
-                                   f"of {self.micro_batch_size}")
+                                   f"of {self.micro_batch_size}{passes}")
         elif choice.chosen != planned:
             fraction = oversampled_fraction(planned, self.oversample_foreground_percent)
             self.batch_size = choice.chosen
             self.oversample_foreground_percent, self.probabilistic_oversampling = fraction, True
             self.print_to_log_file(f"Foreground oversampling: each sample with probability {fraction:.3f}, the "
                                    f"fraction of the planned batch of {planned}")
+
+    def _agree_on_micro_batch_count(self, planned: int, min_batch: int) -> int:
+        """Micro-batches per step under DDP, the same on every process: DCIM's SyncBatchNorm gathers statistics in
+        each forward pass, and nnU-Net splits the batch unevenly (12 on 8 GPUs: 2, 2, 2, 2, 1, 1, 1, 1), so
+        micro-batches of one sample would mean 2 passes on some GPUs, 1 on the others, and a hang."""
+        count = reduce_across_processes(micro_batch_count(planned, self.micro_batch_size, min_batch),
+                                        dist.ReduceOp.MAX, self.device)
+        most = reduce_across_processes(max(1, planned // min_batch), dist.ReduceOp.MIN, self.device)
+        if count > most:
+            total = self.configuration_manager.batch_size
+            raise SystemExit(
+                f"{self.__class__.__name__}: under DDP every GPU must run as many micro-batches per step as the others "
+                f"(SyncBatchNorm), but nnU-Net splits the planned batch of {total} unevenly over "
+                f"{dist.get_world_size()} GPUs, and micro-batches of {self.micro_batch_size} need {count} passes for the "
+                f"largest share, more than the smallest share can be split into ({most}). Use a number of GPUs that "
+                f"divides {total}, turn on activation checkpointing (-tr nnUNetTrainerCIPA_checkpointing or export "
+                f"{CHECKPOINTING_ENV_VAR}=1: larger micro-batches fit), or train nnUNetTrainerCIPA (the batch that "
+                "fits, without accumulation)")
+        return count
 
     # ---- set-up and logging ----------------------------------------------------------------------------------
 
@@ -255,6 +299,9 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
             self.print_to_log_file("Activation checkpointing: on (every encoder, fusion and decoder stage is "
                                    f"recomputed in backward{compiled})")
         self.print_to_log_file(scan_backend_log_line(self.device))
+        if self.network_autocast == torch.bfloat16 and (warning := emulated_bf16_warning(self.device)):
+            self.print_to_log_file(warning)
+            print(f"nnunetv2_cipa WARNING: {warning}", file=sys.stderr, flush=True)
         if self.imagenet_encoder:
             self._maybe_load_imagenet_encoder()
 
@@ -294,9 +341,10 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         return unwrap(self.network).min_training_batch
 
     def _micro_batch_count(self, n: int, micro_batch_size: int | None) -> int:
-        """Chunks of a batch of ``n``: as few as keep each within ``micro_batch_size`` (one when None), but none
-        below ``min_training_batch`` unless the batch itself is."""
-        return max(1, min(math.ceil(n / (micro_batch_size or n)), n // self.min_training_batch))
+        """Chunks of a batch of ``n``: the count agreed under DDP, else ``micro_batch_count``."""
+        if self.micro_batch_count is not None:
+            return self.micro_batch_count
+        return micro_batch_count(n, micro_batch_size, self.min_training_batch)
 
     def _largest_micro_batch(self, n: int, micro_batch_size: int | None) -> int:
         return math.ceil(n / self._micro_batch_count(n, micro_batch_size))
@@ -330,7 +378,6 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
             with self.network.no_sync() if local else contextlib.nullcontext():
                 with self._step_autocast():
                     loss = self.loss(self.network(data_part), target_part) * weight
-                self._check_finite(loss)
                 (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
             total += loss.detach()
         return total
@@ -376,6 +423,7 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
             except torch.OutOfMemoryError as e:
                 error = str(e).strip().split("\n")[0]  # only the text: its frames hold the failed step's tensors
             self._back_off(data.shape[0], error)
+        self._check_finite(total)  # once per step: reading the loss waits for the GPU
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
         if self.grad_clip_norm is not None:
