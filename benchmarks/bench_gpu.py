@@ -1,7 +1,8 @@
 """GPU checks and figures on a CUDA machine (docs/benchmarks.md "GPU"): scan backends, fp16 AMP training steps at the
 planned patch size against nnU-Net's PlainConvUNet, torch-vs-cuda agreement, and the memory model at the real batch.
 
-Four parts, each model / backend in its own subprocess (fresh CUDA memory statistics):
+Four parts, each model / backend in its own subprocess (fresh CUDA memory statistics; this process never initialises
+CUDA, so the free memory the workers see is what a trainer would see):
 - **agreement**: ``directional_scan`` and ``selective_scan`` of every usable backend on the device against the
   sequential reference on the CPU (float32, values and all gradients, max error relative to the largest value);
 - **scan**: forward + backward time (CUDA events, median) and peak device memory of ``directional_scan`` at CIPA-tiny's
@@ -253,6 +254,11 @@ def memory_row(preset: str, config: dict, device: str, batch: int | None, planne
 def worker(args) -> dict:
     config = json.loads(Path(args.plan).read_text())
     patch = config["patch_size"]
+    if args.worker == "info":  # here, not in the parent: a CUDA context there would shrink the children's free memory
+        import torch
+
+        return {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                "backends": scan_backends(args.device)}
     if args.worker == "agreement":
         return agreement(args.backend, args.device)
     if args.worker == "scan":
@@ -311,14 +317,17 @@ def main() -> None:
             return {"error": proc.stderr[-3000:]}
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    import torch
+    import torch  # never initialises CUDA in this process: the workers measure the GPU's free memory
 
-    backends = scan_backends(args.device)
+    info = sub("info")
+    if "error" in info:
+        sys.exit("bench_gpu: could not query the device and its scan backends (see above)")
+    backends = info["backends"]
     preset = "micro" if args.quick else "tiny"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
-              "backends": backends, "plan": json.loads(Path(args.plan).read_text())}
+    report = {"device": info["device"], "torch": torch.__version__, "backends": backends,
+              "plan": json.loads(Path(args.plan).read_text())}
 
     def save(part, value):
         report[part] = value
