@@ -284,50 +284,56 @@ def test_ddp_processes_agree_on_batch_and_epoch_length(nnunet_paths):
     assert [r[3] for r in results] == [max(1, train_cases // 4)] * 3
 
 
-def _accumulation_worker(rank: int, world_size: int, port: int, plans: dict, dataset_json: dict, cases: list,
-                         queue) -> None:
-    """Under DDP on faked GPUs: nnUNetTrainerCIPA_accumulate's micro-batch sizes per step for each (planned global
-    batch, free GiB) in ``cases``, or the message it stops with."""
+def _batch_split_worker(rank: int, world_size: int, port: int, plans: dict, dataset_json: dict, cases: list,
+                        queue) -> None:
+    """Under DDP on faked GPUs, for each (trainer, planned global batch, free GiB, batch Dice) in ``cases``: the
+    trainer's batch on this GPU and its micro-batch sizes per step, or the message it stops with."""
     import torch.distributed as dist
 
     from nnunetv2_cipa.training import cipa_trainer
-    from nnunetv2_cipa.training.variants import nnUNetTrainerCIPA_accumulate
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.cuda.get_device_name = lambda device: f"Fake GPU {rank}"
     cipa_trainer.resolve_backend = lambda backend, device: "torch"
     outcomes = []
-    for global_batch, free_gib in cases:
+    for name, global_batch, free_gib, batch_dice in cases:
         torch.cuda.mem_get_info = lambda device, free=free_gib: (int(free * 2 ** 30), 80 * 2 ** 30)
         case_plans = copy.deepcopy(plans)
-        case_plans["configurations"]["2d"]["batch_size"] = global_batch
-        trainer = nnUNetTrainerCIPA_accumulate(plans=case_plans, configuration="2d", fold=0, dataset_json=dataset_json)
+        case_plans["configurations"]["2d"].update(batch_size=global_batch, batch_dice=batch_dice)
+        trainer = find_trainer_class(name)(plans=case_plans, configuration="2d", fold=0, dataset_json=dataset_json)
         try:
             trainer._set_batch_size_and_oversample()
         except SystemExit as e:
             outcomes.append(str(e))
         else:
+            trainer.network = trainer._meta_network()
             data = torch.zeros(trainer.batch_size, 1, 1, 1)
-            outcomes.append([len(d) for d, _, _ in trainer._micro_batches(data, data)])
+            outcomes.append((trainer.batch_size, [len(d) for d, _, _ in trainer._micro_batches(data, data)]))
     queue.put((rank, outcomes))
     dist.destroy_process_group()
 
 
-def test_ddp_accumulation_runs_as_many_micro_batches_on_every_gpu(nnunet_paths):
-    """SyncBatchNorm gathers in every forward pass, so under DDP every process must run the same number of
-    micro-batches although nnU-Net splits the batch unevenly: a batch of 5 on 2 GPUs ([3, 2]) with room for 2
-    samples runs 2 micro-batches on both ([2, 1] and [1, 1], not [2, 1] and [2]); a batch of 3 ([2, 1]) with room
-    for one sample cannot, and stops with what to do instead of hanging."""
+def test_ddp_batches_fit_the_collectives_of_every_forward_pass(nnunet_paths):
+    """Two GPUs, nnU-Net's split of an odd batch uneven ([3, 2] for 5, [2, 1] for 3). nnU-Net's batch Dice
+    all-gathers per-sample terms in every forward pass (unequal batches abort gloo and hang NCCL), so with it every
+    GPU trains the same batch, accumulating or not. DCIM's SyncBatchNorm gathers in every forward pass too, so with a
+    loss that gathers nothing the shares may differ but the number of micro-batches may not: 2 on both GPUs for
+    micro-batches of 2 ([2, 1] and [1, 1], not [2, 1] and [2]); where the smaller share cannot be split that often
+    (micro-batches of 1 for [2, 1]) the trainer stops with what to do instead of hanging."""
     plans = plans_with_patch(nnunet_paths, (256, 256))
     plans["continue_training"] = False
     dataset_json = json.loads((nnunet_paths.preprocessed / "dataset.json").read_text())
-    cases = [(5, free_gib_for(2.5, plans)), (3, free_gib_for(1.5, plans))]
-    (_, (even_0, stop_0)), (_, (even_1, stop_1)) = start_ddp(_accumulation_worker, 2, plans, dataset_json, cases)
-    assert (even_0, even_1) == ([2, 1], [1, 1])
-    assert stop_0 == stop_1
-    assert "splits the planned batch of 3 unevenly over 2 GPUs" in stop_0 and "need 2 passes" in stop_0
-    assert "Use a number of GPUs that divides 3" in stop_0
+    two, one, plenty = free_gib_for(2.5, plans), free_gib_for(1.5, plans), 60.0
+    cases = [("nnUNetTrainerCIPA", 5, plenty, True), ("nnUNetTrainerCIPA_accumulate", 5, two, True),
+             ("nnUNetTrainerCIPA_accumulate", 5, two, False), ("nnUNetTrainerCIPA_accumulate", 3, one, False)]
+    (_, outcomes_0), (_, outcomes_1) = start_ddp(_batch_split_worker, 2, plans, dataset_json, cases)
+    assert outcomes_0[:3] == [(2, [2]), (2, [2]), (3, [2, 1])]
+    assert outcomes_1[:3] == [(2, [2]), (2, [2]), (2, [1, 1])]
+    stop = outcomes_0[3]
+    assert stop == outcomes_1[3]
+    assert "splits the planned batch of 3 unevenly over 2 GPUs" in stop and "need 2 passes" in stop
+    assert "Use a number of GPUs that divides 3" in stop
 
 
 def test_sync_batchnorm_conversion_covers_dcim(nnunet_paths):

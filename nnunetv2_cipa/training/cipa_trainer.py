@@ -252,25 +252,47 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         if self.is_ddp and self.device.type == "cuda":
             self.print_to_log_file(f"DDP: every one of the {dist.get_world_size()} processes plans with the least "
                                    "free GPU memory among them")
+        batch = planned if self.accumulate_to_planned_batch else choice.chosen
+        if self.is_ddp and self.loss_gathers_samples_across_gpus():
+            batch = self._equal_batch_on_every_gpu(batch)
         if self.accumulate_to_planned_batch:
-            self.micro_batch_size = min(choice.chosen, planned)
+            self.micro_batch_size = min(choice.chosen, batch)
             passes = ""
             if self.is_ddp:
-                self.micro_batch_count = self._agree_on_micro_batch_count(planned, network.min_training_batch)
+                self.micro_batch_count = self._agree_on_micro_batch_count(batch, network.min_training_batch)
                 passes = f", {self.micro_batch_count} forward passes per step on every GPU"
-            self.print_to_log_file(f"Keeping the planned batch of {planned}: gradients accumulated over micro-batches "
-                                   f"of {self.micro_batch_size}{passes}")
-        elif choice.chosen != planned:
+            kept = "the planned batch" if batch == planned else "a batch"
+            self.print_to_log_file(f"Keeping {kept} of {batch}: gradients accumulated over micro-batches of "
+                                   f"{self.micro_batch_size}{passes}")
+        if batch != planned:
             fraction = oversampled_fraction(planned, self.oversample_foreground_percent)
-            self.batch_size = choice.chosen
+            self.batch_size = batch
             self.oversample_foreground_percent, self.probabilistic_oversampling = fraction, True
             self.print_to_log_file(f"Foreground oversampling: each sample with probability {fraction:.3f}, the "
                                    f"fraction of the planned batch of {planned}")
 
+    def loss_gathers_samples_across_gpus(self) -> bool:
+        """Whether the training loss all-gathers per-sample terms from every GPU under DDP, in each forward pass (so
+        that every GPU must pass the same number of samples): nnU-Net's batch Dice does."""
+        return bool(self.configuration_manager.batch_dice)
+
+    def _equal_batch_on_every_gpu(self, batch: int) -> int:
+        """The least of the DDP processes' batches. nnU-Net splits the planned batch unevenly where the GPU count
+        does not divide it (12 on 8 GPUs: 2, 2, 2, 2, 1, 1, 1, 1), and its batch Dice's all-gather of unequal
+        batches aborts or hangs."""
+        equal = reduce_across_processes(batch, dist.ReduceOp.MIN, self.device)
+        if reduce_across_processes(batch, dist.ReduceOp.MAX, self.device) != equal:
+            world = dist.get_world_size()
+            self.print_to_log_file(
+                f"DDP: nnU-Net's batch Dice gathers per-sample terms from every GPU, so every GPU trains the same "
+                f"batch: {equal} per GPU, {equal * world} in all, as the planned {self.configuration_manager.batch_size} "
+                f"does not split evenly over {world} GPUs")
+        return equal
+
     def _agree_on_micro_batch_count(self, planned: int, min_batch: int) -> int:
         """Micro-batches per step under DDP, the same on every process: DCIM's SyncBatchNorm gathers statistics in
-        each forward pass, and nnU-Net splits the batch unevenly (12 on 8 GPUs: 2, 2, 2, 2, 1, 1, 1, 1), so
-        micro-batches of one sample would mean 2 passes on some GPUs, 1 on the others, and a hang."""
+        each forward pass. With a loss that gathers nothing the shares of a batch may differ ([3, 2] for 5 on 2
+        GPUs), so micro-batches of 2 would mean 2 passes on one GPU, 1 on the other, and a hang."""
         count = reduce_across_processes(micro_batch_count(planned, self.micro_batch_size, min_batch),
                                         dist.ReduceOp.MAX, self.device)
         most = reduce_across_processes(max(1, planned // min_batch), dist.ReduceOp.MIN, self.device)

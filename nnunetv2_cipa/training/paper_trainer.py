@@ -78,6 +78,9 @@ class nnUNetTrainerCIPA_paper(nnUNetTrainerCIPA):
     def _build_loss(self):
         return BCEAndSoftDiceLoss()
 
+    def loss_gathers_samples_across_gpus(self) -> bool:
+        return False  # its Dice is computed on each GPU's own batch: nnU-Net's uneven split ([2, 1, 1]) stays
+
     def configure_optimizers(self):
         network = unwrap(self.network)
         if self.faithful_frozen_ssm:
