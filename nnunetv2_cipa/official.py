@@ -15,13 +15,13 @@ initialisation and are unused at inference.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from nnunetv2_cipa.checkpoint_file import load_checkpoint_file
 from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.network import CIPA
 
@@ -113,16 +113,12 @@ def file_sha256(path: Path) -> str:
 
 def read_official_checkpoint(path: str | Path) -> OfficialCheckpoint:
     """Read ``path``: the official ``{"model": state_dict, "optimizer": ..., "args": Namespace, ...}``, a bare state
-    dict, or either with ``module.``-prefixed keys. Loaded with ``weights_only=True`` (argparse.Namespace, which the
-    official file stores, allowed as well); InputError naming the file otherwise."""
+    dict, or either with ``module.``-prefixed keys, read by ``load_checkpoint_file`` (which allows the Namespace);
+    InputError naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"official checkpoint {path}: no such file")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and weights_only errors all mean "not a usable checkpoint"
-        raise InputError(f"official checkpoint {path}: not a PyTorch checkpoint ({type(err).__name__}: {err})") from err
+    content = load_checkpoint_file(path, "official checkpoint")
     wrapped = isinstance(content, dict) and isinstance(content.get("model"), dict)
     state = content["model"] if wrapped else content
     if not isinstance(state, dict) or not state:

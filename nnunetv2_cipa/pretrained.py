@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nnunetv2_cipa.checkpoint_file import load_checkpoint_file
 from nnunetv2_cipa.errors import InputError
 
 _RENAMES = (
@@ -54,14 +55,12 @@ def map_checkpoint_key(key: str) -> str | None:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict of a VMamba checkpoint file (its ``'model'`` entry, or the file itself if it is one)."""
+    """The state dict of a VMamba checkpoint file (its ``'model'`` entry, or the file itself if it is one). VMamba's
+    training code also saves its optimiser state and its yacs configuration there."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"VMamba checkpoint {path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and weights_only errors all mean "not a usable checkpoint"
-        raise InputError(f"VMamba checkpoint {path}: not a PyTorch checkpoint ({type(err).__name__}: {err})") from err
+    checkpoint = load_checkpoint_file(path, "VMamba checkpoint")
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"VMamba checkpoint {path}: expected a dict with a 'model' state dict of tensors")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
+from yacs.config import CfgNode
 
 from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.modules.vmamba import VMambaEncoder
@@ -96,3 +98,38 @@ def test_bad_files_and_mismatching_checkpoints_raise_input_error(tmp_path):
     torch.save({"model": deeper}, tmp_path / "deeper.pth")
     with pytest.raises(InputError, match="unexpected key 'layers.0.blocks.5.ln_1.weight'"):
         load_vmamba_checkpoint(net, tmp_path / "deeper.pth")
+
+
+def test_checkpoint_as_vmamba_training_saves_it_loads(tmp_path):
+    """VMamba's training code saves the optimiser, scheduler and scaler states, the best accuracy and its yacs
+    configuration next to the weights; weights_only refuses the CfgNode (a dict subclass it cannot rebuild)."""
+    net = CIPA(1, (64, 64), preset="micro")
+    state = official_state_dict(net.encoder)
+    config = CfgNode({"MODEL": CfgNode({"TYPE": "vssm", "DROP_PATH_RATE": 0.1}), "TRAIN": CfgNode({"EPOCHS": 300})})
+    config.freeze()
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))])
+    torch.save({"model": state, "optimizer": optimizer.state_dict(), "lr_scheduler": {"last_epoch": 292},
+                "max_accuracy": np.float64(82.2), "scaler": {}, "epoch": 292, "config": config}, tmp_path / "v.pth")
+    report = load_vmamba_checkpoint(net, tmp_path / "v.pth")
+    assert len(report.loaded) == len(state) - 4
+    torch.testing.assert_close(net.encoder.state_dict()["stages.0.blocks.0.op.Ds"],
+                               state["layers.0.blocks.0.self_attention.Ds"])
+
+
+class _RunsCode:
+    """Pickles as a call of exec: what a malicious checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    net = CIPA(1, (64, 64), preset="micro")
+    marker = tmp_path / "ran.txt"
+    torch.save({"model": official_state_dict(net.encoder), "config": _RunsCode(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(InputError, match=r"evil.pth: not loaded, it references builtins.exec"):
+        load_vmamba_checkpoint(net, tmp_path / "evil.pth")
+    assert not marker.exists()

@@ -1,0 +1,50 @@
+"""Reading checkpoint files written by other training code (ImageNet VMamba, the official CIPA) without trusting them.
+
+Training scripts save more than weights: optimiser and scheduler states, numpy scalars, and their configuration
+object (VMamba's classification code a yacs ``CfgNode``, the official CIPA an ``argparse.Namespace``).
+``torch.load(weights_only=True)`` refuses every class outside its allow-list and cannot rebuild a dict subclass such
+as ``CfgNode`` even when it is allowed. So a file that ``weights_only`` refuses has the globals its pickle references
+listed without running it, and is read in full only when all of them are configuration or numpy data types.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from nnunetv2_cipa.errors import InputError
+
+# globals a checkpoint may reference besides torch's weights_only allow-list: plain data, nothing that runs code
+CONFIGURATION_GLOBALS = frozenset({
+    "argparse.Namespace", "yacs.config.CfgNode",
+    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype",
+    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray",
+})
+CONFIGURATION_MODULE_PREFIXES = ("numpy.dtypes.",)  # numpy >= 1.25 pickles dtypes as e.g. numpy.dtypes.Float64DType
+
+
+def _is_configuration_global(name: str) -> bool:
+    return name in CONFIGURATION_GLOBALS or name.startswith(CONFIGURATION_MODULE_PREFIXES)
+
+
+def load_checkpoint_file(path: Path, what: str):
+    """The object saved in ``path``, its tensors on the CPU. InputError ("``what`` ``path``: ...") when it is not a
+    PyTorch checkpoint, or when its pickle references anything but tensors, containers and configuration types."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # refused by weights_only, or not a pickle at all
+        refused = err
+    except Exception as err:  # zip and other read errors
+        raise InputError(f"{what} {path}: not a PyTorch checkpoint ({type(err).__name__}: {err})") from err
+    try:
+        references = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception as err:  # not a torch.save zip file
+        raise InputError(f"{what} {path}: not a PyTorch checkpoint ({type(refused).__name__}: {refused})") from err
+    others = sorted(name for name in references if not _is_configuration_global(name))
+    if not references or others:
+        found = f"it references {', '.join(others)}" if others else f"{type(refused).__name__}: {refused}"
+        raise InputError(f"{what} {path}: not loaded, {found}; a checkpoint of tensors and a training "
+                         "configuration needs none of that (load it yourself if you trust it, and save its state dict)")
+    return torch.load(path, map_location="cpu", weights_only=False)
