@@ -151,6 +151,34 @@ def test_training_log_names_batch_and_scan_backend(nnunet_paths):
     assert "Selective scan: backend cpu on cpu" in log and f"torch {torch.__version__}" in log
 
 
+class StepOnGpu(torch.Tensor):
+    """A step counter as nnU-Net's load_checkpoint leaves it on a GPU (map_location = the training device)."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # results of its ops are plain tensors
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+def test_resume_keeps_adamw_step_counters_on_the_cpu(nnunet_paths, tmp_path):
+    """After --c on a GPU AdamW's step counters would stay on the GPU, and AdamW reads them with .item() for every
+    parameter tensor at every step; the trainer moves them back, values unchanged."""
+    trainer = make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths)
+    trainer.initialize()
+    trainer.train_step(batch(trainer))
+    trainer.save_checkpoint(str(tmp_path / "checkpoint.pth"))
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    for state in checkpoint["optimizer_state"]["state"].values():
+        state["step"] = state["step"].as_subclass(StepOnGpu)
+    torch.save(checkpoint, tmp_path / "on_gpu.pth")
+    resumed = make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths)
+    resumed.load_checkpoint(str(tmp_path / "on_gpu.pth"))
+    steps = [state["step"] for state in resumed.optimizer.state.values()]
+    assert steps and all(type(step) is torch.Tensor and step.device.type == "cpu" and step.item() == 1
+                         for step in steps)
+
+
 @pytest.mark.parametrize("capability, slow", [((7, 0), True), ((7, 5), True), ((8, 0), False), ((9, 0), False)])
 def test_bf16_on_a_gpu_without_native_bf16_is_named_a_slow_path(monkeypatch, capability, slow):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
