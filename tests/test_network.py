@@ -289,6 +289,27 @@ def test_fixed_seed_gives_identical_output_and_bf16_autocast_is_finite():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_training_after_a_first_prediction_in_inference_mode(backend, monkeypatch):
+    """The scan orders are cached per shape: one first built under inference mode (nnUNetv2_predict, or a notebook
+    that predicts before it trains) must still serve a training step's backward."""
+    from nnunetv2_cipa.modules import ss2d
+    from nnunetv2_cipa.ops import backends, cpu_scan
+
+    if backend not in backends.available_backends():
+        pytest.skip(f"the {backend} backend is not usable here")
+    monkeypatch.setenv(backends.ENV_VAR, backend)
+    for cached in (ss2d._cross_scan_positions, ss2d._sequence_positions, cpu_scan._plain_positions):
+        cached.cache_clear()
+    torch.manual_seed(0)
+    net = CIPA(2, (64, 64), preset="micro", deep_supervision=True)
+    x = torch.rand(2, 2, 64, 64)
+    with torch.inference_mode():
+        net.eval()(x)
+    sum(out.square().mean() for out in net.train()(x)).backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
 def test_autocast_dtype_fixes_the_precision_whatever_the_caller():
     torch.manual_seed(0)
     x = torch.rand(1, 2, 64, 64)

@@ -23,6 +23,7 @@ from nnunetv2_cipa.ops.directional_scan import directional_scan
 
 
 @functools.lru_cache(maxsize=64)
+@torch.inference_mode(False)  # a first call under inference mode (prediction) must not cache an inference tensor
 def _cross_scan_positions(height: int, width: int, device: torch.device) -> torch.Tensor:
     rows = torch.arange(height * width, device=device)
     cols = rows.view(height, width).t().reshape(-1)
@@ -37,6 +38,7 @@ def cross_scan_positions(height: int, width: int, device: torch.device | str = "
 
 
 @functools.lru_cache(maxsize=64)
+@torch.inference_mode(False)
 def _sequence_positions(length: int, device: torch.device) -> torch.Tensor:
     return _cross_scan_positions(1, length, device)[:1]
 

@@ -95,6 +95,7 @@ def _pad_channels(t: torch.Tensor, padded: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=32)
+@torch.inference_mode(False)  # cached for training too: never an inference tensor
 def _plain_positions(groups: int, length: int) -> torch.Tensor:
     """(groups, L) int64, every row 0..L-1."""
     return torch.arange(length).expand(groups, length).contiguous()
