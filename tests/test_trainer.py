@@ -287,7 +287,8 @@ def test_ddp_processes_agree_on_batch_and_epoch_length(nnunet_paths):
 def _batch_split_worker(rank: int, world_size: int, port: int, plans: dict, dataset_json: dict, cases: list,
                         queue) -> None:
     """Under DDP on faked GPUs, for each (trainer, planned global batch, free GiB, batch Dice) in ``cases``: the
-    trainer's batch on this GPU and its micro-batch sizes per step, or the message it stops with."""
+    trainer's batch on this GPU and its micro-batch sizes per step, after its loss ran forward and backward on them
+    (the real collectives), or the message it stops with."""
     import torch.distributed as dist
 
     from nnunetv2_cipa.training import cipa_trainer
@@ -308,15 +309,20 @@ def _batch_split_worker(rank: int, world_size: int, port: int, plans: dict, data
             outcomes.append(str(e))
         else:
             trainer.network = trainer._meta_network()
-            data = torch.zeros(trainer.batch_size, 1, 1, 1)
-            outcomes.append((trainer.batch_size, [len(d) for d, _, _ in trainer._micro_batches(data, data)]))
+            logits = torch.rand(trainer.batch_size, 2, 8, 8, requires_grad=True)
+            target = (torch.rand(trainer.batch_size, 1, 8, 8) > 0.5).float()
+            trainer.enable_deep_supervision = False
+            loss = trainer._build_loss()  # nnU-Net's: its batch Dice all-gathers under DDP, as in a training step
+            chunks = list(trainer._micro_batches(logits, target))
+            sum(loss(part, part_target) * weight for part, part_target, weight in chunks).backward()
+            outcomes.append((trainer.batch_size, [len(part) for part, _, _ in chunks]))
     queue.put((rank, outcomes))
     dist.destroy_process_group()
 
 
 def test_ddp_batches_fit_the_collectives_of_every_forward_pass(nnunet_paths):
     """Two GPUs, nnU-Net's split of an odd batch uneven ([3, 2] for 5, [2, 1] for 3). nnU-Net's batch Dice
-    all-gathers per-sample terms in every forward pass (unequal batches abort gloo and hang NCCL), so with it every
+    all-gathers per-sample terms in every forward pass (unequal batches abort the gloo processes), so with it every
     GPU trains the same batch, accumulating or not. DCIM's SyncBatchNorm gathers in every forward pass too, so with a
     loss that gathers nothing the shares may differ but the number of micro-batches may not: 2 on both GPUs for
     micro-batches of 2 ([2, 1] and [1, 1], not [2, 1] and [2]); where the smaller share cannot be split that often
