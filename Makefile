@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 # torch is installed first so that nothing below replaces it (a CPU build here; the user's own build elsewhere);
-# torchvision is pinned to the release that matches it, or timm would pull a newer torch with GBs of CUDA.
+# torchvision is pinned to the release that matches it, or timm would pull a newer torch with GBs of CUDA. Override
+# both together, as torchvision 0.28.0 requires exactly torch 2.13.0:
+#   make test TORCH="torch==2.15.0" TORCHVISION="torchvision==0.29.2"
 TORCH       ?= torch==2.13.0
 TORCHVISION ?= torchvision==0.28.0
 PY := $(VENV)/bin/python
