@@ -30,8 +30,11 @@ def _is_configuration_global(name: str) -> bool:
 
 
 def load_checkpoint_file(path: Path, what: str):
-    """The object saved in ``path``, its tensors on the CPU. InputError ("``what`` ``path``: ...") when it is not a
-    PyTorch checkpoint, or when its pickle references anything but tensors, containers and configuration types."""
+    """The object saved in ``path``, its tensors on the CPU. InputError ("``what`` ``path``: ...") when there is no
+    such file, it is not a PyTorch checkpoint, or its pickle references anything but tensors, containers and
+    configuration types."""
+    if not path.is_file():
+        raise InputError(f"{what} {path}: no such file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # refused by weights_only, or not a pickle at all

@@ -116,8 +116,6 @@ def read_official_checkpoint(path: str | Path) -> OfficialCheckpoint:
     dict, or either with ``module.``-prefixed keys, read by ``load_checkpoint_file`` (which allows the Namespace);
     InputError naming the file otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"official checkpoint {path}: no such file")
     content = load_checkpoint_file(path, "official checkpoint")
     wrapped = isinstance(content, dict) and isinstance(content.get("model"), dict)
     state = content["model"] if wrapped else content

@@ -58,8 +58,6 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of a VMamba checkpoint file (its ``'model'`` entry, or the file itself if it is one). VMamba's
     training code also saves its optimiser state and its yacs configuration there."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"VMamba checkpoint {path}: no such file")
     checkpoint = load_checkpoint_file(path, "VMamba checkpoint")
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -168,6 +168,22 @@ def test_pretrained_trainer_needs_the_checkpoint_only_to_start_training(nnunet_p
         make_trainer("nnUNetTrainerCIPA_paper_pretrained", nnunet_paths).initialize()
 
 
+def start_ddp(worker, world_size: int, *args) -> list:
+    """``worker(rank, world_size, port, *args, queue)`` in ``world_size`` spawned processes; what each put on the
+    queue, sorted."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").Queue()
+    mp.start_processes(worker, nprocs=world_size, join=True, start_method="spawn",
+                       args=(world_size, port, *args, queue))
+    return sorted(queue.get() for _ in range(world_size))
+
+
 def _ddp_worker(rank: int, world_size: int, port: int, plans: dict, trainer: str, deep_supervision: bool,
                 queue) -> None:
     import torch.distributed as dist
@@ -195,19 +211,7 @@ def test_ddp_two_processes_no_unused_parameters(nnunet_paths, trainer, deep_supe
     """nnU-Net wraps the network in DDP without find_unused_parameters: every trained parameter must get a gradient
     (without deep supervision the auxiliary heads are frozen; run with gloo on CPU, nnU-Net's own -num_gpus path
     needs CUDA)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    mp.start_processes(_ddp_worker, args=(2, port, nnunet_paths.plans(), trainer, deep_supervision, queue), nprocs=2,
-                       join=True,
-                       start_method="spawn")
-    grads = dict(queue.get() for _ in range(2))
+    grads = dict(start_ddp(_ddp_worker, 2, nnunet_paths.plans(), trainer, deep_supervision))
     assert set(grads) == {0, 1} and all(g > 0 for g in grads.values())
 
 
@@ -250,22 +254,6 @@ def free_gib_for(samples: float, plans: dict) -> float:
                                              torch.float16, False)
     fixed = training_state_bytes(sum(p.numel() for p in network.parameters())) + scan_workspace_bytes("torch", "cuda")
     return (fixed + samples * per_sample) / USABLE_FRACTION / 2 ** 30
-
-
-def start_ddp(worker, world_size: int, *args) -> list:
-    """``worker(rank, world_size, port, *args, queue)`` in ``world_size`` spawned processes; what each put on the
-    queue, sorted."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    queue = mp.get_context("spawn").Queue()
-    mp.start_processes(worker, nprocs=world_size, join=True, start_method="spawn",
-                       args=(world_size, port, *args, queue))
-    return sorted(queue.get() for _ in range(world_size))
 
 
 def test_ddp_processes_agree_on_batch_and_epoch_length(nnunet_paths):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import re
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -74,20 +74,8 @@ def _in_fresh_thread(fn, *args):
     """``fn(*args)`` in a new thread, so that none of the caller's thread-local autograd state reaches it (the
     saved-tensor hooks of activation checkpointing when the first scan runs in a checkpointed stage, inference mode,
     autocast); an exception is raised again here."""
-    outcome = {}
-
-    def target():
-        try:
-            outcome["value"] = fn(*args)
-        except BaseException as e:  # handed to the calling thread
-            outcome["error"] = e
-
-    thread = threading.Thread(target=target, name="mamba-ssm smoke call")
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mamba-ssm smoke call") as pool:
+        return pool.submit(fn, *args).result()
 
 
 @torch.inference_mode(False)  # nnU-Net's predictor makes the first scan in inference mode, which records no graph
