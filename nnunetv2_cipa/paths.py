@@ -3,14 +3,22 @@ output files and folders our commands write."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import shutil
+import sys
 import tempfile
+from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 
 from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.trainer_discovery import ext_trainer_path
 
 NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+AT_FDCWD, RENAME_EXCHANGE = -100, 2
+UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
 def required_folder(name: str) -> Path:
@@ -79,3 +87,59 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
     except OSError as e:
         Path(temporary).unlink(missing_ok=True)
         raise InputError(f"{path}: cannot write ({e.strerror or e})") from e
+
+
+def staging_folder(parent: Path, name: str) -> Path:
+    """A new hidden ``.NAME.tmp-<token>`` folder in ``parent`` (where a folder NAME is to appear), with the
+    permissions of a folder made by mkdir; InputError naming ``parent`` if it cannot be made."""
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
+    except OSError as e:
+        raise InputError(f"{parent}: cannot create a folder there ({e.strerror or e})") from e
+    umask = os.umask(0o022)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    return folder
+
+
+@lru_cache(maxsize=1)
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if function is not None:
+        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return function
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap the names of ``a`` and ``b`` atomically; False where the OS or file system cannot."""
+    function = _renameat2()
+    if function is None:
+        return False
+    if function(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in UNSUPPORTED:
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def replace_folder(staged: Path, target: Path, on_swap: Callable[[], None] = lambda: None) -> None:
+    """Give the complete ``staging_folder`` ``staged`` the name ``target``, replacing an existing ``target``;
+    ``staged`` is gone afterwards. Where the OS can, the two swap names atomically (one complete folder under the
+    name at every instant); elsewhere the old folder is first renamed to ``.NAME.old-<token>``, and a crash between
+    the two renames leaves that beside the staged one. ``on_swap`` runs between the swap and the clean-up."""
+    if not target.exists():
+        os.rename(staged, target)
+        return
+    if exchange(staged, target):
+        on_swap()
+        shutil.rmtree(staged)  # now the old folder
+        return
+    stem, _, token = staged.name.rpartition(".tmp-")
+    old = staged.with_name(f"{stem}.old-{token}")
+    os.rename(target, old)
+    on_swap()
+    os.rename(staged, target)
+    shutil.rmtree(old)

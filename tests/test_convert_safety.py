@@ -23,7 +23,7 @@ from nnunetv2_cipa.errors import InputError
 from test_convert import DATASET, check_output, tree_hash
 
 PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2  # linux/prctl.h, linux/capability.h
-DISABLE_EXCHANGE = ("import sys; from nnunetv2_cipa.conversion import staging; staging.exchange = lambda a, b: False; "
+DISABLE_EXCHANGE = ("import sys; from nnunetv2_cipa import paths; paths.exchange = lambda a, b: False; "
                     "from nnunetv2_cipa.cli import main; sys.exit(main(sys.argv[1:]))")
 
 

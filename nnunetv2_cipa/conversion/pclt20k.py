@@ -30,9 +30,9 @@ from nnunetv2_cipa.conversion.slices import (ModalityScale, SliceResult, SliceTa
                                              scale_tasks, write_scaled)
 from nnunetv2_cipa.conversion.source import locate_files, read_source_lists
 from nnunetv2_cipa.conversion.staging import (DatasetLock, publish, recover_interrupted, sigterm_as_interrupt,
-                                              staging_folder, stop_point, worker_init)
+                                              stop_point, worker_init)
 from nnunetv2_cipa.errors import InputError
-from nnunetv2_cipa.paths import NNUNET_FOLDERS, output_folder, required_folder, write_text_atomically
+from nnunetv2_cipa.paths import NNUNET_FOLDERS, output_folder, required_folder, staging_folder, write_text_atomically
 
 CHANNEL_NAMES = {"rgb": "rgb_to_0_1", "ct": "CT"}  # nnU-Net picks the normalisation from the (casefolded) name
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")

@@ -2,11 +2,12 @@
 
 - ``DatasetLock``: an ``flock`` on ``$nnUNet_raw/.DatasetXXX.lock``, one per dataset ID whatever the name. The kernel
   releases it when its process dies, however it dies; a second conversion of the ID fails at once.
-- A dataset is built in a hidden staging folder ``.DatasetXXX_Name.tmp-<token>`` beside its final place and
-  ``publish``-ed only when complete. Where the OS can (Linux: ``renameat2(RENAME_EXCHANGE)``), the new folder and the
-  old one swap names atomically, so one complete dataset is visible under the name at every instant. Elsewhere the
-  old folder is first renamed to ``.DatasetXXX_Name.old-<token>``; a crash between the two renames leaves that pair,
-  and ``recover_interrupted`` completes the replacement at the next run.
+- A dataset is built in a hidden ``paths.staging_folder`` ``.DatasetXXX_Name.tmp-<token>`` beside its final place
+  and ``publish``-ed (``paths.replace_folder``) only when complete. Where the OS can (Linux:
+  ``renameat2(RENAME_EXCHANGE)``), the new folder and the old one swap names atomically, so one complete dataset is
+  visible under the name at every instant. Elsewhere the old folder is first renamed to
+  ``.DatasetXXX_Name.old-<token>``; a crash between the two renames leaves that pair, and ``recover_interrupted``
+  completes the replacement at the next run.
 - ``recover_interrupted`` runs under the lock, so every staging folder of the ID it finds belongs to a dead run.
 - ``sigterm_as_interrupt``: SIGTERM (``kill``, SLURM, docker) raises KeyboardInterrupt as SIGINT does, so the same
   clean-up runs.
@@ -25,17 +26,15 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 
 from nnunetv2_cipa.errors import InputError
+from nnunetv2_cipa.paths import replace_folder
 
 STOP_AT_ENV = "NNUNETV2_CIPA_CONVERT_STOP_AT"
-AT_FDCWD, RENAME_EXCHANGE, PR_SET_PDEATHSIG = -100, 2, 1
-UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
+PR_SET_PDEATHSIG = 1
 
 
 def stop_point(name: str) -> None:
@@ -117,18 +116,6 @@ class DatasetLock:
         self.fd = None
 
 
-def staging_folder(raw: Path, name: str) -> Path:
-    """A new hidden ``.NAME.tmp-<token>`` folder in ``raw``, with the permissions of a folder made by mkdir."""
-    try:
-        folder = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=raw))
-    except OSError as e:
-        raise InputError(f"{raw}: cannot create a folder in nnUNet_raw ({e.strerror or e})") from e
-    umask = os.umask(0o022)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    return folder
-
-
 def _leftovers(raw: Path, dataset_id: int, kind: str) -> list[tuple[Path, str, str]]:
     """(path, dataset folder name, token) of the ``.DatasetXXX_*.{kind}-<token>`` entries in ``raw``."""
     pattern = re.compile(rf"^\.(Dataset{dataset_id:03d}_.+)\.{kind}-(\w+)$")
@@ -156,42 +143,6 @@ def recover_interrupted(raw: Path, dataset_id: int) -> list[str]:
     return notes
 
 
-@lru_cache(maxsize=1)
-def _renameat2():
-    if not sys.platform.startswith("linux"):
-        return None
-    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if function is not None:
-        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return function
-
-
-def exchange(a: Path, b: Path) -> bool:
-    """Swap the names of ``a`` and ``b`` atomically; False where the OS or file system cannot."""
-    function = _renameat2()
-    if function is None:
-        return False
-    if function(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in UNSUPPORTED:
-        return False
-    raise OSError(code, os.strerror(code), str(a), None, str(b))
-
-
 def publish(staged: Path, target: Path) -> None:
-    """Give the complete folder ``staged`` the name ``target``, replacing an existing ``target``; ``staged`` is gone
-    afterwards."""
-    if not target.exists():
-        os.rename(staged, target)
-        return
-    if exchange(staged, target):
-        stop_point("swap")
-        shutil.rmtree(staged)  # now the old dataset
-        return
-    stem, _, token = staged.name.rpartition(".tmp-")
-    old = staged.with_name(f"{stem}.old-{token}")
-    os.rename(target, old)
-    stop_point("swap")
-    os.rename(staged, target)
-    shutil.rmtree(old)
+    """``replace_folder`` with the test hook's "swap" stop point between the swap and the clean-up."""
+    replace_folder(staged, target, on_swap=lambda: stop_point("swap"))
