@@ -29,14 +29,15 @@ def _is_configuration_global(name: str) -> bool:
     return name in CONFIGURATION_GLOBALS or name.startswith(CONFIGURATION_MODULE_PREFIXES)
 
 
-def load_checkpoint_file(path: Path, what: str):
-    """The object saved in ``path``, its tensors on the CPU. InputError ("``what`` ``path``: ...") when there is no
+def load_checkpoint_file(path: Path, what: str, mmap: bool = False):
+    """The object saved in ``path``, its tensors on the CPU (memory-mapped with ``mmap``: only the tensors read are
+    paged in). InputError ("``what`` ``path``: ...") when there is no
     such file, it is not a PyTorch checkpoint, or its pickle references anything but tensors, containers and
     configuration types."""
     if not path.is_file():
         raise InputError(f"{what} {path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:  # refused by weights_only, or not a pickle at all
         refused = err
     except Exception as err:  # zip and other read errors
@@ -50,4 +51,4 @@ def load_checkpoint_file(path: Path, what: str):
         found = f"it references {', '.join(others)}" if others else f"{type(refused).__name__}: {refused}"
         raise InputError(f"{what} {path}: not loaded, {found}; a checkpoint of tensors and a training "
                          "configuration needs none of that (load it yourself if you trust it, and save its state dict)")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)

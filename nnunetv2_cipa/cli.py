@@ -65,9 +65,11 @@ def _cmd_evaluate(args) -> int:
 def _cmd_compare(args) -> int:
     from nnunetv2_cipa.evaluation.compare import compare_trainers
 
-    compare_trainers(args.dataset, args.trainers, args.output, configuration=args.configuration, plans=args.plans,
-                     folds=tuple(args.folds), test_predictions=args.test, patient_sep=args.patient_sep,
-                     time_inference=args.time_inference)
+    report = compare_trainers(args.dataset, args.trainers, args.output, configuration=args.configuration,
+                              plans=args.plans, folds=tuple(args.folds), test_predictions=args.test,
+                              patient_sep=args.patient_sep, time_inference=args.time_inference)
+    for warning in report["warnings"]:
+        print(f"nnunetv2_cipa compare WARNING: {warning}", file=sys.stderr)
     print(f"report written to {Path(args.output) / 'report.md'}")
     return 0
 

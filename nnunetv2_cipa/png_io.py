@@ -52,9 +52,10 @@ def read_gray_png(path: Path) -> tuple[np.ndarray, bool]:
 
 def read_label_png(path: Path) -> np.ndarray:
     """(H, W) bool of a label PNG; InputError naming the file unless it is single-channel with values in {0, 1}."""
-    pixels, _ = _decode(path)
+    pixels, mode = _decode(path)
     if pixels.ndim != 2:
-        raise InputError(f"{path}: label PNG must be single-channel (H, W), got shape {pixels.shape}")
+        kind = "a palette PNG: save the label values as grayscale" if mode == "P" else f"mode {mode}"
+        raise InputError(f"{path}: label PNG must be single-channel (H, W), got shape {pixels.shape} ({kind})")
     if pixels.dtype != bool and (pixels.max() > 1 or pixels.min() < 0):
         values = np.unique(pixels)
         shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")

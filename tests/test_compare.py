@@ -17,7 +17,7 @@ from scipy.stats import wilcoxon
 from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.evaluation.compare import compare_trainers
 from nnunetv2_cipa.evaluation.metrics import METRIC_RULES, evaluate_folders
-from nnunetv2_cipa.evaluation.statistics import paired_wilcoxon
+from nnunetv2_cipa.evaluation.statistics import holm_adjusted, paired_wilcoxon
 
 DATASET = "Dataset987_Toy"
 TRAINERS = ("nnUNetTrainerA", "nnUNetTrainerB")
@@ -187,3 +187,99 @@ def test_paired_wilcoxon_edge_cases():
     ties = paired_wilcoxon({"a": 0.5, "b": 0.7, "c": 0.2}, {"a": 0.5, "b": 0.6, "c": 0.3})
     expected = wilcoxon([0.5, 0.7, 0.2], [0.5, 0.6, 0.3])
     assert ties["n_nonzero_differences"] == 2 and ties["pvalue"] == pytest.approx(expected.pvalue)
+
+
+def test_holm_adjustment():
+    assert holm_adjusted([0.01, 0.04, 0.03, None]) == pytest.approx([0.03, 0.06, 0.06, None])
+    assert holm_adjusted([0.6, 0.7]) == [1.0, 1.0]
+    assert holm_adjusted([None]) == [None]
+
+
+def test_three_trainers_get_holm_adjusted_p_values_and_their_own_patient_counts(nnunet_env):
+    """p03 becomes tumour-free: A and B predict nothing there (no Dice), C a false positive (Dice 0)."""
+    results, raw = nnunet_env / "results" / DATASET, nnunet_env / "raw" / DATASET
+    shutil.copytree(results / f"{TRAINERS[1]}__nnUNetPlans__2d", results / "nnUNetTrainerC__nnUNetPlans__2d")
+    trainers = (*TRAINERS, "nnUNetTrainerC")
+    for case in ("p03_000", "p03_001"):
+        save_png(raw / "labelsTr" / f"{case}.png", np.zeros((SIZE, SIZE)))
+        for trainer in trainers:
+            pred = disc(16, 16, 4) if trainer == "nnUNetTrainerC" else np.zeros((SIZE, SIZE))
+            save_png(results / f"{trainer}__nnUNetPlans__2d" / "fold_0" / "validation" / f"{case}.png", pred)
+    out = nnunet_env / "report"
+    report = compare_trainers(DATASET, trainers, out, folds=(0, 1))
+    cv = report["splits"]["cross-validation"]
+    assert [cv["results"][t]["summary"]["dice"]["n"] for t in trainers] == [7, 7, 8]
+    assert cv["results"]["nnUNetTrainerC"]["per_patient"]["p03"]["dice"] == 0.0
+    tests = cv["wilcoxon_patient_dice"]
+    assert [(t["a"], t["b"], t["n_patients"], t["n_patients_left_out"]) for t in tests] == [
+        (TRAINERS[0], TRAINERS[1], 7, 1), (TRAINERS[0], "nnUNetTrainerC", 7, 1), (TRAINERS[1], "nnUNetTrainerC", 7, 1)]
+    assert [t["pvalue_holm"] for t in tests] == pytest.approx(holm_adjusted([t["pvalue"] for t in tests]))
+    md = (out / "report.md").read_text()
+    assert "| p | p (Holm) | Note |" in md and "Left out" in md
+    dice = {t: cv["results"][t]["summary"]["dice"] for t in trainers}
+    assert f"{dice['nnUNetTrainerC']['mean']:.4g} ± {dice['nnUNetTrainerC']['std']:.4g} (n=8)" in md
+    assert f"{dice[TRAINERS[0]]['mean']:.4g} ± {dice[TRAINERS[0]]['std']:.4g} (n=7)" in md
+
+
+def test_a_failed_comparison_leaves_the_previous_report_as_it_was(nnunet_env):
+    """Every label is read before anything is written; a new report replaces the folder as a whole."""
+    out, test_dirs = nnunet_env / "report", [nnunet_env / f"test_{t}" for t in TRAINERS]
+    compare_trainers(DATASET, TRAINERS, out, folds=(0, 1), test_predictions=test_dirs)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    save_png(test_dirs[1] / "t01_000.png", disc(10, 10, 3) * 255)  # the test split is scored last
+    with pytest.raises(InputError, match="t01_000.png"):
+        compare_trainers(DATASET, TRAINERS, out, folds=(0, 1), test_predictions=test_dirs)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p.name for p in nnunet_env.iterdir() if p.name.startswith(".report")]  # no staging folder left
+    compare_trainers(DATASET, TRAINERS, out, folds=(0, 1))  # without --test: no stale test figures stay
+    assert sorted(p.name for p in out.iterdir()) == ["dice_cross_validation.png", "examples_cross_validation.png",
+                                                     "report.json", "report.md"]
+    mine = nnunet_env / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(InputError, match=r"holds files that are not a comparison report's \(notes.txt\)"):
+        compare_trainers(DATASET, TRAINERS, mine, folds=(0, 1))
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_unreadable_checkpoints_become_cost_notes(nnunet_env):
+    model = nnunet_env / "results" / DATASET / f"{TRAINERS[0]}__nnUNetPlans__2d"
+    (model / "fold_0" / "checkpoint_final.pth").write_bytes(b"garbage")
+    torch.save({"foo": 1}, model / "fold_1" / "checkpoint_final.pth")
+    report = compare_trainers(DATASET, TRAINERS, nnunet_env / "report", folds=(0, 1))
+    cost = report["costs"][TRAINERS[0]]
+    assert cost["parameters"] is None and cost["epoch_time_s"] is None
+    assert any("fold_0/checkpoint_final.pth: not a PyTorch checkpoint" in n for n in cost["notes"])
+    assert any("fold_1/checkpoint_final.pth: not an nnU-Net checkpoint" in n for n in cost["notes"])
+
+
+def test_test_predictions_must_be_each_trainers_own_folder(nnunet_env):
+    labels, own = nnunet_env / "raw" / DATASET / "labelsTs", nnunet_env / f"test_{TRAINERS[0]}"
+    with pytest.raises(InputError, match=f"{TRAINERS[1]}: the test prediction folder .* is the ground-truth folder"):
+        compare_trainers(DATASET, TRAINERS, nnunet_env / "report", folds=(0, 1), test_predictions=[own, labels])
+    with pytest.raises(InputError, match=f"{TRAINERS[1]}: the test prediction folder .* is also {TRAINERS[0]}'s"):
+        compare_trainers(DATASET, TRAINERS, nnunet_env / "report", folds=(0, 1), test_predictions=[own, own])
+    assert not (nnunet_env / "report").exists()
+
+
+def test_folds_not_split_by_patient_are_reported(nnunet_env):
+    """p00_001 moves from fold 0's validation set to fold 1's: p00 is validated in two folds and trained on in both."""
+    raw, results = nnunet_env / "raw" / DATASET, nnunet_env / "results" / DATASET
+    splits = json.loads((raw / "splits_final.json").read_text())
+    splits[0]["val"].remove("p00_001"), splits[0]["train"].append("p00_001")
+    splits[1]["train"].remove("p00_001"), splits[1]["val"].append("p00_001")
+    (raw / "splits_final.json").write_text(json.dumps(splits))
+    for trainer in TRAINERS:
+        model = results / f"{trainer}__nnUNetPlans__2d"
+        shutil.move(model / "fold_0" / "validation" / "p00_001.png", model / "fold_1" / "validation" / "p00_001.png")
+    out = nnunet_env / "report"
+    done = subprocess.run([sys.executable, "-m", "nnunetv2_cipa", "compare", "-d", "987", "-tr", *TRAINERS,
+                           "-f", "0", "1", "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    warnings = json.loads((out / "report.json").read_text())["warnings"]
+    assert len(warnings) == 3
+    assert "1 patient(s) have validation cases in more than one fold (p00)" in warnings[0]
+    assert "fold 0 trains and validates 1 of the same patient(s) (p00)" in warnings[1]
+    assert "fold 1 trains and validates 1 of the same patient(s) (p00)" in warnings[2]
+    assert all(f"nnunetv2_cipa compare WARNING: {w}" in done.stderr for w in warnings)
+    assert "**Warnings**" in (out / "report.md").read_text()

@@ -14,8 +14,8 @@ from scipy import ndimage
 
 from conftest import write_decompression_bomb_png
 from nnunetv2_cipa.errors import InputError
-from nnunetv2_cipa.evaluation.metrics import (NOTES, evaluate_folders, format_summary, hd95, hd95_paper_rule,
-                                              slice_metrics, unmatched_component_area)
+from nnunetv2_cipa.evaluation.metrics import (NOTES, evaluate_folders, format_number, format_summary, hd95,
+                                              hd95_paper_rule, slice_metrics, unmatched_component_area)
 
 
 def brute_force_border(mask: np.ndarray) -> np.ndarray:
@@ -139,10 +139,17 @@ def test_pooled_versus_per_slice_and_patient_aggregation(folders):
     assert p1["dice"] == pytest.approx(24 / 36) and p1["n_slices"] == 2 and p1["fn_area_px"] == 4
     assert p1["fp_area_px"] == 0
     assert p2["dice"] is None and p2["n_slices"] == 1
+    # per patient a zero denominator is undefined, not 1.0 as in the pooled protocol: p2 has no tumour pixel and an
+    # empty prediction, so neither its sensitivity (nor balanced accuracy) nor its precision counts in the summary
+    assert p1["sensitivity"] == pytest.approx(12 / 20) and p1["precision"] == pytest.approx(12 / 16)
+    assert p1["balanced_accuracy"] == pytest.approx((12 / 20 + (128 - 24) / (128 - 20)) / 2)
+    assert p2["sensitivity"] is None and p2["balanced_accuracy"] is None and p2["precision"] is None
+    assert p2["specificity"] == 1.0
+    assert r["summary"]["sensitivity"]["n"] == 1 and r["summary"]["sensitivity"]["mean"] == pytest.approx(0.6)
     assert r["summary"]["dice"]["n"] == 1 and r["summary"]["dice"]["mean"] == pytest.approx(24 / 36)
     assert r["summary"]["n_slices"]["mean"] == pytest.approx(1.5)
     assert r["summary"]["n_slices"]["std"] == pytest.approx(np.std([2, 1], ddof=1))
-    assert "Dice" in format_summary(r)
+    assert "Patients (1 of 2 with a Dice): Dice 0.6667" in format_summary(r)
     json.dumps(r, allow_nan=False)  # NaN written as null
 
 
@@ -158,6 +165,10 @@ def test_input_errors(tmp_path, folders):
         evaluate_folders(gt, pred)
     write_png(pred / "p2_000.png", np.full((8, 8), 255))
     with pytest.raises(InputError, match=r"p2_000.png.*\[255\]"):
+        evaluate_folders(gt, pred)
+    palette = Image.fromarray(np.zeros((8, 8), np.uint8)).convert("P")
+    palette.save(pred / "p2_000.png")
+    with pytest.raises(InputError, match=r"p2_000.png: label PNG must be single-channel .*a palette PNG"):
         evaluate_folders(gt, pred)
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no \\*.png"):
@@ -238,3 +249,8 @@ def test_slice_metrics_on_a_large_image_match_full_image_references(seed):
     labels, _ = ndimage.label(pred, structure=np.ones((3, 3)))
     touching = np.unique(labels[pred & gt])
     assert m["fp_area_px"] == np.count_nonzero(pred & ~np.isin(labels, touching))
+
+
+def test_format_number_never_uses_an_exponent():
+    assert [format_number(v) for v in (None, 0.123456, 1234.56, 12345.6, 3e7, 0.0)] == [
+        "n/a", "0.1235", "1235", "12346", "30000000", "0"]

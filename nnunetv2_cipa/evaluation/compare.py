@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from itertools import combinations
 from pathlib import Path
 
@@ -19,10 +21,12 @@ from nnunetv2_cipa.cases import patient_of
 from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.evaluation.costs import model_costs
 from nnunetv2_cipa.evaluation.figures import plot_dice_distribution, plot_examples
-from nnunetv2_cipa.evaluation.metrics import CasePair, cover_problems, evaluate_pairs, json_safe, list_label_pngs
+from nnunetv2_cipa.evaluation.metrics import (CasePair, abbreviated, cover_problems, evaluate_pairs, json_safe,
+                                              list_label_pngs)
 from nnunetv2_cipa.evaluation.report import render_report
-from nnunetv2_cipa.evaluation.statistics import paired_wilcoxon
-from nnunetv2_cipa.paths import output_folder, required_folder, write_text_atomically
+from nnunetv2_cipa.evaluation.statistics import holm_adjusted, paired_wilcoxon
+from nnunetv2_cipa.paths import (check_output_file, output_folder, replace_folder, required_folder, staging_folder,
+                                 write_text_atomically)
 from nnunetv2_cipa.png_io import read_gray_png, read_label_png
 
 
@@ -94,13 +98,44 @@ def crossval_predictions(trainer: str, model_dir: Path, fold_cases: dict[int, li
 
 
 def predictions_on_test_set(trainers: list[str], folders: list, gt: dict[str, Path], gt_dir: Path
-                        ) -> tuple[dict[str, dict[str, Path]], list[str]]:
-    """({trainer: case -> test PNG}, problems): each folder must hold exactly the cases of ``gt_dir``."""
-    preds, problems = {}, []
+                            ) -> tuple[dict[str, dict[str, Path]], list[str]]:
+    """({trainer: case -> test PNG}, problems): each folder must hold exactly the cases of ``gt_dir``, and be neither
+    ``gt_dir`` nor another trainer's folder."""
+    preds, problems, owners = {}, [], {}
     for trainer, folder in zip(trainers, folders):
         preds[trainer] = list_label_pngs(folder)
+        if os.path.samefile(folder, gt_dir):
+            problems.append(f"{trainer}: the test prediction folder {folder} is the ground-truth folder {gt_dir}")
+        key = os.stat(folder)[1:3]  # (inode, device): the same folder under any name
+        if key in owners:
+            problems.append(f"{trainer}: the test prediction folder {folder} is also {owners[key]}'s")
+        owners.setdefault(key, trainer)
         problems += [f"{trainer}: {p}" for p in cover_problems(gt, preds[trainer], f"the test set {gt_dir}", folder)]
     return preds, problems
+
+
+def patient_split_warnings(splits_file: Path, splits: list[dict], folds: tuple[int, ...], sep: str) -> list[str]:
+    """Where the folds are not split by patient (``sep``): patients validated in more than one of ``folds`` (their
+    per-patient Dice mixes fold models) or trained and validated in the same fold (leakage: optimistic scores)."""
+    val_folds: dict[str, set[int]] = {}
+    leaked: dict[int, set[str]] = {}
+    for fold in folds:
+        val_patients = {patient_of(c, sep) for c in splits[fold]["val"]}
+        for patient in val_patients:
+            val_folds.setdefault(patient, set()).add(fold)
+        both = val_patients & {patient_of(c, sep) for c in splits[fold].get("train", [])}
+        if both:
+            leaked[fold] = both
+    warnings = []
+    spread = sorted(p for p, f in val_folds.items() if len(f) > 1)
+    if spread:
+        warnings.append(f"{splits_file}: {len(spread)} patient(s) have validation cases in more than one fold "
+                        f"({abbreviated(spread)}): their per-patient metrics pool predictions of different fold models")
+    for fold, patients in leaked.items():
+        warnings.append(f"{splits_file}: fold {fold} trains and validates {len(patients)} of the same patient(s) "
+                        f"({abbreviated(sorted(patients))}): its validation scores are optimistic (convert with "
+                        "nnunetv2_cipa convert for patient-level folds)")
+    return warnings
 
 
 def _split_examples(split: str, trainers: list[str], results: dict[str, dict], preds: dict[str, dict[str, Path]],
@@ -133,24 +168,53 @@ def _split_examples(split: str, trainers: list[str], results: dict[str, dict], p
     return {"file": path.name, "patients": picks, "cases": {r["label"]: r["case"] for r in rows}}
 
 
-def _evaluate_split(split: str, trainers: list[str], preds: dict[str, dict[str, Path]], gt: dict[str, Path],
-                    gt_dir: Path, images_dir: Path, report_dir: Path, sep: str) -> dict:
-    """Every trainer scored on the same cases: those of ``gt`` (each trainer's ``preds`` cover them exactly)."""
+def _score_split(trainers: list[str], preds: dict[str, dict[str, Path]], gt: dict[str, Path], gt_dir: Path,
+                 sep: str) -> dict:
+    """Every trainer scored on the same cases, those of ``gt`` (each trainer's ``preds`` cover them exactly), and
+    the paired tests of every pair of trainers (p-values also Holm-adjusted over the pairs)."""
     results = {}
     for trainer in trainers:
         results[trainer] = evaluate_pairs({c: CasePair(gt[c], preds[trainer][c]) for c in gt}, patient_sep=sep)
         results[trainer]["pred_dirs"] = sorted({str(p.parent) for p in preds[trainer].values()})
     dice = {t: {p: v["dice"] for p, v in results[t]["per_patient"].items()} for t in trainers}
     stats = [{"a": a, "b": b, **paired_wilcoxon(dice[a], dice[b])} for a, b in combinations(trainers, 2)]
-    slug = split.lower().replace(" ", "_").replace("-", "_")
-    dice_png = report_dir / f"dice_{slug}.png"
-    plot_dice_distribution({t: [d for d in dice[t].values() if d is not None] for t in trainers},
-                           f"Per-patient Dice, {split}", dice_png)
-    examples = _split_examples(split, trainers, results, preds, gt, images_dir, report_dir / f"examples_{slug}.png")
+    for test, adjusted in zip(stats, holm_adjusted([t["pvalue"] for t in stats])):
+        test["pvalue_holm"] = adjusted
     return {"gt_dir": str(gt_dir), "n_cases": len(gt), "n_patients": results[trainers[0]]["n_patients"],
             "n_cases_per_trainer": {t: results[t]["cipa_protocol"]["n_slices"] for t in trainers},
-            "results": results, "wilcoxon_patient_dice": stats,
-            "figures": {"dice_distribution": dice_png.name, "examples": examples}}
+            "results": results, "wilcoxon_patient_dice": stats}
+
+
+def _draw_split(split: str, scored: dict, trainers: list[str], preds: dict[str, dict[str, Path]],
+                gt: dict[str, Path], images_dir: Path, report_dir: Path) -> dict:
+    """The split's figures in ``report_dir``: per-patient Dice distribution and examples; returns their names."""
+    results = scored["results"]
+    slug = split.lower().replace(" ", "_").replace("-", "_")
+    dice_png = report_dir / f"dice_{slug}.png"
+    plot_dice_distribution({t: [v["dice"] for v in results[t]["per_patient"].values() if v["dice"] is not None]
+                            for t in trainers}, f"Per-patient Dice, {split}", dice_png)
+    examples = _split_examples(split, trainers, results, preds, gt, images_dir, report_dir / f"examples_{slug}.png")
+    return {"dice_distribution": dice_png.name, "examples": examples}
+
+
+REPORT_FILE_NAMES = re.compile(r"^(report\.md|report\.json|(dice|examples)_\w+\.png)$")
+
+
+def check_report_folder(path: Path) -> Path:
+    """``path`` if a report can be published there (checked before any work): a new folder, or one holding only a
+    previous report's files, which the new report replaces as a whole; InputError naming the problem."""
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"{path}: report folder exists and is not a folder")
+        foreign = sorted(e.name for e in os.scandir(path) if not REPORT_FILE_NAMES.match(e.name))
+        if foreign:
+            raise InputError(f"{path}: report folder holds files that are not a comparison report's "
+                             f"({abbreviated(foreign)}); the report replaces the whole folder: choose a new one")
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise InputError(f"{path}: cannot replace the report folder: {path.parent} is not writable")
+        return path
+    check_output_file(path / "report.md")
+    return path
 
 
 def _add_inference_time(cost: dict, model_dir: Path, images_dir: Path, cases: list[str]) -> None:
@@ -169,9 +233,10 @@ def _add_inference_time(cost: dict, model_dir: Path, images_dir: Path, cases: li
 def compare_trainers(dataset, trainers, report_dir, configuration: str = "2d", plans: str = "nnUNetPlans",
                      folds=(0, 1, 2, 3, 4), test_predictions=None, patient_sep: str = "_",
                      time_inference: bool = False) -> dict:
-    """Evaluate each trainer's cross-validation (and optional test) predictions, write REPORT_DIR/report.md,
-    report.json and PNG figures; returns the report dict (NaN as None). ``time_inference`` also measures each
-    model's inference time per slice with nnU-Net's predictor."""
+    """Evaluate each trainer's cross-validation (and optional test) predictions and write REPORT_DIR: report.md,
+    report.json and PNG figures, published as a whole once complete (``check_report_folder``); returns the report
+    dict (NaN as None). ``time_inference`` also measures each model's inference time per slice with nnU-Net's
+    predictor. Folds that are not split by patient are reported under "warnings"."""
     from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 
     trainers = list(trainers)
@@ -187,6 +252,7 @@ def compare_trainers(dataset, trainers, report_dir, configuration: str = "2d", p
     splits_file, splits = read_splits(name, raw_dir)
     fold_cases = validation_case_set(splits_file, splits, folds)
 
+    report_dir = check_report_folder(Path(report_dir))
     labels_tr = list_label_pngs(raw_dir / "labelsTr")
     cv_cases = [c for cases in fold_cases.values() for c in cases]
     problems = cover_problems(cv_cases, {c: labels_tr[c] for c in cv_cases if c in labels_tr},
@@ -202,24 +268,38 @@ def compare_trainers(dataset, trainers, report_dir, configuration: str = "2d", p
         problems += test_problems
     if problems:
         raise InputError("every trainer must be scored on the same cases:\n  " + "\n  ".join(problems))
+    cv_gt = {c: labels_tr[c] for c in sorted(cv_cases)}
 
-    report_dir = output_folder(report_dir, "report folder")
-    splits_out = {"cross-validation": _evaluate_split(
-        "cross-validation", trainers, cv_preds, {c: labels_tr[c] for c in sorted(cv_cases)}, raw_dir / "labelsTr",
-        raw_dir / "imagesTr", report_dir, patient_sep)}
+    warnings = patient_split_warnings(splits_file, splits, folds, patient_sep)
+    splits_out = {"cross-validation": _score_split(trainers, cv_preds, cv_gt, raw_dir / "labelsTr", patient_sep)}
     if test_predictions is not None:
-        splits_out["test"] = _evaluate_split("test", trainers, test_preds, labels_ts, raw_dir / "labelsTs",
-                                             raw_dir / "imagesTs", report_dir, patient_sep)
+        splits_out["test"] = _score_split(trainers, test_preds, labels_ts, raw_dir / "labelsTs", patient_sep)
     costs = {t: model_costs(model_dirs[t], folds) for t in trainers}
     for trainer in trainers:
         if time_inference:
             _add_inference_time(costs[trainer], model_dirs[trainer], raw_dir / "imagesTr", sorted(cv_cases))
         elif costs[trainer]["checkpoint"] is not None:
             costs[trainer]["notes"].append("inference time not measured (--time-inference measures it)")
-    report = json_safe({"dataset": name, "configuration": configuration, "plans": plans, "folds": list(folds),
-                        "splits_file": str(splits_file), "trainers": trainers,
-                        "model_dirs": {t: str(d) for t, d in model_dirs.items()}, "splits": splits_out,
-                        "costs": costs})
-    write_text_atomically(report_dir / "report.json", json.dumps(report, indent=2, allow_nan=False))
-    write_text_atomically(report_dir / "report.md", render_report(report))
+
+    # everything is scored: the report is drawn and written in a staging folder that then replaces REPORT_DIR
+    staged = staging_folder(output_folder(report_dir.parent), report_dir.name)
+    try:
+        drawn = {"cross-validation": (cv_preds, cv_gt, raw_dir / "imagesTr")}
+        if test_predictions is not None:
+            drawn["test"] = (test_preds, labels_ts, raw_dir / "imagesTs")
+        for split, (preds, gt, images_dir) in drawn.items():
+            splits_out[split]["figures"] = _draw_split(split, splits_out[split], trainers, preds, gt, images_dir,
+                                                       staged)
+        report = json_safe({"dataset": name, "configuration": configuration, "plans": plans, "folds": list(folds),
+                            "splits_file": str(splits_file), "trainers": trainers,
+                            "model_dirs": {t: str(d) for t, d in model_dirs.items()}, "warnings": warnings,
+                            "splits": splits_out, "costs": costs})
+        write_text_atomically(staged / "report.json", json.dumps(report, indent=2, allow_nan=False))
+        write_text_atomically(staged / "report.md", render_report(report))
+        try:
+            replace_folder(staged, report_dir)
+        except OSError as e:
+            raise InputError(f"{report_dir}: cannot move the report into place ({e})") from e
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     return report

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunetv2_cipa.checkpoint_file import load_checkpoint_file
+from nnunetv2_cipa.errors import InputError
+
 # nnU-Net writes checkpoint_latest.pth during training and replaces it by checkpoint_final.pth at the end; the best
 # checkpoint holds the log only up to its epoch, so it comes last
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
@@ -18,10 +21,12 @@ def find_checkpoint(fold_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """An nnU-Net checkpoint dict, memory-mapped (only the tensors read are paged in)."""
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    """An nnU-Net checkpoint dict, memory-mapped (only the tensors read are paged in); InputError naming the file
+    when it is not one."""
+    state = load_checkpoint_file(path, "checkpoint", mmap=True)
+    if not isinstance(state, dict) or not isinstance(state.get("network_weights"), dict):
+        raise InputError(f"checkpoint {path}: not an nnU-Net checkpoint (no 'network_weights' state dict)")
+    return state
 
 
 def count_parameters(weights: dict) -> int:
@@ -40,7 +45,8 @@ def epoch_times(logging: dict) -> list[float]:
 
 def model_costs(model_dir: Path, folds: tuple[int, ...]) -> dict:
     """{parameters, checkpoint, epoch_time_s {mean, median, n_epochs}, inference (None), notes} of one model folder:
-    parameters from the first fold's checkpoint, epoch times from every requested fold's checkpoint."""
+    parameters from the first fold's checkpoint, epoch times from every requested fold's checkpoint; an unreadable
+    checkpoint is a note (costs are auxiliary to the comparison)."""
     notes, times, checkpoint, parameters = [], [], None, None
     for fold in folds:
         path = find_checkpoint(model_dir / f"fold_{fold}")
@@ -48,7 +54,11 @@ def model_costs(model_dir: Path, folds: tuple[int, ...]) -> dict:
             notes.append(f"no {' / '.join(CHECKPOINT_NAMES)} in {model_dir / f'fold_{fold}'}: its parameters and "
                          "epoch times are not counted")
             continue
-        state = load_checkpoint(path)
+        try:
+            state = load_checkpoint(path)
+        except InputError as e:
+            notes.append(f"{e}: its parameters and epoch times are not counted")
+            continue
         if checkpoint is None:
             checkpoint, parameters = path, count_parameters(state["network_weights"])
         fold_times = epoch_times(state.get("logging") or {})

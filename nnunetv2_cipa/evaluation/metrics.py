@@ -29,13 +29,16 @@ METRIC_RULES = (
     "= mean of sensitivity and specificity (a term with a zero denominator counts as 1.0).",
     "HD95 (medpy.metric.binary.hd95, pixel units): borders = mask XOR 4-connected erosion; the 95th percentile of "
     "the pooled distances border(pred)->border(gt) and border(gt)->border(pred). \"hd95_px\" averages it over slices "
-    "where both masks are non-empty; \"hd95_px_paper_rule\" averages over all slices with the official empty-mask "
-    "rule: one pixel is planted at (H//2, W//2) in the empty mask, both empty = 0.",
+    "where both masks are non-empty; \"hd95_px_paper_rule\" averages over all slices with the official rule for an "
+    "empty prediction, applied to an empty ground truth too: one pixel is planted at (H//2, W//2) in the empty mask, "
+    "both empty = 0.",
     "Per slice: dice/iou are NaN (JSON null) when GT and prediction are both empty; hd95 is NaN when either is empty.",
-    "Per patient (ID = case name before the first patient separator): Dice/IoU/balanced accuracy pooled over the "
-    "patient's slices (NaN when TP+FP+FN = 0); hd95 means over the patient's slices; fp_area_px / fn_area_px: "
-    "summed areas of the 8-connected components of the prediction that do not touch the GT (FP) and of the GT that "
-    "do not touch the prediction (FN), the 2D analogue of autoPET's false-positive / false-negative volumes.",
+    "Per patient (ID = case name before the first patient separator): counts pooled over the patient's slices; "
+    "Dice/IoU NaN when TP+FP+FN = 0, sensitivity and balanced accuracy NaN when the patient has no tumour pixel "
+    "(TP+FN = 0), precision NaN when the prediction is empty (TP+FP = 0); hd95 means over the patient's slices; "
+    "fp_area_px / fn_area_px: summed areas of the 8-connected components of the prediction that share no pixel "
+    "with the GT (FP) and of the GT that share none with the prediction (FN), the 2D analogue of autoPET's "
+    "false-positive / false-negative volumes.",
     "Summary: mean, median and sample std (ddof=1) over patients, ignoring NaN; \"n\" = patients with a finite value.",
 )
 NOTES = "\n".join(f"- {rule}" for rule in METRIC_RULES)
@@ -68,7 +71,8 @@ def hd95(pred: np.ndarray, gt: np.ndarray) -> float:
 
 
 def hd95_paper_rule(pred: np.ndarray, gt: np.ndarray) -> float:
-    """HD95 (px) with the official empty-mask rule: both empty -> 0; one empty -> a pixel at (H//2, W//2) in it."""
+    """HD95 (px) with the official rule for an empty prediction, applied to either mask: both empty -> 0; one
+    empty -> a pixel at (H//2, W//2) in it."""
     pred_empty, gt_empty = not pred.any(), not gt.any()
     if pred_empty and gt_empty:
         return 0.0
@@ -141,8 +145,9 @@ def list_label_pngs(folder: str | os.PathLike) -> dict[str, Path]:
 
 
 def _pooled(tp: int, fp: int, fn: int, tn: int, empty: float) -> dict:
-    sensitivity = _ratio(tp, tp + fn, 1.0)
-    specificity = _ratio(tn, tn + fp, 1.0)
+    """Ratios of pooled counts; a zero denominator gives ``empty`` (1.0 in the CIPA protocol, NaN per patient)."""
+    sensitivity = _ratio(tp, tp + fn, empty)
+    specificity = _ratio(tn, tn + fp, empty)
     return {"dice": _ratio(2 * tp, 2 * tp + fp + fn, empty), "iou": _ratio(tp, tp + fp + fn, empty),
             "balanced_accuracy": (sensitivity + specificity) / 2, "sensitivity": sensitivity,
             "specificity": specificity, "precision": _ratio(tp, tp + fp, empty)}
@@ -220,8 +225,9 @@ def evaluate_pairs(pairs: dict[str, CasePair], patient_sep: str = "_", num_worke
                       "per_case": per_case, "notes": NOTES})
 
 
-def _names(cases: list[str], shown: int = 5) -> str:
-    return ", ".join(cases[:shown]) + (", ..." if len(cases) > shown else "")
+def abbreviated(names: list[str], shown: int = 5) -> str:
+    """The first ``shown`` of ``names``, comma-separated, with "..." when there are more."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def cover_problems(expected, found, expected_from, found_in) -> list[str]:
@@ -231,9 +237,9 @@ def cover_problems(expected, found, expected_from, found_in) -> list[str]:
     problems = []
     if missing:
         problems.append(f"{found_in} lacks {len(missing)} of the {len(set(expected))} cases of {expected_from}: "
-                        f"{_names(missing)}")
+                        f"{abbreviated(missing)}")
     if extra:
-        problems.append(f"{found_in} holds {len(extra)} case(s) that are not in {expected_from}: {_names(extra)}")
+        problems.append(f"{found_in} holds {len(extra)} case(s) that are not in {expected_from}: {abbreviated(extra)}")
     return problems
 
 
@@ -256,8 +262,11 @@ def evaluate_folders(gt_dir, pred_dir, patient_sep: str = "_", num_workers: int 
 
 
 def format_number(value, digits: int = 4) -> str:
-    """A metric for text reports: ``digits`` significant digits, "n/a" for None."""
-    return "n/a" if value is None else f"{value:.{digits}g}"
+    """A metric for text reports: ``digits`` significant digits (whole numbers from 10**digits on, never an
+    exponent), "n/a" for None."""
+    if value is None:
+        return "n/a"
+    return f"{value:.0f}" if abs(value) >= 10 ** digits else f"{value:.{digits}g}"
 
 
 def format_summary(result: dict) -> str:
@@ -267,5 +276,6 @@ def format_summary(result: dict) -> str:
     return (f"CIPA protocol ({c['n_slices']} slices): IoU {n(c['iou'])}  Dice {n(c['dice'])}  "
             f"Acc {n(c['balanced_accuracy'])}  HD95 {n(c['hd95_px'])} px ({c['n_slices_hd95']} slices with "
             f"both masks) / {n(c['hd95_px_paper_rule'])} px (paper rule, all slices)\n"
-            f"Patients ({result['n_patients']}): Dice {n(s['mean'])} ± {n(s['std'])} (mean ± std), "
+            f"Patients ({s['n']} of {result['n_patients']} with a Dice): Dice {n(s['mean'])} ± {n(s['std'])} "
+            f"(mean ± std), "
             f"median {n(s['median'])}")

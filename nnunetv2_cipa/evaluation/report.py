@@ -13,8 +13,10 @@ def _methods(sep: str) -> list[str]:
             *(f"- {rule}" for rule in (*METRIC_RULES, WILCOXON_RULE))]
 
 
-def _mean_std(stat: dict) -> str:
-    return "n/a" if stat["mean"] is None else f"{format_number(stat['mean'])} ± {format_number(stat['std'])}"
+def _mean_std(stat: dict, with_n: bool = False) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    return f"{format_number(stat['mean'])} ± {format_number(stat['std'])}" + (f" (n={stat['n']})" if with_n else "")
 
 
 def _metrics_table(split: dict, trainers: list[str]) -> list[str]:
@@ -25,24 +27,29 @@ def _metrics_table(split: dict, trainers: list[str]) -> list[str]:
         c, s = split["results"][trainer]["cipa_protocol"], split["results"][trainer]["summary"]
         cells = [trainer, str(c["n_slices"]), *(format_number(c[k]) for k in ("iou", "dice", "balanced_accuracy",
                                                                               "hd95_px", "hd95_px_paper_rule")),
-                 *(_mean_std(s[k]) for k in ("dice", "iou", "fp_area_px", "fn_area_px"))]
+                 _mean_std(s["dice"], with_n=True), *(_mean_std(s[k]) for k in ("iou", "fp_area_px", "fn_area_px"))]
         lines.append(f"| {' | '.join(cells)} |")
     c = split["results"][trainers[0]]["cipa_protocol"]
     lines += ["", f"IoU, Dice, Acc: pooled over {c['n_slices']} slices; HD95 over the slices where both masks are "
                   f"non-empty (per trainer: " + ", ".join(
                       f"{t} {split['results'][t]['cipa_protocol']['n_slices_hd95']}" for t in trainers)
-              + f"); paper rule over all {c['n_slices']}. Patient columns: mean ± std over patients "
-                f"(n = {split['results'][trainers[0]]['summary']['dice']['n']} with a defined Dice)."]
+              + f"); paper rule over all {c['n_slices']}. Patient columns: mean ± std over patients, Dice and IoU "
+                f"over those with a defined Dice (n, per trainer, in the Dice column), the areas over all "
+                f"{split['n_patients']}."]
     return lines
 
 
 def _wilcoxon_table(split: dict) -> list[str]:
-    lines = ["| A | B | Patients | Median ΔDice (A−B) | Mean ΔDice (A−B) | W | p | Note |",
-             "|---|---|---|---|---|---|---|---|"]
-    for t in split["wilcoxon_patient_dice"]:
-        cells = [t["a"], t["b"], str(t["n_patients"]), format_number(t["median_difference"]),
-                 format_number(t["mean_difference"]), format_number(t["statistic"]), format_number(t["pvalue"], 3),
-                 t["note"]]
+    tests = split["wilcoxon_patient_dice"]
+    holm = len(tests) > 1
+    header = ["A", "B", "Patients", "Left out", "Nonzero differences", "Median ΔDice (A−B)", "Mean ΔDice (A−B)", "W",
+              "p", *(["p (Holm)"] if holm else []), "Note"]
+    lines = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
+    for t in tests:
+        cells = [t["a"], t["b"], str(t["n_patients"]), str(t["n_patients_left_out"]), str(t["n_nonzero_differences"]),
+                 format_number(t["median_difference"]), format_number(t["mean_difference"]),
+                 format_number(t["statistic"]), format_number(t["pvalue"], 3),
+                 *([format_number(t["pvalue_holm"], 3)] if holm else []), t["note"]]
         lines.append(f"| {' | '.join(cells)} |")
     return lines
 
@@ -91,6 +98,11 @@ def render_report(report: dict) -> str:
         per_trainer = ", ".join(f"{t} {n}" for t, n in split["n_cases_per_trainer"].items())
         lines.append(f"- {name}: {split['n_cases']} slices from {split['n_patients']} patients "
                      f"(ground truth `{split['gt_dir']}`); slices scored per trainer: {per_trainer}")
+        if name == "test":
+            lines.append("- test predictions: " + ", ".join(
+                f"{t} `{', '.join(split['results'][t]['pred_dirs'])}`" for t in trainers))
+    if report["warnings"]:
+        lines += ["", "**Warnings**", "", *(f"- {w}" for w in report["warnings"])]
     lines += ["", "## Methods", "", *_methods(sep), ""]
     for name, split in splits.items():
         lines += [f"## {name.capitalize()}", "", *_metrics_table(split, trainers), "",
