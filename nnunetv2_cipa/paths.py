@@ -60,6 +60,8 @@ def check_output_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path}: output file is an existing folder")
+    if path.exists() and not path.is_file():
+        raise InputError(f"{path}: output file exists and is not a regular file")
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
@@ -125,21 +127,36 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
-def replace_folder(staged: Path, target: Path, on_swap: Callable[[], None] = lambda: None) -> None:
-    """Give the complete ``staging_folder`` ``staged`` the name ``target``, replacing an existing ``target``;
-    ``staged`` is gone afterwards. Where the OS can, the two swap names atomically (one complete folder under the
-    name at every instant); elsewhere the old folder is first renamed to ``.NAME.old-<token>``, and a crash between
-    the two renames leaves that beside the staged one. ``on_swap`` runs between the swap and the clean-up."""
-    if not target.exists():
+def remove_path(path: Path) -> None:
+    """Remove ``path``: a folder with everything in it, or a file or symbolic link (never what a link points to)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
+
+
+def replace_folder(staged: Path, target: Path, on_swap: Callable[[], None] = lambda: None) -> list[str]:
+    """Give the complete ``staging_folder`` ``staged`` the name ``target``, replacing an existing ``target`` (a
+    symbolic link is replaced, not followed); ``staged`` is gone afterwards. Where the OS can, the two swap names
+    atomically (one complete folder under the name at every instant); elsewhere the old folder is first renamed to
+    ``.NAME.old-<token>``, and a crash between the two renames leaves that beside the staged one. ``on_swap`` runs
+    between the swap and the clean-up. Once the new folder is in place, a previous one that cannot be removed is
+    left under its hidden name: returns a note saying so (else nothing)."""
+    if not target.exists() and not target.is_symlink():
         os.rename(staged, target)
-        return
+        return []
     if exchange(staged, target):
+        old = staged
         on_swap()
-        shutil.rmtree(staged)  # now the old folder
-        return
-    stem, _, token = staged.name.rpartition(".tmp-")
-    old = staged.with_name(f"{stem}.old-{token}")
-    os.rename(target, old)
-    on_swap()
-    os.rename(staged, target)
-    shutil.rmtree(old)
+    else:
+        stem, _, token = staged.name.rpartition(".tmp-")
+        old = staged.with_name(f"{stem}.old-{token}")
+        os.rename(target, old)
+        on_swap()
+        os.rename(staged, target)
+    try:
+        remove_path(old)
+    except OSError as e:
+        return [f"{target} is in place, but the previous {target.name} could not be removed from {old} "
+                f"({e.strerror or e}): remove it yourself"]
+    return []

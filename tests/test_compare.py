@@ -283,3 +283,14 @@ def test_folds_not_split_by_patient_are_reported(nnunet_env):
     assert "fold 1 trains and validates 1 of the same patient(s) (p00)" in warnings[2]
     assert all(f"nnunetv2_cipa compare WARNING: {w}" in done.stderr for w in warnings)
     assert "**Warnings**" in (out / "report.md").read_text()
+
+
+def test_a_symlinked_report_folder_is_replaced_not_followed(nnunet_env):
+    old = nnunet_env / "old_report"
+    compare_trainers(DATASET, TRAINERS, old, folds=(0,))
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    link = nnunet_env / "link"
+    link.symlink_to(old)
+    report = compare_trainers(DATASET, TRAINERS, link, folds=(0, 1))
+    assert not link.is_symlink() and json.loads((link / "report.json").read_text())["folds"] == [0, 1]
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before and report["warnings"] == []

@@ -8,7 +8,9 @@ where the test kills or resumes it."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,7 +90,7 @@ def test_killed_conversion_then_rerun(source, raw, signum, point, num_processes)
     out, err = process.communicate(timeout=60)
     if signum == signal.SIGTERM:
         assert process.returncode == 143 and "Traceback" not in err, err
-        assert "interrupted (terminated by signal 15); no partial dataset was left" in err
+        assert "interrupted (terminated by signal 15); no partial output was left" in err
         assert leftovers(raw) == []
     else:
         assert process.returncode == -signal.SIGKILL
@@ -157,3 +159,89 @@ def test_permission_problems_are_clean_errors(source, tmp_path, case):
     assert expected in run.stderr
     assert not raw.exists() or list(raw.iterdir()) == []
     assert tree_hash(source) == before
+
+
+@pytest.mark.parametrize("where", ["source_is_the_dataset", "source_inside_the_dataset", "raw_inside_the_source"])
+def test_the_source_is_never_replaced_or_written_into(source, tmp_path, monkeypatch, where):
+    """Even with --overwrite: the dataset folder would replace a source inside it, or land in the source tree."""
+    raw = tmp_path / "raw"
+    if where == "raw_inside_the_source":
+        raw = source / "nnUNet_raw"
+        expected = f"{raw / DATASET}: the dataset folder would lie inside the source tree {source}"
+    else:
+        inside = raw / DATASET if where == "source_is_the_dataset" else raw / DATASET / "PCLT20K"
+        source = Path(shutil.copytree(source, inside))
+        expected = f"{source}: the source lies in the dataset folder {raw / DATASET}, which the conversion replaces"
+    monkeypatch.setenv("nnUNet_raw", str(raw))
+    before = tree_hash(source)
+    with pytest.raises(InputError) as error:
+        convert_pclt20k(source, 321, overwrite=True)
+    assert expected in str(error.value)
+    assert tree_hash(source) == before and not (source / "nnUNet_raw").exists()
+
+
+def test_a_previous_dataset_that_cannot_be_removed_is_a_note_not_a_stuck_id(source, raw, monkeypatch):
+    """The new dataset is in place once the swap is done: an old copy that resists removal is left under its hidden
+    name with a note, and later conversions of the ID go on (removing it when they can)."""
+    from nnunetv2_cipa import paths
+    from nnunetv2_cipa.conversion import staging
+
+    def refuse(path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    convert_pclt20k(source, 321)
+    monkeypatch.setattr(paths, "remove_path", refuse)
+    report = convert_pclt20k(source, 321, overwrite=True, folds=3)
+    check_output(raw / DATASET, source, folds=3)
+    old = [p for p in raw.iterdir() if p.name != DATASET]
+    assert len(old) == 1 and old[0].name.startswith(f".{DATASET}.") and (old[0] / "dataset.json").is_file()
+    assert any(f"could not be removed from {old[0]} (Permission denied): remove it yourself" in n for n in report.notes)
+    monkeypatch.setattr(staging, "remove_path", refuse)
+    report = convert_pclt20k(source, 321, overwrite=True, folds=4)
+    check_output(raw / DATASET, source, folds=4)
+    assert any(f"{old[0]}: left by an earlier conversion and cannot be removed" in n for n in report.notes)
+    monkeypatch.undo()
+    monkeypatch.setenv("nnUNet_raw", str(raw))
+    report = convert_pclt20k(source, 321, overwrite=True)
+    assert sorted(p.name for p in raw.iterdir()) == [DATASET]
+    assert sum("by an interrupted conversion" in n for n in report.notes) == 2
+
+
+def test_a_symlinked_dataset_folder_is_replaced_not_followed(source, raw, tmp_path):
+    elsewhere = tmp_path / "other_disk" / DATASET
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "keep.txt").write_text("keep")
+    raw.mkdir()
+    (raw / DATASET).symlink_to(elsewhere)
+    report = convert_pclt20k(source, 321, overwrite=True)
+    assert not (raw / DATASET).is_symlink() and sorted(p.name for p in raw.iterdir()) == [DATASET]
+    check_output(raw / DATASET, source)
+    assert (elsewhere / "keep.txt").read_text() == "keep" and report.notes == []
+
+
+def test_a_full_disk_is_not_blamed_on_the_source(source, raw, monkeypatch):
+    from nnunetv2_cipa.conversion import slices
+
+    def full(path, *args, **kwargs):
+        raise InputError(f"{path}: cannot write ([Errno 28] No space left on device)")
+
+    monkeypatch.setattr(slices, "write_png", full)
+    monkeypatch.setattr(slices, "_copy", lambda source_file, target: full(target))
+    with pytest.raises(InputError) as error:
+        convert_pclt20k(source, 321)
+    message = str(error.value)
+    assert message.startswith(f"{raw}: cannot write the converted dataset there (") and "No space left" in message
+    assert "problem(s) in the source" not in message and message.count("No space left") == 1
+    assert list(raw.iterdir()) == []
+
+
+def test_planned_splits_that_cannot_be_written_stop_the_conversion_before_it_starts(source, raw, tmp_path,
+                                                                                     monkeypatch):
+    """nnU-Net trains with $nnUNet_preprocessed/<dataset>/splits_final.json once the dataset is planned: the
+    conversion rewrites it under the lock, and checks it can before any work."""
+    preprocessed = tmp_path / "pre"
+    (preprocessed / DATASET / "splits_final.json").mkdir(parents=True)
+    monkeypatch.setenv("nnUNet_preprocessed", str(preprocessed))
+    with pytest.raises(InputError, match="splits_final.json: output file is an existing folder"):
+        convert_pclt20k(source, 321)
+    assert list(raw.iterdir()) == []

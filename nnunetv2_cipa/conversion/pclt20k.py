@@ -26,13 +26,14 @@ from tqdm import tqdm
 
 from nnunetv2_cipa.cases import patient_of
 from nnunetv2_cipa.conversion import BIT_DEPTH_POLICIES, VAL_LIST_POLICIES
-from nnunetv2_cipa.conversion.slices import (ModalityScale, SliceResult, SliceTask, convert_slice, decide_scales,
-                                             scale_tasks, write_scaled)
+from nnunetv2_cipa.conversion.slices import (ModalityScale, SliceResult, SliceTask, WriteError, convert_slice,
+                                             decide_scales, scale_tasks, write_scaled)
 from nnunetv2_cipa.conversion.source import locate_files, read_source_lists
 from nnunetv2_cipa.conversion.staging import (DatasetLock, publish, recover_interrupted, sigterm_as_interrupt,
                                               stop_point, worker_init)
 from nnunetv2_cipa.errors import InputError
-from nnunetv2_cipa.paths import NNUNET_FOLDERS, output_folder, required_folder, staging_folder, write_text_atomically
+from nnunetv2_cipa.paths import (NNUNET_FOLDERS, check_output_file, output_folder, required_folder, staging_folder,
+                                 write_text_atomically)
 
 CHANNEL_NAMES = {"rgb": "rgb_to_0_1", "ct": "CT"}  # nnU-Net picks the normalisation from the (casefolded) name
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
@@ -105,6 +106,27 @@ def check_dataset_id(dataset_id: int, target: Path, overwrite: bool) -> None:
                          "it or pick another -d")
     if target.exists() and not overwrite:
         raise InputError(f"{target}: already exists (pass --overwrite to replace it)")
+
+
+def check_source_apart(source: Path, target: Path) -> None:
+    """InputError if the conversion would write into the source tree or replace it: ``source`` is the dataset
+    folder ``target``, lies inside it, or holds it (nnUNet_raw inside the source)."""
+    source_path, target_path = source.resolve(), target.resolve()
+    if source_path == target_path or target_path in source_path.parents:
+        raise InputError(f"{source}: the source lies in the dataset folder {target}, which the conversion replaces; "
+                         "move or copy the source elsewhere first")
+    if source_path in target_path.parents:
+        raise InputError(f"{target}: the dataset folder would lie inside the source tree {source}, which is only "
+                         "ever read; set nnUNet_raw to a folder outside it")
+
+
+def preprocessed_splits_file(target: Path) -> Path | None:
+    """``$nnUNet_preprocessed/<dataset>/splits_final.json`` if that dataset folder exists (the dataset was planned:
+    nnU-Net trains with the folds there), checked writable; else None."""
+    preprocessed = os.environ.get("nnUNet_preprocessed")
+    if not preprocessed or not (Path(preprocessed) / target.name).is_dir():
+        return None
+    return check_output_file(Path(preprocessed) / target.name / "splits_final.json")
 
 
 def source_problems(problems: list[str]) -> InputError:
@@ -184,34 +206,46 @@ def convert_pclt20k(source, dataset_id: int, name: str = "PCLT20K", folds: int =
     (see ``slices``); ``val_list``: what to do with a val.txt ("merge" into training, or "refuse")."""
     source = Path(source)
     _check_arguments(source, dataset_id, name, folds, num_processes, normalization, high_bit_depth, val_list)
-    raw = output_folder(required_folder("nnUNet_raw"), "nnUNet_raw folder")
+    raw = required_folder("nnUNet_raw")
     target = raw / f"Dataset{dataset_id:03d}_{name}"
+    check_source_apart(source, target)  # before nnUNet_raw is created: it may lie inside the source
+    output_folder(raw, "nnUNet_raw folder")
     with sigterm_as_interrupt(), DatasetLock(raw, dataset_id):
         try:
             notes = recover_interrupted(raw, dataset_id)
         except OSError as e:
-            raise InputError(f"{e.filename}: cannot clean up after an interrupted conversion ({e.strerror})") from e
+            raise InputError(f"{e.filename or raw}: cannot complete the replacement an interrupted conversion left "
+                             f"half done ({e.strerror or e})") from e
         check_dataset_id(dataset_id, target, overwrite)
+        planned_splits = preprocessed_splits_file(target)
         lists = read_source_lists(source, val_list)
         slices, missing = locate_files(source, lists)
         if lists.problems:
             raise source_problems(lists.problems + missing)
         splits = patient_folds(lists.train, folds, seed)
         work = staging_folder(raw, target.name)
+        published = False
         try:
             results, scales = _convert_slices(slices, set(lists.test), work, num_processes, high_bit_depth, missing)
             _write_metadata(work, source, name, normalization, len(lists.train), len(lists.test), splits, scales,
                             high_bit_depth)
             try:
-                publish(work, target)
+                notes += publish(work, target)
+                published = True
             except OSError as e:
                 raise InputError(f"{target}: cannot move the converted dataset into place ({e})") from e
+        except WriteError as e:
+            raise InputError(f"{raw}: cannot write the converted dataset there ({e}); nothing was written (the "
+                             "source is not the problem)") from None
         finally:
-            if work.exists():
+            if not published:  # once published, WORK is gone or is the old copy publish could not remove
                 shutil.rmtree(work, ignore_errors=True)
-    preprocessed = os.environ.get("nnUNet_preprocessed")
-    if preprocessed and (Path(preprocessed) / target.name).is_dir():
-        write_text_atomically(Path(preprocessed) / target.name / "splits_final.json", json.dumps(splits, indent=1))
+        if planned_splits is not None:  # under the lock: no other conversion of the ID writes it meanwhile
+            try:
+                write_text_atomically(planned_splits, json.dumps(splits, indent=1))
+            except InputError as e:
+                raise InputError(f"{e}; {target} was converted, but nnU-Net would train on the old folds: copy its "
+                                 f"splits_final.json to {planned_splits}") from None
     return ConversionReport(folder=target, train_ids=lists.train, test_ids=lists.test,
                             tumour_slices={r.slice_id for r in results if r.has_tumour},
                             sizes=sorted({f"{r.shape[1]}x{r.shape[0]}" for r in results}), folds=folds, scales=scales,

@@ -36,6 +36,10 @@ class SliceTask:
         return self.images_dir / f"{self.slice_id}_{MODALITIES.index(kind):04d}.png"
 
 
+class WriteError(InputError):
+    """A converted file could not be written (a full disk, lost permissions): the conversion stops at once."""
+
+
 @dataclass
 class SliceResult:
     """What the pass over one slice found: problems (then nothing else is set), the (H, W) size, whether the mask
@@ -74,7 +78,8 @@ def _mask_problem(path: Path, mask: np.ndarray) -> str | None:
 
 def convert_slice(task: SliceTask) -> SliceResult:
     """Read and check one slice; write its 8-bit CT / PET (16-bit ones are left for ``write_scaled``) and its 0/1
-    label. Every problem becomes a message in the result, naming the file."""
+    label. Every problem of the source becomes a message in the result, naming the file; a file that cannot be
+    written raises WriteError."""
     result = SliceResult(task.slice_id)
     arrays, plain = {}, {}
     for kind, path in task.files.items():
@@ -104,8 +109,7 @@ def convert_slice(task: SliceTask) -> SliceResult:
                 write_png(task.image_path(kind), arrays[kind])
         write_png(task.labels_dir / f"{task.slice_id}.png", label)
     except InputError as e:
-        result.problems.append(str(e))
-        return result
+        raise WriteError(str(e)) from None
     result.shape, result.has_tumour = shapes["mask"], bool(label.any())
     return result
 
@@ -118,12 +122,16 @@ def _copy(source: Path, target: Path) -> None:
 
 
 def write_scaled(task: ScaleTask) -> str | None:
-    """Write one 16-bit modality file as 8 bits; the problem message, or None."""
+    """Write one 16-bit modality file as 8 bits; the source's problem message, or None (WriteError if the file
+    cannot be written)."""
     try:
         pixels, _ = read_gray_png(task.source)
-        write_png(task.target, (pixels >> task.right_shift).astype(np.uint8))
     except InputError as e:
         return str(e)
+    try:
+        write_png(task.target, (pixels >> task.right_shift).astype(np.uint8))
+    except InputError as e:
+        raise WriteError(str(e)) from None
     return None
 
 

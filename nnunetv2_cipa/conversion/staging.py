@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from nnunetv2_cipa.errors import InputError
-from nnunetv2_cipa.paths import replace_folder
+from nnunetv2_cipa.paths import remove_path, replace_folder
 
 STOP_AT_ENV = "NNUNETV2_CIPA_CONVERT_STOP_AT"
 PR_SET_PDEATHSIG = 1
@@ -126,7 +126,8 @@ def _leftovers(raw: Path, dataset_id: int, kind: str) -> list[tuple[Path, str, s
 
 def recover_interrupted(raw: Path, dataset_id: int) -> list[str]:
     """Under the dataset's lock: complete a replacement a dead run left half done (its old copy renamed aside: the
-    staged copy of the same token is complete) and remove every staging folder of dead runs. Returns notes."""
+    staged copy of the same token is complete) and remove every staging folder of earlier runs (a leftover that
+    cannot be removed is a note, not an error: the new run does not need its name). Returns notes."""
     notes = []
     for old, name, token in _leftovers(raw, dataset_id, "old"):
         target, staged = raw / name, raw / f".{name}.tmp-{token}"
@@ -135,14 +136,22 @@ def recover_interrupted(raw: Path, dataset_id: int) -> list[str]:
             os.rename(source, target)
             notes.append(f"{target}: {'completed' if source == staged else 'undid'} the replacement an interrupted "
                          "conversion left half done")
-        if old.exists():
-            shutil.rmtree(old)
+        if old.exists() or old.is_symlink():
+            notes += _remove_leftover(old, say_removed=False)
     for staged, _, _ in _leftovers(raw, dataset_id, "tmp"):
-        shutil.rmtree(staged)
-        notes.append(f"removed {staged.name}, left in {raw} by an interrupted conversion")
+        notes += _remove_leftover(staged)
     return notes
 
 
-def publish(staged: Path, target: Path) -> None:
-    """``replace_folder`` with the test hook's "swap" stop point between the swap and the clean-up."""
-    replace_folder(staged, target, on_swap=lambda: stop_point("swap"))
+def _remove_leftover(path: Path, say_removed: bool = True) -> list[str]:
+    """Remove what an earlier conversion left at ``path``; a note saying so, or why it could not be removed."""
+    try:
+        remove_path(path)
+    except OSError as e:
+        return [f"{path}: left by an earlier conversion and cannot be removed ({e.strerror or e}); remove it yourself"]
+    return [f"removed {path.name}, left in {path.parent} by an interrupted conversion"] if say_removed else []
+
+
+def publish(staged: Path, target: Path) -> list[str]:
+    """``replace_folder`` with the test hook's "swap" stop point between the swap and the clean-up; its notes."""
+    return replace_folder(staged, target, on_swap=lambda: stop_point("swap"))

@@ -236,7 +236,8 @@ def compare_trainers(dataset, trainers, report_dir, configuration: str = "2d", p
     """Evaluate each trainer's cross-validation (and optional test) predictions and write REPORT_DIR: report.md,
     report.json and PNG figures, published as a whole once complete (``check_report_folder``); returns the report
     dict (NaN as None). ``time_inference`` also measures each model's inference time per slice with nnU-Net's
-    predictor. Folds that are not split by patient are reported under "warnings"."""
+    predictor. Folds that are not split by patient are reported under "warnings" (and, in the returned dict only, a
+    previous report folder that could not be removed)."""
     from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 
     trainers = list(trainers)
@@ -252,7 +253,7 @@ def compare_trainers(dataset, trainers, report_dir, configuration: str = "2d", p
     splits_file, splits = read_splits(name, raw_dir)
     fold_cases = validation_case_set(splits_file, splits, folds)
 
-    report_dir = check_report_folder(Path(report_dir))
+    report_dir = check_report_folder(Path(os.path.abspath(report_dir)))  # "." and ".." get their names
     labels_tr = list_label_pngs(raw_dir / "labelsTr")
     cv_cases = [c for cases in fold_cases.values() for c in cases]
     problems = cover_problems(cv_cases, {c: labels_tr[c] for c in cv_cases if c in labels_tr},
@@ -283,6 +284,7 @@ def compare_trainers(dataset, trainers, report_dir, configuration: str = "2d", p
 
     # everything is scored: the report is drawn and written in a staging folder that then replaces REPORT_DIR
     staged = staging_folder(output_folder(report_dir.parent), report_dir.name)
+    published = False
     try:
         drawn = {"cross-validation": (cv_preds, cv_gt, raw_dir / "imagesTr")}
         if test_predictions is not None:
@@ -297,9 +299,11 @@ def compare_trainers(dataset, trainers, report_dir, configuration: str = "2d", p
         write_text_atomically(staged / "report.json", json.dumps(report, indent=2, allow_nan=False))
         write_text_atomically(staged / "report.md", render_report(report))
         try:
-            replace_folder(staged, report_dir)
+            report["warnings"] += replace_folder(staged, report_dir)  # in the returned dict only
+            published = True
         except OSError as e:
             raise InputError(f"{report_dir}: cannot move the report into place ({e})") from e
     finally:
-        shutil.rmtree(staged, ignore_errors=True)
+        if not published:  # once published, STAGED is gone or is the old report replace_folder could not remove
+            shutil.rmtree(staged, ignore_errors=True)
     return report
