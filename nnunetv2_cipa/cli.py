@@ -25,8 +25,10 @@ def _cmd_ext_path(args) -> int:
 
 
 def _cmd_synth(args) -> int:
-    from nnunetv2_cipa.synthetic import generate_pclt20k_like, save_example_figure
+    from nnunetv2_cipa.synthetic import check_figure_file, generate_pclt20k_like, save_example_figure
 
+    if args.example_figure:
+        check_figure_file(args.example_figure)  # before the dataset is written
     summary = generate_pclt20k_like(args.out_dir, patients=args.patients, slices=args.slices, size=args.size,
                                     test_patients=args.test_patients, seed=args.seed, overwrite=args.overwrite)
     if args.example_figure:
@@ -37,15 +39,10 @@ def _cmd_synth(args) -> int:
 
 def _cmd_convert(args) -> int:
     from nnunetv2_cipa.conversion.pclt20k import convert_pclt20k, format_summary
-    from nnunetv2_cipa.conversion.staging import Terminated
 
-    try:
-        report = convert_pclt20k(args.source, args.dataset_id, name=args.name, folds=args.folds, seed=args.seed,
-                                 num_processes=args.np, overwrite=args.overwrite, normalization=args.normalization,
-                                 high_bit_depth=args.high_bit_depth, val_list=args.val_list)
-    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM as Terminated: the staging folder is already removed
-        print(f"nnunetv2_cipa convert: interrupted ({e or 'SIGINT'}); no partial dataset was left", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+    report = convert_pclt20k(args.source, args.dataset_id, name=args.name, folds=args.folds, seed=args.seed,
+                             num_processes=args.np, overwrite=args.overwrite, normalization=args.normalization,
+                             high_bit_depth=args.high_bit_depth, val_list=args.val_list)
     print(format_summary(report))
     return 0
 
@@ -55,6 +52,9 @@ def _cmd_evaluate(args) -> int:
     from nnunetv2_cipa.paths import check_output_file, write_text_atomically
 
     output = check_output_file(args.output or Path(args.pred_dir) / "metrics_cipa.json")  # before any work
+    if output.suffix.lower() == ".png":
+        raise InputError(f"{output}: the metrics are JSON; a .png output could overwrite, or later be read as, a "
+                         "label PNG: choose a .json file")
     result = evaluate_folders(args.gt_dir, args.pred_dir, patient_sep=args.patient_sep)
     write_text_atomically(output, json.dumps(result, indent=2, allow_nan=False))
     print(format_summary(result))
@@ -173,13 +173,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands whose output appears whole or not at all (staged, then renamed into place)
+STAGED_OUTPUT_COMMANDS = ("synth", "convert", "evaluate", "compare", "import-official")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from nnunetv2_cipa.conversion.staging import Terminated, sigterm_as_interrupt
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        if args.command not in STAGED_OUTPUT_COMMANDS:
+            return args.func(args)
+        with sigterm_as_interrupt():  # SIGTERM unwinds like Ctrl-C: the staging folders are removed on the way out
+            return args.func(args)
     except InputError as e:
         print(f"nnunetv2_cipa {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        if args.command not in STAGED_OUTPUT_COMMANDS:
+            raise
+        print(f"nnunetv2_cipa {args.command}: interrupted ({e or 'SIGINT'}); no partial output was left",
+              file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.network import CIPA, OFFICIAL_INPUT_SCALE_SHIFT
 from nnunetv2_cipa.official import (AUX_HEADS_PREFIX, OfficialCheckpoint, OfficialWeights, load_official_weights,
                                     read_official_checkpoint)
-from nnunetv2_cipa.paths import required_folder
+from nnunetv2_cipa.paths import check_output_file, output_folder, required_folder
 
 OFFICIAL_PATCH_SIZE = (512, 512)       # the official CRM is tied to 512x512 inputs
 OFFICIAL_CHANNEL_ROLES = {"0": "CT", "1": "PET"}
@@ -32,6 +32,7 @@ DEFAULT_TRAINERS = ("nnUNetTrainerCIPA_paper", "nnUNetTrainerCIPA")  # the first
 MIRROR_AXES_2D = (0, 1)
 CHECKPOINT_FILE = "checkpoint_final.pth"
 REPORT_FILE = "official_import.json"
+STAGING_PREFIX = ".import-official-"  # + PID + "-" + token
 MODEL_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
 NOT_IN_OFFICIAL_MODEL = "not in the official model, unused at inference"
 
@@ -139,6 +140,7 @@ def import_official(checkpoint: str | Path, dataset: str | int, trainer: str | N
     fold_dir = model_dir / f"fold_{fold}"
     if fold_dir.exists() and not overwrite:
         raise InputError(f"{fold_dir} exists; pass --overwrite to replace it")
+    check_output_file(fold_dir / CHECKPOINT_FILE)  # a writable place, before the checkpoint is read
     for name, content in (("plans.json", plans_dict), ("dataset.json", dataset_json)):
         existing = model_dir / name
         if existing.is_file() and not overwrite and load_json(str(existing)) != json.loads(json.dumps(content)):
@@ -213,8 +215,9 @@ def _publish(model_dir: Path, fold_name: str, state: dict, report: dict, model_j
     existing fold is replaced only with ``overwrite``."""
     from batchgenerators.utilities.file_and_folder_operations import save_json
 
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".import-official-", dir=model_dir.parent))
+    parent = output_folder(model_dir.parent, "dataset results folder")
+    _remove_dead_stagings(parent)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=parent))
     try:
         new_model, new_fold = staging / model_dir.name, staging / model_dir.name / fold_name
         new_fold.mkdir(parents=True)
@@ -238,8 +241,29 @@ def _publish(model_dir: Path, fold_name: str, state: dict, report: dict, model_j
             os.rename(new_fold, fold_dir)
         except OSError as err:  # a concurrent import wrote it since the check
             raise InputError(f"{fold_dir} appeared during the import; pass --overwrite to replace it") from err
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+        raise InputError(f"{model_dir / fold_name}: cannot write the imported fold ({err}); nothing was "
+                         "changed") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_dead_stagings(parent: Path) -> None:
+    """Remove the staging folders in ``parent`` of imports whose process is gone (killed with SIGKILL)."""
+    for entry in parent.glob(f"{STAGING_PREFIX}*-*"):
+        pid = entry.name.removeprefix(STAGING_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def format_report(report: dict) -> str:

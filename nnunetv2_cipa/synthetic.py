@@ -13,6 +13,8 @@ Layout written (as the official CIPA loader expects): ``<out>/<patient>/<patient
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter, shift
 
 from nnunetv2_cipa.errors import InputError
+from nnunetv2_cipa.paths import check_output_file, output_folder, replace_folder, staging_folder
 from nnunetv2_cipa.png_io import write_png
 
 # 8-bit intensities of the (already windowed) CT and of the (already SUV-clipped) PET.
@@ -284,31 +287,55 @@ def generate_pclt20k_like(out_dir, patients: int = 20, slices: int = 8, size: in
         raise InputError(f"tumor_free_fraction must be in [0, 1), got {tumor_free_fraction!r}")
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
-        raise InputError(f"{out_dir}: exists and is not an empty folder (pass overwrite=True to write into it)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-
+        raise InputError(f"{out_dir}: exists and is not an empty folder (overwrite replaces its contents)")
+    staged = staging_folder(output_folder(Path(os.path.abspath(out_dir)).parent), out_dir.name)
+    published = False
+    try:
+        results = _write_patients(staged, patients + test_patients, seed, slices, size, tumor_free_fraction,
+                                  num_processes)
+        splits = {"train": results[:patients], "test": results[patients:]}
+        summary: dict = {"out_dir": str(out_dir), "size": size, "seed": seed, "slices_per_patient": slices}
+        for split, rows in splits.items():
+            (staged / f"{split}.txt").write_text(
+                "".join(f"{r['patient']}_{z:03d}\n" for r in rows for z in range(slices)))
+            summary[split] = {"patients": len(rows), "slices": len(rows) * slices,
+                              "tumor_slices": sum(r["tumor_slices"] for r in rows)}
+        notes = replace_folder(staged, out_dir)
+        published = True
+    except OSError as e:
+        raise InputError(f"{out_dir}: cannot write the synthetic dataset ({e.strerror or e})") from e
+    finally:
+        if not published:
+            shutil.rmtree(staged, ignore_errors=True)
     total = patients + test_patients
-    tasks = [PatientTask(out_dir, seed, patient_id(i, total), i, slices, size, tumor_free_fraction)
-             for i in range(total)]
-    for task in tasks:
-        if (out_dir / task.patient).exists():
-            raise InputError(f"{out_dir / task.patient}: already exists")
-    if num_processes == 1:
-        results = [_write_patient(t) for t in tasks]
-    else:
-        with ProcessPoolExecutor(num_processes) as pool:
-            results = list(pool.map(_write_patient, tasks))
-
-    splits = {"train": results[:patients], "test": results[patients:]}
-    summary: dict = {"out_dir": str(out_dir), "size": size, "seed": seed, "slices_per_patient": slices}
-    for split, rows in splits.items():
-        (out_dir / f"{split}.txt").write_text(
-            "".join(f"{r['patient']}_{z:03d}\n" for r in rows for z in range(slices)))
-        summary[split] = {"patients": len(rows), "slices": len(rows) * slices,
-                          "tumor_slices": sum(r["tumor_slices"] for r in rows)}
     summary["tumor_slice_fraction"] = round(sum(r["tumor_slices"] for r in results) / (total * slices), 4)
     summary["slices_with"] = {k: sum(r["slices_with"][k] for r in results) for k in results[0]["slices_with"]}
+    if notes:
+        summary["notes"] = notes
     return summary
+
+
+def _write_patients(folder: Path, total: int, seed: int, slices: int, size: int, tumor_free_fraction: float,
+                    num_processes: int) -> list[dict]:
+    """Write ``total`` patients into ``folder``; their summaries in patient order."""
+    tasks = [PatientTask(folder, seed, patient_id(i, total), i, slices, size, tumor_free_fraction)
+             for i in range(total)]
+    if num_processes == 1:
+        return [_write_patient(t) for t in tasks]
+    with ProcessPoolExecutor(num_processes) as pool:
+        return list(pool.map(_write_patient, tasks))
+
+
+def check_figure_file(path) -> Path:
+    """``path`` if matplotlib can save a figure there (format from the suffix, a writable place); else InputError."""
+    from matplotlib.figure import Figure
+
+    path = check_output_file(path)
+    formats = Figure().canvas.get_supported_filetypes()
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise InputError(f"{path}: cannot draw a figure in format {path.suffix or '(no suffix)'!r}; use one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
+    return path
 
 
 def save_example_figure(path, seed: int = 0, size: int = 128) -> Path:
@@ -341,8 +368,12 @@ def save_example_figure(path, seed: int = 0, size: int = 128) -> Path:
     fig.suptitle("synthetic PCLT20K-like slices (overlay: red tumour, cyan benign, yellow physiological uptake)",
                  fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=64)
-    plt.close(fig)
+    path = check_figure_file(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=64)
+    except OSError as e:
+        raise InputError(f"{path}: cannot write the figure ({e.strerror or e})") from e
+    finally:
+        plt.close(fig)
     return path

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import subprocess
 import sys
 
@@ -254,3 +256,19 @@ def test_slice_metrics_on_a_large_image_match_full_image_references(seed):
 def test_format_number_never_uses_an_exponent():
     assert [format_number(v) for v in (None, 0.123456, 1234.56, 12345.6, 3e7, 0.0)] == [
         "n/a", "0.1235", "1235", "12346", "30000000", "0"]
+
+
+@pytest.mark.parametrize("case", ["an_input_png", "a_fifo"])
+def test_evaluate_never_writes_over_an_input_or_a_special_file(tmp_path, folders, case):
+    gt, pred = folders
+    if case == "an_input_png":
+        out = pred / "p1_000.png"
+        expected = f"{out}: the metrics are JSON; a .png output could overwrite"
+    else:
+        out = tmp_path / "fifo"
+        os.mkfifo(out)
+        expected = f"{out}: output file exists and is not a regular file"
+    before = out.read_bytes() if case == "an_input_png" else None
+    done = run_cli(gt, pred, "-o", out)
+    assert done.returncode == 1 and "Traceback" not in done.stderr and expected in done.stderr, done.stderr
+    assert out.read_bytes() == before if case == "an_input_png" else stat.S_ISFIFO(out.stat().st_mode)

@@ -5,6 +5,9 @@ CLI on 512x512 slices, prediction parity with the official forward pass and fine
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -240,12 +243,16 @@ def test_import_writes_a_fold_the_predictor_loads(nnunet_folders, official_check
     with pytest.raises(InputError, match="fold_all exists; pass --overwrite"):
         import_official(official_checkpoint, "950", trainer=trainer)
     assert (fold_dir / CHECKPOINT_FILE).stat().st_mtime_ns == mtime
+    # the staging folder of an import killed with SIGKILL is removed by the next import; a live process's is kept
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for pid in (int(dead.stdout), os.getpid()):
+        (nnunet_folders / "nnUNet_results" / DATASET / f".import-official-{pid}-token" / "fold_all").mkdir(parents=True)
     report = import_official(official_checkpoint, DATASET, trainer=trainer, overwrite=True, tta=True)
     assert report["inference_allowed_mirroring_axes"] == [0, 1] and report["mirroring"].startswith("on")
     assert torch.load(fold_dir / CHECKPOINT_FILE, weights_only=False)["inference_allowed_mirroring_axes"] == (0, 1)
     assert sorted(p.name for p in model_dir.iterdir()) == ["dataset.json", "dataset_fingerprint.json", "fold_all",
                                                            "plans.json"]
-    assert leftovers(nnunet_folders / "nnUNet_results") == []
+    assert leftovers(nnunet_folders / "nnUNet_results") == [f".import-official-{os.getpid()}-token"]
 
 
 def test_a_failed_import_leaves_nothing_behind(nnunet_folders, official_checkpoint, monkeypatch):
@@ -260,7 +267,8 @@ def test_a_failed_import_leaves_nothing_behind(nnunet_folders, official_checkpoi
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(InputError, match=r"fold_all: cannot write the imported fold \(\[Errno 28\] No space left on "
+                                         r"device\); nothing was changed"):
         import_official(official_checkpoint, "950", trainer="nnUNetTrainerCIPA")
     assert not (results / DATASET / "nnUNetTrainerCIPA__nnUNetPlans__2d").exists()
     assert leftovers(results) == []

@@ -4,8 +4,10 @@ enough to find the tumour)."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +147,37 @@ def test_cli_synth_example_figure_reproduces_the_readme_figure(tmp_path):
     with Image.open(figure) as new, Image.open(readme_figure) as old:
         assert new.size == old.size == (640, 518)
         assert np.array_equal(np.asarray(new), np.asarray(old))
+
+
+def test_overwrite_replaces_a_previous_dataset_as_a_whole(tmp_path):
+    out = tmp_path / "d"
+    generate_pclt20k_like(out, patients=3, slices=1, size=32, test_patients=1, seed=1)
+    summary = generate_pclt20k_like(out, patients=1, slices=2, size=32, test_patients=1, seed=2, overwrite=True)
+    patients = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert len(patients) == 2 and summary["train"]["slices"] == 2 and "notes" not in summary
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["test.txt", "train.txt"]
+    assert (out / "train.txt").read_text().split() == [f"{patients[0]}_000", f"{patients[0]}_001"]
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]  # no staging folder left
+
+
+def test_cli_synth_checks_the_figure_path_before_writing(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "nnunetv2_cipa.cli", "synth", str(tmp_path / "d"), "--patients", "1",
+                          "--slices", "1", "--size", "32", "--example-figure", str(tmp_path / "figure.xyz")],
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert f"{tmp_path / 'figure.xyz'}: cannot draw a figure in format '.xyz'; use one of" in run.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_terminated_synth_leaves_nothing(tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "nnunetv2_cipa.cli", "synth", str(tmp_path / "d"),
+                                "--patients", "400", "--slices", "8", "--size", "64"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(p.name.startswith(".d.tmp-") and any(p.iterdir()) for p in tmp_path.iterdir()):
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143 and "synth: interrupted (terminated by signal 15); no partial output" in err
+    assert list(tmp_path.iterdir()) == []
