@@ -10,6 +10,8 @@ listed without running it, and is read in full only when all of them are configu
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,26 +31,35 @@ def _is_configuration_global(name: str) -> bool:
     return name in CONFIGURATION_GLOBALS or name.startswith(CONFIGURATION_MODULE_PREFIXES)
 
 
+def _reason(err: Exception) -> str:
+    """The cause in a torch.load error, without torch's advice to retry with weights_only=False."""
+    found = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", str(err), re.DOTALL)
+    text = found.group(1) if found else str(err)
+    return f"{type(err).__name__}: {' '.join(text.split())}"
+
+
 def load_checkpoint_file(path: Path, what: str, mmap: bool = False):
     """The object saved in ``path``, its tensors on the CPU (memory-mapped with ``mmap``: only the tensors read are
     paged in). InputError ("``what`` ``path``: ...") when there is no
     such file, it is not a PyTorch checkpoint, or its pickle references anything but tensors, containers and
     configuration types."""
     if not path.is_file():
-        raise InputError(f"{what} {path}: no such file")
+        raise InputError(f"{what} {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # torch's note on pickle protocols: the refusal below says what matters
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:  # refused by weights_only, or not a pickle at all
         refused = err
     except Exception as err:  # zip and other read errors
-        raise InputError(f"{what} {path}: not a PyTorch checkpoint ({type(err).__name__}: {err})") from err
+        raise InputError(f"{what} {path}: not a PyTorch checkpoint ({_reason(err)})") from err
     try:
         references = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception as err:  # not a torch.save zip file
-        raise InputError(f"{what} {path}: not a PyTorch checkpoint ({type(refused).__name__}: {refused})") from err
+        raise InputError(f"{what} {path}: not a PyTorch checkpoint ({_reason(refused)})") from err
     others = sorted(name for name in references if not _is_configuration_global(name))
     if not references or others:
-        found = f"it references {', '.join(others)}" if others else f"{type(refused).__name__}: {refused}"
+        found = f"it references {', '.join(others)}" if others else _reason(refused)
         raise InputError(f"{what} {path}: not loaded, {found}; a checkpoint of tensors and a training "
                          "configuration needs none of that (load it yourself if you trust it, and save its state dict)")
     return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)

@@ -48,9 +48,11 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from nnunetv2_cipa.evaluation.metrics import evaluate_folders, format_summary
+    from nnunetv2_cipa.evaluation.metrics import evaluate_folders, format_summary, list_label_pngs
     from nnunetv2_cipa.paths import check_output_file, write_text_atomically
 
+    for folder in (args.gt_dir, args.pred_dir):
+        list_label_pngs(folder)  # each an existing folder of PNGs: checked before the output location they give
     output = check_output_file(args.output or Path(args.pred_dir) / "metrics_cipa.json")  # before any work
     if output.suffix.lower() == ".png":
         raise InputError(f"{output}: the metrics are JSON; a .png output could overwrite, or later be read as, a "

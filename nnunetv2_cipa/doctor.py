@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+from pathlib import Path
 
 from nnunetv2_cipa.paths import NNUNET_FOLDERS
 
@@ -76,9 +77,7 @@ def collect_report() -> list[tuple[str, str, bool]]:
     except ValueError as e:
         rows.append(("CPU linear layers", str(e), False))
 
-    for name in PATH_VARIABLES:
-        value = os.environ.get(name)
-        rows.append((name, value or "not set", bool(value) or name == "nnUNet_extTrainer"))
+    rows += [path_variable_row(name) for name in PATH_VARIABLES]
 
     try:
         from nnunetv2_cipa.trainer_discovery import find_trainer_class
@@ -91,6 +90,19 @@ def collect_report() -> list[tuple[str, str, bool]]:
     return rows
 
 
+def path_variable_row(name: str) -> tuple[str, str, bool]:
+    """(name, value, ok) of a folder variable: unset is marked (nnU-Net's folders) but is no error; a value that is
+    no folder (a file; for nnUNet_extTrainer also a missing one) is an error."""
+    value = os.environ.get(name)
+    if not value:
+        return name, "not set", name == "nnUNet_extTrainer"
+    if Path(value).exists() and not Path(value).is_dir():
+        return name, f"{value}: not a folder", False
+    if name == "nnUNet_extTrainer" and not Path(value).is_dir():
+        return name, f"{value}: no such folder (export nnUNet_extTrainer=$(nnunetv2_cipa ext-path))", False
+    return name, value, True
+
+
 def run_doctor() -> int:
     """Print the report; exit status 1 if something is broken."""
     import contextlib
@@ -101,4 +113,4 @@ def run_doctor() -> int:
     width = max(len(item) for item, _, _ in rows)
     for item, value, ok in rows:
         print(f"{'  ' if ok else '! '}{item:<{width}}  {value}")
-    return 0 if all(ok for item, _, ok in rows if item not in PATH_VARIABLES) else 1
+    return 0 if all(ok for item, _, ok in rows if item not in PATH_VARIABLES or os.environ.get(item)) else 1

@@ -18,6 +18,8 @@ PNG_COMPRESS_LEVEL = 1  # zlib level of the PNGs we write: fast, and nnU-Net rea
 
 def _decode(path: Path) -> tuple[np.ndarray, str]:
     """Pixels of a PNG as Pillow decodes them (palette images expanded to RGBA) and Pillow's mode."""
+    if not path.is_file():  # a FIFO would block Pillow forever; a folder or device is no image either
+        raise InputError(f"{path}: {'no such file' if not path.exists() else 'not a regular file'}")
     try:
         with Image.open(path) as image:
             if image.format != "PNG":

@@ -133,6 +133,8 @@ def test_missing_fold_is_a_clear_error(nnunet_env):
     shutil.rmtree(nnunet_env / "results" / DATASET / f"{TRAINERS[1]}__nnUNetPlans__2d" / "fold_1" / "validation")
     with pytest.raises(InputError, match=r"fold 1: validation folder .*nnUNetTrainerB__nnUNetPlans__2d.fold_1"):
         compare_trainers(DATASET, TRAINERS, nnunet_env / "report", folds=(0, 1))
+    with pytest.raises(InputError, match="-f 0 0: a fold is given more than once"):
+        compare_trainers(DATASET, TRAINERS, nnunet_env / "report", folds=(0, 0))
     with pytest.raises(InputError, match="dataset 986: Could not find"):
         compare_trainers(986, TRAINERS, nnunet_env / "report", folds=(0, 1))
     with pytest.raises(InputError, match="trained model folder .*nnUNetTrainerC"):

@@ -247,12 +247,16 @@ def test_every_bad_file_reported_in_one_run_through_the_script(source, raw):
     expected += ["P0002_000_CT.png: missing (slice 'P0002_000' listed in", "found P0002_000_ct.png, whose name differs",
                  "P0004_001_mask.png: missing", "found P0004_001_Mask.PNG", _break_unreadable(source),
                  _break_missing(source, "PET")]
+    line = len((source / "train.txt").read_text().splitlines()) + 1
+    with (source / "train.txt").open("a") as train:  # a bad list line does not hide the bad files
+        train.write("P0001-003\n")
+    expected.append(f"{source / 'train.txt'}, line {line}: 'P0001-003' is not a slice ID")
     before = tree_hash(source)
     script = REPOSITORY / "dataset_conversion" / "pclt20k.py"
     run = subprocess.run([sys.executable, str(script), str(source), "-d", "321", "-np", "2"], capture_output=True,
                          text=True, env={**os.environ, "nnUNet_raw": str(raw)})
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
-    assert "7 problem(s) in the source; nothing was written" in run.stderr
+    assert "8 problem(s) in the source; nothing was written" in run.stderr
     for text in expected:
         assert text in run.stderr
     assert list(raw.iterdir()) == [] and tree_hash(source) == before
@@ -369,6 +373,26 @@ def test_val_list_merged_and_test_list_variants(source, raw):
     check_output(report.folder, source, train=train, test=[])
     assert f"no test list ({source / 'test.txt'}): no test set (imagesTs / labelsTs) written" in format_summary(report)
     assert tree_hash(source) == before and sorted(p.name for p in raw.iterdir()) == [DATASET]
+
+    (source / "test.txt").write_text("\n")
+    report = convert_pclt20k(source, 321, val_list="merge", overwrite=True)
+    check_output(report.folder, source, train=train, test=[])
+    assert f"{source / 'test.txt'} lists no slice IDs: no test set (imagesTs / labelsTs) written" in \
+        format_summary(report)
+
+
+@pytest.mark.parametrize("special", ["fifo", "device"])
+def test_a_split_list_that_is_no_regular_file_is_refused_at_once(source, raw, special):
+    """A FIFO would block the read forever, /dev/zero never end."""
+    (source / "test.txt").unlink()
+    if special == "fifo":
+        os.mkfifo(source / "test.txt")
+    else:
+        (source / "test.txt").symlink_to("/dev/zero")
+    run = subprocess.run([sys.executable, "-m", "nnunetv2_cipa.cli", "convert", str(source), "-d", "321"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "nnUNet_raw": str(raw)})
+    assert run.returncode == 1 and f"{source / 'test.txt'}: split file is not a regular file" in run.stderr
+    assert list(raw.iterdir()) == []
 
 
 def test_exact_patient_ids_in_folds():

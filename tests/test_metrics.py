@@ -177,6 +177,8 @@ def test_input_errors(tmp_path, folders):
         evaluate_folders(gt, tmp_path / "empty")
     with pytest.raises(InputError, match="does not exist"):
         evaluate_folders(tmp_path / "nowhere", pred)
+    with pytest.raises(InputError, match="p1_000.png: not a folder"):
+        evaluate_folders(gt, gt / "p1_000.png")
 
 
 def run_cli(*args, python_options=()):

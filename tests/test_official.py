@@ -106,10 +106,13 @@ def test_checkpoint_layouts(tmp_path, layout):
 def test_unreadable_checkpoints_are_refused(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         read_official_checkpoint(tmp_path / "absent.pth")
+    with pytest.raises(InputError, match=f"{tmp_path}: a folder, not a file"):
+        read_official_checkpoint(tmp_path)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(InputError, match="garbage.pth: not a PyTorch checkpoint"):
+    with pytest.raises(InputError, match="garbage.pth: not a PyTorch checkpoint") as error:
         read_official_checkpoint(garbage)
+    assert "weights_only" not in str(error.value)  # torch's advice to load it unchecked is not passed on
     listed = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], listed)
     with pytest.raises(InputError, match="list.pth: expected"):

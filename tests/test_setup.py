@@ -90,3 +90,19 @@ def test_wheel_ships_the_trainer_folder(tmp_path):
     lines = result.stdout.strip().splitlines()
     assert lines[0] == str(tmp_path / "site" / "nnunetv2_cipa" / "ext_trainers")
     assert lines[-1] == "nnunetv2_cipa.training.cipa_trainer"
+
+
+def test_doctor_flags_folder_variables_that_name_no_folder(tmp_path, monkeypatch):
+    from nnunetv2_cipa.doctor import path_variable_row
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "file"))
+    monkeypatch.setenv("nnUNet_extTrainer", str(tmp_path / "absent"))
+    monkeypatch.delenv("nnUNet_results", raising=False)
+    assert path_variable_row("nnUNet_raw") == ("nnUNet_raw", f"{tmp_path / 'file'}: not a folder", False)
+    assert path_variable_row("nnUNet_extTrainer")[2] is False and "no such folder" in path_variable_row(
+        "nnUNet_extTrainer")[1]
+    assert path_variable_row("nnUNet_results") == ("nnUNet_results", "not set", False)  # marked, not an error
+    env = {**nnunet_env(tmp_path), "nnUNet_raw": str(tmp_path / "file")}
+    result = run_cli(["nnunetv2_cipa", "doctor"], env, check=False)
+    assert result.returncode == 1 and "! nnUNet_raw" in result.stdout

@@ -76,7 +76,8 @@ def patient_folds(case_ids: list[str], folds: int, seed: int) -> list[dict[str, 
 def _check_arguments(source: Path, dataset_id: int, name: str, folds: int, num_processes: int, normalization: str,
                      high_bit_depth: str, val_list: str) -> None:
     if not source.is_dir():
-        raise InputError(f"{source}: source folder does not exist")
+        raise InputError(f"{source}: {'not a folder' if source.exists() else 'source folder does not exist'} (give "
+                         "the folder that holds train.txt and the patient folders)")
     if not 1 <= int(dataset_id) <= 999:
         raise InputError(f"dataset ID must be in 1..999, got {dataset_id}")
     if not NAME.fullmatch(name):
@@ -220,13 +221,13 @@ def convert_pclt20k(source, dataset_id: int, name: str = "PCLT20K", folds: int =
         planned_splits = preprocessed_splits_file(target)
         lists = read_source_lists(source, val_list)
         slices, missing = locate_files(source, lists)
-        if lists.problems:
-            raise source_problems(lists.problems + missing)
-        splits = patient_folds(lists.train, folds, seed)
+        splits = None if lists.problems else patient_folds(lists.train, folds, seed)
         work = staging_folder(raw, target.name)
         published = False
         try:
-            results, scales = _convert_slices(slices, set(lists.test), work, num_processes, high_bit_depth, missing)
+            # the slices are checked even when the lists have problems: every problem is reported in one run
+            results, scales = _convert_slices(slices, set(lists.test), work, num_processes, high_bit_depth,
+                                              lists.problems + missing)
             _write_metadata(work, source, name, normalization, len(lists.train), len(lists.test), splits, scales,
                             high_bit_depth)
             try:

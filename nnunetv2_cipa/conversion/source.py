@@ -23,6 +23,7 @@ LIST_NAMES = {"train": ("train.txt",), "test": ("test.txt",), "val": ("val.txt",
 SLICE_ID = re.compile(r"^[^_\s/\\\x00-\x1f\x7f]+_[^\s/\\\x00-\x1f\x7f]+$")
 MAX_NAME_BYTES = 255                           # file-name limit of common file systems
 LONGEST_SUFFIX = "_mask.png"                   # as long as the output's "_0000.png"
+MAX_LIST_BYTES = 64 * 2 ** 20                  # a split list is slice IDs, one per line
 
 
 @dataclass
@@ -40,6 +41,11 @@ class SourceLists:
 def decode_list(path: Path) -> str:
     """Text of a split list (UTF-8, with or without BOM); InputError with a hint for UTF-16 or Latin-1 files."""
     try:
+        if not path.is_file():  # a FIFO or device (/dev/zero) would block or never end
+            raise InputError(f"{path}: split file is not a regular file")
+        if path.stat().st_size > MAX_LIST_BYTES:
+            raise InputError(f"{path}: {path.stat().st_size} bytes is not a list of slice IDs (PCLT20K's train.txt "
+                             f"is about 300 KB; the limit is {MAX_LIST_BYTES // 2 ** 20} MiB)")
         data = path.read_bytes()
     except OSError as e:
         raise InputError(f"{path}: cannot read split file ({e.strerror or e})") from e
@@ -120,6 +126,8 @@ def read_source_lists(root: Path, val_list: str = "refuse") -> SourceLists:
         lists.problems.append(f"{lists.files['train']}: lists no slice IDs")
     if lists.files["test"] is None:
         lists.notes.append(f"no test list ({root / 'test.txt'}): no test set (imagesTs / labelsTs) written")
+    elif not ids["test"]:
+        lists.notes.append(f"{lists.files['test']} lists no slice IDs: no test set (imagesTs / labelsTs) written")
     for split in LIST_NAMES:
         path = lists.files[split]
         for slice_id, count in Counter(ids[split]).items():

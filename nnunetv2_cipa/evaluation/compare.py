@@ -247,6 +247,8 @@ def compare_trainers(dataset, trainers, report_dir, configuration: str = "2d", p
         raise InputError(f"test predictions: need one folder per trainer ({len(trainers)}), "
                          f"got {len(test_predictions)}")
     folds = tuple(int(f) for f in folds)
+    if len(set(folds)) != len(folds):
+        raise InputError(f"-f {' '.join(map(str, folds))}: a fold is given more than once")
     name, raw_dir, results_dir = resolve_dataset(dataset)
     model_dirs = {t: results_dir / convert_trainer_plans_config_to_identifier(t, plans, configuration)
                   for t in trainers}

@@ -137,7 +137,7 @@ def list_label_pngs(folder: str | os.PathLike) -> dict[str, Path]:
     """Case name -> path of every *.png in ``folder`` (other files nnU-Net writes are ignored)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise InputError(f"{folder}: folder does not exist")
+        raise InputError(f"{folder}: {'not a folder' if folder.exists() else 'folder does not exist'}")
     cases = {p.name[:-4]: p for p in sorted(folder.glob("*.png"))}
     if not cases:
         raise InputError(f"{folder}: no *.png label files")
