@@ -242,8 +242,8 @@ def _publish(model_dir: Path, fold_name: str, state: dict, report: dict, model_j
         except OSError as err:  # a concurrent import wrote it since the check
             raise InputError(f"{fold_dir} appeared during the import; pass --overwrite to replace it") from err
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
-        raise InputError(f"{model_dir / fold_name}: cannot write the imported fold ({err}); nothing was "
-                         "changed") from err
+        raise InputError(f"{model_dir / fold_name}: cannot write the imported fold ({err}); no partial fold was "
+                         "left") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

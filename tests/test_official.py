@@ -271,7 +271,7 @@ def test_a_failed_import_leaves_nothing_behind(nnunet_folders, official_checkpoi
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(InputError, match=r"fold_all: cannot write the imported fold \(\[Errno 28\] No space left on "
-                                         r"device\); nothing was changed"):
+                                         r"device\); no partial fold was left"):
         import_official(official_checkpoint, "950", trainer="nnUNetTrainerCIPA")
     assert not (results / DATASET / "nnUNetTrainerCIPA__nnUNetPlans__2d").exists()
     assert leftovers(results) == []

@@ -23,7 +23,6 @@ import errno
 import fcntl
 import os
 import re
-import shutil
 import signal
 import sys
 import threading
