@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scipy.stats import wilcoxon
+from scipy.stats import bootstrap, wilcoxon
 
 from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.evaluation.compare import compare_trainers
@@ -111,6 +111,11 @@ def test_compare_report_matches_evaluate_and_scipy(nnunet_env):
     assert stat["n_patients"] == 8
     assert stat["statistic"] == pytest.approx(expected.statistic)
     assert stat["pvalue"] == pytest.approx(expected.pvalue)
+    # paired bootstrap over patients, with scipy's own paired resampling of (A, B)
+    interval = bootstrap((dice[TRAINERS[0]], dice[TRAINERS[1]]), lambda a, b, axis: np.mean(a - b, axis=axis),
+                         paired=True, n_resamples=9999, method="BCa", rng=np.random.default_rng(0)).confidence_interval
+    assert stat["mean_difference_ci95"] == pytest.approx([interval.low, interval.high])
+    assert interval.low <= stat["mean_difference"] <= interval.high
 
     costs_a, costs_b = report["costs"][TRAINERS[0]], report["costs"][TRAINERS[1]]
     assert costs_a["parameters"] == costs_b["parameters"] == 4 * 2 * 3 * 3 + 4
@@ -183,9 +188,10 @@ def test_compare_cli(nnunet_env):
 
 def test_paired_wilcoxon_edge_cases():
     same = paired_wilcoxon({"a": 0.5, "b": 0.7}, {"a": 0.5, "b": 0.7})
-    assert same["pvalue"] is None and "identical" in same["note"]
+    assert same["pvalue"] is None and "identical" in same["note"] and same["mean_difference_ci95"] == [0.0, 0.0]
     one = paired_wilcoxon({"a": 0.5, "b": None}, {"a": 0.4, "b": 0.7, "c": 0.1})
     assert one["n_patients"] == 1 and one["pvalue"] is None and "need at least 2" in one["note"]
+    assert one["mean_difference_ci95"] is None and one["n_patients_left_out"] == 2
     ties = paired_wilcoxon({"a": 0.5, "b": 0.7, "c": 0.2}, {"a": 0.5, "b": 0.6, "c": 0.3})
     expected = wilcoxon([0.5, 0.7, 0.2], [0.5, 0.6, 0.3])
     assert ties["n_nonzero_differences"] == 2 and ties["pvalue"] == pytest.approx(expected.pvalue)

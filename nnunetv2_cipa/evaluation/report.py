@@ -42,12 +42,14 @@ def _metrics_table(split: dict, trainers: list[str]) -> list[str]:
 def _wilcoxon_table(split: dict) -> list[str]:
     tests = split["wilcoxon_patient_dice"]
     holm = len(tests) > 1
-    header = ["A", "B", "Patients", "Left out", "Nonzero differences", "Median ΔDice (A−B)", "Mean ΔDice (A−B)", "W",
-              "p", *(["p (Holm)"] if holm else []), "Note"]
+    header = ["A", "B", "Patients", "Left out", "Nonzero differences", "Median ΔDice (A−B)", "Mean ΔDice (A−B)",
+              "95% CI of the mean", "W", "p", *(["p (Holm)"] if holm else []), "Note"]
     lines = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
     for t in tests:
         cells = [t["a"], t["b"], str(t["n_patients"]), str(t["n_patients_left_out"]), str(t["n_nonzero_differences"]),
                  format_number(t["median_difference"]), format_number(t["mean_difference"]),
+                 "n/a" if t["mean_difference_ci95"] is None else
+                 "[{}, {}]".format(*(format_number(v) for v in t["mean_difference_ci95"])),
                  format_number(t["statistic"]), format_number(t["pvalue"], 3),
                  *([format_number(t["pvalue_holm"], 3)] if holm else []), t["note"]]
         lines.append(f"| {' | '.join(cells)} |")
