@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -409,3 +410,17 @@ def test_folds_are_balanced_and_seeded():
     assert max(sizes) - min(sizes) <= 7
     assert patient_folds(cases, 5, seed=1) == splits
     assert patient_folds(cases, 5, seed=2) != splits
+
+
+def test_a_name_that_differs_only_in_its_unicode_form_gets_a_hint(source, raw):
+    """A list typed on one system (decomposed é) against folders made on another (composed é) looks identical."""
+    composed, decomposed = unicodedata.normalize("NFC", "Pé01"), unicodedata.normalize("NFD", "Pé01")
+    (source / "P0001").rename(source / composed)
+    for path in (source / composed).iterdir():
+        path.rename(path.with_name(path.name.replace("P0001", composed)))
+    train = (source / "train.txt").read_text().replace("P0001", decomposed)
+    (source / "train.txt").write_text(train)
+    with pytest.raises(InputError) as error:
+        convert_pclt20k(source, 321)
+    assert f"{source / decomposed}: patient folder missing" in str(error.value)
+    assert f"found {composed}, whose name differs in case or in its Unicode form" in str(error.value)

@@ -190,8 +190,9 @@ def _write_metadata(folder: Path, source: Path, name: str, normalization: str, n
             str(folder), channel_names={"0": channel, "1": channel}, labels={"background": 0, "tumor": 1},
             num_training_cases=num_training, file_ending=".png", dataset_name=name,
             overwrite_image_reader_writer="NaturalImage2DIO",
-            description=f"PET-CT lung tumour slices converted from the PCLT20K layout at {source} by nnunetv2-cipa "
-                        "(_0000 = CT, _0001 = PET, label 1 = tumour; splits_final.json groups folds by patient)",
+            description=f"PET-CT lung tumour slices converted from the PCLT20K layout at {source.resolve()} by "
+                        "nnunetv2-cipa (_0000 = CT, _0001 = PET, label 1 = tumour; splits_final.json groups folds by "
+                        "patient)",
             reference="PCLT20K, CIPA (CVPR 2025), https://github.com/mj129/CIPA",
             license="see the PCLT20K terms of use", converted_by="nnunetv2_cipa convert",
             channel_roles={"0": "CT", "1": "PET"}, numTest=num_test, source_bit_depth=bit_depth)

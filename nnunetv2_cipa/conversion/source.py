@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import os
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,13 +163,16 @@ def locate_files(root: Path, lists: SourceLists) -> tuple[dict[str, dict[str, Pa
     for slice_id in dict.fromkeys(lists.train + lists.test):
         by_patient.setdefault(patient_of(slice_id), []).append(slice_id)
     found, problems = {}, []
+    folder_variants: dict[str, list[str]] | None = None
     for patient, slice_ids in by_patient.items():
         folder = root / patient
         try:
             names = set(os.listdir(folder))
         except FileNotFoundError:
+            folder_variants = folder_variants if folder_variants is not None else _variants(os.listdir(root))
             problems.append(f"{folder}: patient folder missing ({len(slice_ids)} slice(s) listed, e.g. "
-                            f"{slice_ids[0]!r} in {lists.listed_in[slice_ids[0]]})")
+                            f"{slice_ids[0]!r} in {lists.listed_in[slice_ids[0]]})"
+                            + _variant_hint(folder_variants.get(_name_key(patient), [])))
             continue
         except OSError as e:
             problems.append(f"{folder}: cannot list the patient folder ({e.strerror or e})")
@@ -180,12 +184,28 @@ def locate_files(root: Path, lists: SourceLists) -> tuple[dict[str, dict[str, Pa
             if not missing:
                 found[slice_id] = {kind: folder / name for kind, name in files.items()}
                 continue
-            if variants is None:
-                variants = {}
-                for name in names:
-                    variants.setdefault(name.casefold(), []).append(name)
+            variants = variants if variants is not None else _variants(names)
             for name in missing:
-                hint = sorted(variants.get(name.casefold(), []))
                 problems.append(f"{folder / name}: missing (slice {slice_id!r} listed in {lists.listed_in[slice_id]})"
-                                + (f"; found {', '.join(hint)}, whose name differs in case" if hint else ""))
+                                + _variant_hint(variants.get(_name_key(name), [])))
     return found, problems
+
+
+def _name_key(name: str) -> str:
+    """What two names that look alike share: Unicode NFC form, case folded."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def _variants(names) -> dict[str, list[str]]:
+    """{_name_key: names} of a folder listing."""
+    variants: dict[str, list[str]] = {}
+    for name in names:
+        variants.setdefault(_name_key(name), []).append(name)
+    return variants
+
+
+def _variant_hint(found: list[str]) -> str:
+    if not found:
+        return ""
+    return (f"; found {', '.join(sorted(found))}, whose name differs in case or in its Unicode "
+            "form (composed vs decomposed accents)")
