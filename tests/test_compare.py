@@ -188,7 +188,10 @@ def test_compare_cli(nnunet_env):
 
 def test_paired_wilcoxon_edge_cases():
     same = paired_wilcoxon({"a": 0.5, "b": 0.7}, {"a": 0.5, "b": 0.7})
-    assert same["pvalue"] is None and "identical" in same["note"] and same["mean_difference_ci95"] == [0.0, 0.0]
+    assert same["pvalue"] is None and "identical" in same["note"]
+    assert same["mean_difference_ci95"] is None  # two patients: too few for a bootstrap interval
+    five = {p: 0.1 * i for i, p in enumerate("abcde")}
+    assert paired_wilcoxon(five, five)["mean_difference_ci95"] == [0.0, 0.0]
     one = paired_wilcoxon({"a": 0.5, "b": None}, {"a": 0.4, "b": 0.7, "c": 0.1})
     assert one["n_patients"] == 1 and one["pvalue"] is None and "need at least 2" in one["note"]
     assert one["mean_difference_ci95"] is None and one["n_patients_left_out"] == 2

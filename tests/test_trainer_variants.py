@@ -149,6 +149,9 @@ def test_training_log_names_batch_and_scan_backend(nnunet_paths):
     log = open(trainer.log_file).read()
     assert "CIPA batch size: planned" in log
     assert "Selective scan: backend cpu on cpu" in log and f"torch {torch.__version__}" in log
+    network = trainer.network
+    assert (f"Network: CIPA-micro (nnunetv2_cipa.network.CIPA, {sum(p.numel() for p in network.parameters()):,} "
+            f"parameters) at patch {'x'.join(map(str, network.patch_size))}") in log
 
 
 class StepOnGpu(torch.Tensor):
@@ -382,6 +385,9 @@ def test_paper_trainer_keeps_the_plans_batch_in_the_plans(nnunet_paths):
     trainer = make_trainer("nnUNetTrainerCIPA_paper_debug", nnunet_paths)
     planned = trainer.plans_manager.plans["configurations"]["2d"]["batch_size"]
     assert trainer.plans_manager.get_configuration("2d").batch_size == planned  # plans.json stays as planned
+    trainer._set_batch_size_and_oversample()
+    log = open(trainer.log_file).read()
+    assert f"Paper recipe: batch 4 in place of the plan's {planned}" in log and "CIPA batch size: planned 4" in log
 
 
 def test_official_parameter_groups_leave_out_the_ssm_parameters():

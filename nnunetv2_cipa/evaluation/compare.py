@@ -88,8 +88,11 @@ def crossval_predictions(trainer: str, model_dir: Path, fold_cases: dict[int, li
     for fold, expected in fold_cases.items():
         folder = model_dir / f"fold_{fold}" / "validation"
         if not folder.is_dir():
-            raise InputError(f"fold {fold}: validation folder {folder} does not exist (run nnUNetv2_train "
-                             f"... {fold} --val, or leave the fold out with -f)")
+            trained = (model_dir / f"fold_{fold}" / "checkpoint_final.pth").is_file()
+            todo = f"nnUNetv2_train ... {fold} --val validates it" if trained else \
+                f"it has no checkpoint_final.pth: train it (nnUNetv2_train ... {fold})"
+            raise InputError(f"fold {fold}: validation folder {folder} does not exist ({todo}, or leave the fold out "
+                             "with -f)")
         found = list_label_pngs(folder)
         problems += [f"{trainer}: {p}" for p in
                      cover_problems(expected, found, f"fold {fold}'s validation set in {splits_file}", folder)]

@@ -35,7 +35,8 @@ def plot_dice_distribution(dice_by_trainer: dict[str, list[float]], title: str, 
     ax.boxplot(data, showfliers=False, widths=0.5, medianprops={"color": "black"})
     for i, values in enumerate(data, start=1):
         ax.scatter(i + rng.uniform(-0.15, 0.15, len(values)), values, s=14, alpha=0.6, zorder=3)
-    ax.set_xticks(range(1, len(names) + 1), [f"{n}\n(n={len(d)})" for n, d in zip(names, data)], fontsize=9)
+    ax.set_xticks(range(1, len(names) + 1), [f"{n}\n(n={len(d)})" for n, d in zip(names, data)], fontsize=9,
+                  rotation=15, ha="right", rotation_mode="anchor")  # long trainer names side by side
     ax.set_ylabel("Dice per patient (pooled over slices)")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(axis="y", alpha=0.3)

@@ -274,7 +274,8 @@ def format_summary(result: dict) -> str:
     c, s = result["cipa_protocol"], result["summary"]["dice"]
     n = format_number
     return (f"CIPA protocol ({c['n_slices']} slices): IoU {n(c['iou'])}  Dice {n(c['dice'])}  "
-            f"Acc {n(c['balanced_accuracy'])}  HD95 {n(c['hd95_px'])} px ({c['n_slices_hd95']} slices with "
+            f"Acc {n(c['balanced_accuracy'])}  HD95 {n(c['hd95_px'])}{' px' if c['hd95_px'] is not None else ''} "
+            f"({c['n_slices_hd95']} slices with "
             f"both masks) / {n(c['hd95_px_paper_rule'])} px (paper rule, all slices)\n"
             f"Patients ({s['n']} of {result['n_patients']} with a Dice): Dice {n(s['mean'])} ± {n(s['std'])} "
             f"(mean ± std), "

@@ -65,10 +65,13 @@ def _costs_table(report: dict) -> list[str]:
         epoch = cost["epoch_time_s"]
         epoch_text = "n/a" if epoch is None else f"{format_number(epoch['mean'])} (mean of {epoch['n_epochs']} epochs)"
         inf = cost["inference"]
+        mirroring = "no mirroring" if inf is None or not inf["mirroring_axes"] else \
+            f"mirroring over axes {', '.join(map(str, inf['mirroring_axes']))}, as nnUNetv2_predict by default"
         inf_text = "n/a" if inf is None else (f"{format_number(inf['seconds_per_slice'])} ({inf['device']}, "
-                                              f"{inf['n_slices_timed']} slices, no mirroring)")
+                                              f"{inf['n_slices_timed']} slices, {mirroring})")
         lines.append(f"| {trainer} | {params} | {epoch_text} | {inf_text} |")
         notes += [f"- {trainer}: {n}" for n in cost["notes"]]
+    lines += ["", "Epoch times are of each trainer's own epoch (its iterations per epoch may differ)."]
     return lines + ([""] + notes if notes else [])
 
 

@@ -7,13 +7,15 @@ from scipy.stats import bootstrap, wilcoxon
 
 BOOTSTRAP_RESAMPLES = 9999
 BOOTSTRAP_SEED = 0  # the interval is reproducible run to run
+BOOTSTRAP_MIN_PATIENTS = 5  # fewer: the resamples repeat a handful of values, the interval means nothing
 
 WILCOXON_RULE = ("Trainers are compared with a two-sided paired Wilcoxon signed-rank test (scipy.stats.wilcoxon, "
                  "zero differences dropped) on per-patient Dice, over the patients with a Dice value for both; a "
                  "patient whose ground truth and prediction are both empty has none and is left out (counted in the "
                  "table; its false positives of the other trainer show in the FP area column). The 95% confidence "
                  "interval of the mean per-patient Dice difference is a BCa bootstrap over those patients "
-                 f"(scipy.stats.bootstrap, {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}). With more than "
+                 f"(scipy.stats.bootstrap, {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}; from "
+                 f"{BOOTSTRAP_MIN_PATIENTS} patients on, and too narrow with few). With more than "
                  "two trainers the p-values are also given Holm-adjusted over the pairs of a split (family-wise "
                  "error rate).")
 
@@ -42,8 +44,8 @@ def paired_wilcoxon(a: dict[str, float | None], b: dict[str, float | None]) -> d
 
 def mean_difference_ci(diff: np.ndarray, confidence: float = 0.95) -> list[float] | None:
     """[low, high] BCa bootstrap interval of the mean of the paired differences ``diff`` (one per patient; resampling
-    patients); None for fewer than 2, [d, d] when every difference is d."""
-    if len(diff) < 2:
+    patients); None for fewer than BOOTSTRAP_MIN_PATIENTS, [d, d] when every difference is d."""
+    if len(diff) < BOOTSTRAP_MIN_PATIENTS:
         return None
     if np.ptp(diff) == 0:
         return [float(diff[0])] * 2

@@ -325,6 +325,11 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
             self.print_to_log_file(use_static_shape_compile())
         super().initialize()
         network = unwrap(self.network)
+        self.print_to_log_file(
+            f"Network: CIPA-{self.cipa_preset} ({type(network).__module__}.{type(network).__name__}, "
+            f"{sum(p.numel() for p in network.parameters()):,} parameters) at patch "
+            f"{'x'.join(map(str, network.patch_size))}; the plan's network_class_name above is nnU-Net's U-Net, which "
+            "this trainer does not build")
         network.activation_checkpointing = self.checkpointing_enabled()
         if network.activation_checkpointing:
             compiled = "; under torch.compile these stages run eagerly" if self._do_i_compile() else ""

@@ -75,6 +75,12 @@ class nnUNetTrainerCIPA_paper(nnUNetTrainerCIPA):
         self.configuration_manager = ConfigurationManager(
             {**self.configuration_manager.configuration, "batch_size": PAPER_BATCH_SIZE})
 
+    def _set_batch_size_and_oversample(self):
+        plan = self.plans_manager.get_configuration(self.configuration_name).batch_size
+        self.print_to_log_file(f"Paper recipe: batch {PAPER_BATCH_SIZE} in place of the plan's {plan} (the 'planned' "
+                               "batch of the next line is the recipe's)")
+        super()._set_batch_size_and_oversample()
+
     def _build_loss(self):
         return BCEAndSoftDiceLoss()
 
