@@ -3,6 +3,7 @@ output files and folders our commands write."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -160,3 +161,29 @@ def replace_folder(staged: Path, target: Path, on_swap: Callable[[], None] = lam
         return [f"{target} is in place, but the previous {target.name} could not be removed from {old} "
                 f"({e.strerror or e}): remove it yourself"]
     return []
+
+
+class StagedFolder:
+    """``with StagedFolder(target) as folder:`` write into ``folder``, a ``staging_folder`` beside ``target``. When
+    the block ends without an exception the folder replaces ``target`` (``replace_folder``, with ``on_swap``; its
+    notes are left in ``.notes``); when it raises, the folder is removed and ``target`` stays as it was."""
+
+    def __init__(self, target: Path, on_swap: Callable[[], None] = lambda: None):
+        self.target, self.on_swap, self.notes = Path(target), on_swap, []
+
+    def __enter__(self) -> Path:
+        self.staged = staging_folder(output_folder(Path(os.path.abspath(self.target)).parent), self.target.name)
+        return self.staged
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.staged, ignore_errors=True)
+            return
+        try:
+            self.notes = replace_folder(self.staged, self.target, self.on_swap)
+        except BaseException as e:  # also an interrupt after the swap: the staged name then holds the old folder
+            with contextlib.suppress(OSError):
+                remove_path(self.staged)
+            if isinstance(e, OSError):
+                raise InputError(f"{self.target}: cannot move the new folder into place ({e})") from e
+            raise

@@ -13,8 +13,6 @@ Layout written (as the official CIPA loader expects): ``<out>/<patient>/<patient
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter, shift
 
 from nnunetv2_cipa.errors import InputError
-from nnunetv2_cipa.paths import check_output_file, output_folder, replace_folder, staging_folder
+from nnunetv2_cipa.paths import StagedFolder, check_output_file
 from nnunetv2_cipa.png_io import write_png
 
 # 8-bit intensities of the (already windowed) CT and of the (already SUV-clipped) PET.
@@ -288,30 +286,25 @@ def generate_pclt20k_like(out_dir, patients: int = 20, slices: int = 8, size: in
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
         raise InputError(f"{out_dir}: exists and is not an empty folder (overwrite replaces its contents)")
-    staged = staging_folder(output_folder(Path(os.path.abspath(out_dir)).parent), out_dir.name)
-    published = False
+    dataset = StagedFolder(out_dir)
     try:
-        results = _write_patients(staged, patients + test_patients, seed, slices, size, tumor_free_fraction,
-                                  num_processes)
-        splits = {"train": results[:patients], "test": results[patients:]}
-        summary: dict = {"out_dir": str(out_dir), "size": size, "seed": seed, "slices_per_patient": slices}
-        for split, rows in splits.items():
-            (staged / f"{split}.txt").write_text(
-                "".join(f"{r['patient']}_{z:03d}\n" for r in rows for z in range(slices)))
-            summary[split] = {"patients": len(rows), "slices": len(rows) * slices,
-                              "tumor_slices": sum(r["tumor_slices"] for r in rows)}
-        notes = replace_folder(staged, out_dir)
-        published = True
+        with dataset as folder:
+            results = _write_patients(folder, patients + test_patients, seed, slices, size, tumor_free_fraction,
+                                      num_processes)
+            splits = {"train": results[:patients], "test": results[patients:]}
+            summary: dict = {"out_dir": str(out_dir), "size": size, "seed": seed, "slices_per_patient": slices}
+            for split, rows in splits.items():
+                (folder / f"{split}.txt").write_text(
+                    "".join(f"{r['patient']}_{z:03d}\n" for r in rows for z in range(slices)))
+                summary[split] = {"patients": len(rows), "slices": len(rows) * slices,
+                                  "tumor_slices": sum(r["tumor_slices"] for r in rows)}
     except OSError as e:
         raise InputError(f"{out_dir}: cannot write the synthetic dataset ({e.strerror or e})") from e
-    finally:
-        if not published:
-            shutil.rmtree(staged, ignore_errors=True)
     total = patients + test_patients
     summary["tumor_slice_fraction"] = round(sum(r["tumor_slices"] for r in results) / (total * slices), 4)
     summary["slices_with"] = {k: sum(r["slices_with"][k] for r in results) for k in results[0]["slices_with"]}
-    if notes:
-        summary["notes"] = notes
+    if dataset.notes:
+        summary["notes"] = dataset.notes
     return summary
 
 

@@ -18,7 +18,6 @@ import multiprocessing
 import os
 import random
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,10 +28,10 @@ from nnunetv2_cipa.conversion import BIT_DEPTH_POLICIES, VAL_LIST_POLICIES
 from nnunetv2_cipa.conversion.slices import (ModalityScale, SliceResult, SliceTask, WriteError, convert_slice,
                                              decide_scales, scale_tasks, write_scaled)
 from nnunetv2_cipa.conversion.source import locate_files, read_source_lists
-from nnunetv2_cipa.conversion.staging import (DatasetLock, publish, recover_interrupted, sigterm_as_interrupt,
-                                              stop_point, worker_init)
+from nnunetv2_cipa.conversion.staging import (DatasetLock, recover_interrupted, sigterm_as_interrupt, stop_point,
+                                              worker_init)
 from nnunetv2_cipa.errors import InputError
-from nnunetv2_cipa.paths import (NNUNET_FOLDERS, check_output_file, output_folder, required_folder, staging_folder,
+from nnunetv2_cipa.paths import (NNUNET_FOLDERS, StagedFolder, check_output_file, output_folder, required_folder,
                                  write_text_atomically)
 
 CHANNEL_NAMES = {"rgb": "rgb_to_0_1", "ct": "CT"}  # nnU-Net picks the normalisation from the (casefolded) name
@@ -223,25 +222,18 @@ def convert_pclt20k(source, dataset_id: int, name: str = "PCLT20K", folds: int =
         lists = read_source_lists(source, val_list)
         slices, missing = locate_files(source, lists)
         splits = None if lists.problems else patient_folds(lists.train, folds, seed)
-        work = staging_folder(raw, target.name)
-        published = False
+        dataset = StagedFolder(target, on_swap=lambda: stop_point("swap"))
         try:
-            # the slices are checked even when the lists have problems: every problem is reported in one run
-            results, scales = _convert_slices(slices, set(lists.test), work, num_processes, high_bit_depth,
-                                              lists.problems + missing)
-            _write_metadata(work, source, name, normalization, len(lists.train), len(lists.test), splits, scales,
-                            high_bit_depth)
-            try:
-                notes += publish(work, target)
-                published = True
-            except OSError as e:
-                raise InputError(f"{target}: cannot move the converted dataset into place ({e})") from e
+            with dataset as work:
+                # the slices are checked even when the lists have problems: every problem is reported in one run
+                results, scales = _convert_slices(slices, set(lists.test), work, num_processes, high_bit_depth,
+                                                  lists.problems + missing)
+                _write_metadata(work, source, name, normalization, len(lists.train), len(lists.test), splits,
+                                scales, high_bit_depth)
         except WriteError as e:
             raise InputError(f"{raw}: cannot write the converted dataset there ({e}); nothing was written (the "
                              "source is not the problem)") from None
-        finally:
-            if not published:  # once published, WORK is gone or is the old copy publish could not remove
-                shutil.rmtree(work, ignore_errors=True)
+        notes += dataset.notes
         if planned_splits is not None:  # under the lock: no other conversion of the ID writes it meanwhile
             try:
                 write_text_atomically(planned_splits, json.dumps(splits, indent=1))

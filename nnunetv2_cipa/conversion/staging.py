@@ -2,8 +2,8 @@
 
 - ``DatasetLock``: an ``flock`` on ``$nnUNet_raw/.DatasetXXX.lock``, one per dataset ID whatever the name. The kernel
   releases it when its process dies, however it dies; a second conversion of the ID fails at once.
-- A dataset is built in a hidden ``paths.staging_folder`` ``.DatasetXXX_Name.tmp-<token>`` beside its final place
-  and ``publish``-ed (``paths.replace_folder``) only when complete. Where the OS can (Linux:
+- A dataset is built in a hidden ``paths.StagedFolder`` ``.DatasetXXX_Name.tmp-<token>`` beside its final place
+  and replaces it (``paths.replace_folder``) only when complete. Where the OS can (Linux:
   ``renameat2(RENAME_EXCHANGE)``), the new folder and the old one swap names atomically, so one complete dataset is
   visible under the name at every instant. Elsewhere the old folder is first renamed to
   ``.DatasetXXX_Name.old-<token>``; a crash between the two renames leaves that pair, and ``recover_interrupted``
@@ -13,7 +13,7 @@
   clean-up runs.
 
 Test hook: with ``NNUNETV2_CIPA_CONVERT_STOP_AT=<point>`` the converter stops itself (SIGSTOP) at that point
-("converting": after the first slice, "swap": inside ``publish``), so that a test can kill it there.
+("converting": after the first slice, "swap": inside ``replace_folder``), so that a test can kill it there.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from nnunetv2_cipa.errors import InputError
-from nnunetv2_cipa.paths import remove_path, replace_folder
+from nnunetv2_cipa.paths import remove_path
 
 STOP_AT_ENV = "NNUNETV2_CIPA_CONVERT_STOP_AT"
 PR_SET_PDEATHSIG = 1
@@ -149,8 +149,3 @@ def _remove_leftover(path: Path, say_removed: bool = True) -> list[str]:
     except OSError as e:
         return [f"{path}: left by an earlier conversion and cannot be removed ({e.strerror or e}); remove it yourself"]
     return [f"removed {path.name}, left in {path.parent} by an interrupted conversion"] if say_removed else []
-
-
-def publish(staged: Path, target: Path) -> list[str]:
-    """``replace_folder`` with the test hook's "swap" stop point between the swap and the clean-up; its notes."""
-    return replace_folder(staged, target, on_swap=lambda: stop_point("swap"))

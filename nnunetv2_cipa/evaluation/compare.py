@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from itertools import combinations
 from pathlib import Path
 
@@ -25,8 +24,7 @@ from nnunetv2_cipa.evaluation.metrics import (CasePair, abbreviated, cover_probl
                                               list_label_pngs)
 from nnunetv2_cipa.evaluation.report import render_report
 from nnunetv2_cipa.evaluation.statistics import holm_adjusted, paired_wilcoxon
-from nnunetv2_cipa.paths import (check_output_file, output_folder, replace_folder, required_folder, staging_folder,
-                                 write_text_atomically)
+from nnunetv2_cipa.paths import StagedFolder, check_output_file, required_folder, write_text_atomically
 from nnunetv2_cipa.png_io import read_gray_png, read_label_png
 
 
@@ -288,27 +286,19 @@ def compare_trainers(dataset, trainers, report_dir, configuration: str = "2d", p
             costs[trainer]["notes"].append("inference time not measured (--time-inference measures it)")
 
     # everything is scored: the report is drawn and written in a staging folder that then replaces REPORT_DIR
-    staged = staging_folder(output_folder(report_dir.parent), report_dir.name)
-    published = False
-    try:
-        drawn = {"cross-validation": (cv_preds, cv_gt, raw_dir / "imagesTr")}
-        if test_predictions is not None:
-            drawn["test"] = (test_preds, labels_ts, raw_dir / "imagesTs")
+    drawn = {"cross-validation": (cv_preds, cv_gt, raw_dir / "imagesTr")}
+    if test_predictions is not None:
+        drawn["test"] = (test_preds, labels_ts, raw_dir / "imagesTs")
+    published = StagedFolder(report_dir)
+    with published as folder:
         for split, (preds, gt, images_dir) in drawn.items():
             splits_out[split]["figures"] = _draw_split(split, splits_out[split], trainers, preds, gt, images_dir,
-                                                       staged)
+                                                       folder)
         report = json_safe({"dataset": name, "configuration": configuration, "plans": plans, "folds": list(folds),
                             "splits_file": str(splits_file), "trainers": trainers,
                             "model_dirs": {t: str(d) for t, d in model_dirs.items()}, "warnings": warnings,
                             "splits": splits_out, "costs": costs})
-        write_text_atomically(staged / "report.json", json.dumps(report, indent=2, allow_nan=False))
-        write_text_atomically(staged / "report.md", render_report(report))
-        try:
-            report["warnings"] += replace_folder(staged, report_dir)  # in the returned dict only
-            published = True
-        except OSError as e:
-            raise InputError(f"{report_dir}: cannot move the report into place ({e})") from e
-    finally:
-        if not published:  # once published, STAGED is gone or is the old report replace_folder could not remove
-            shutil.rmtree(staged, ignore_errors=True)
+        write_text_atomically(folder / "report.json", json.dumps(report, indent=2, allow_nan=False))
+        write_text_atomically(folder / "report.md", render_report(report))
+    report["warnings"] += published.notes  # in the returned dict only
     return report
