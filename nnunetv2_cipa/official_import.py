@@ -14,7 +14,9 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.network import CIPA, OFFICIAL_INPUT_SCALE_SHIFT
 from nnunetv2_cipa.official import (AUX_HEADS_PREFIX, OfficialCheckpoint, OfficialWeights, load_official_weights,
                                     read_official_checkpoint)
-from nnunetv2_cipa.paths import check_output_file, output_folder, required_folder
+from nnunetv2_cipa.paths import check_output_file, output_folder, replace_folder, required_folder, signals_held
 
 OFFICIAL_PATCH_SIZE = (512, 512)       # the official CRM is tied to 512x512 inputs
 OFFICIAL_CHANNEL_ROLES = {"0": "CT", "1": "PET"}
@@ -32,7 +34,7 @@ DEFAULT_TRAINERS = ("nnUNetTrainerCIPA_paper", "nnUNetTrainerCIPA")  # the first
 MIRROR_AXES_2D = (0, 1)
 CHECKPOINT_FILE = "checkpoint_final.pth"
 REPORT_FILE = "official_import.json"
-STAGING_PREFIX = ".import-official-"  # + PID + "-" + token
+STAGING_PREFIX = ".import-official-"  # + _staging_owner() + "-" + token
 MODEL_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
 NOT_IN_OFFICIAL_MODEL = "not in the official model, unused at inference"
 
@@ -217,7 +219,7 @@ def _publish(model_dir: Path, fold_name: str, state: dict, report: dict, model_j
 
     parent = output_folder(model_dir.parent, "dataset results folder")
     _remove_dead_stagings(parent)
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=parent))
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{_staging_owner()}-", dir=parent))
     try:
         new_model, new_fold = staging / model_dir.name, staging / model_dir.name / fold_name
         new_fold.mkdir(parents=True)
@@ -231,16 +233,19 @@ def _publish(model_dir: Path, fold_name: str, state: dict, report: dict, model_j
             with contextlib.suppress(OSError):  # another import may create it meanwhile
                 os.rename(new_model, model_dir)  # the whole model folder appears at once
                 return
-        for name in MODEL_FILES:
-            if (new_model / name).exists():
-                os.replace(new_model / name, model_dir / name)
         fold_dir = model_dir / fold_name
-        if overwrite and fold_dir.exists():
-            os.rename(fold_dir, staging / "replaced")
-        try:
-            os.rename(new_fold, fold_dir)
-        except OSError as err:  # a concurrent import wrote it since the check
-            raise InputError(f"{fold_dir} appeared during the import; pass --overwrite to replace it") from err
+        with signals_held():  # the json files and the fold change together
+            for name in MODEL_FILES:
+                if (new_model / name).exists():
+                    os.replace(new_model / name, model_dir / name)
+            if overwrite and (fold_dir.exists() or fold_dir.is_symlink()):
+                replace_folder(new_fold, fold_dir)  # the old fold goes only once the new one is in place
+            else:
+                try:
+                    os.rename(new_fold, fold_dir)
+                except OSError as err:  # a concurrent import wrote it since the check
+                    raise InputError(f"{fold_dir} appeared during the import; pass --overwrite to replace "
+                                     "it") from err
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
         raise InputError(f"{model_dir / fold_name}: cannot write the imported fold ({err}); no partial fold was "
                          "left") from err
@@ -248,11 +253,18 @@ def _publish(model_dir: Path, fold_name: str, state: dict, report: dict, model_j
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _staging_owner(pid: int | None = None) -> str:
+    """``<pid>_<host>`` of a staging folder's name (the host with anything but letters and digits as ``_``)."""
+    return f"{os.getpid() if pid is None else pid}_{re.sub(r'[^A-Za-z0-9]', '_', socket.gethostname())}"
+
+
 def _remove_dead_stagings(parent: Path) -> None:
-    """Remove the staging folders in ``parent`` of imports whose process is gone (killed with SIGKILL)."""
+    """Remove the staging folders in ``parent`` of imports on this host whose process is gone (killed with
+    SIGKILL); those of other hosts sharing the folder are left alone."""
     for entry in parent.glob(f"{STAGING_PREFIX}*-*"):
-        pid = entry.name.removeprefix(STAGING_PREFIX).split("-", 1)[0]
-        if pid.isdigit() and not _process_exists(int(pid)):
+        pid = entry.name.removeprefix(STAGING_PREFIX).split("_", 1)[0]
+        if pid.isdigit() and entry.name.startswith(f"{STAGING_PREFIX}{_staging_owner(int(pid))}-") \
+                and not _process_exists(int(pid)):
             shutil.rmtree(entry, ignore_errors=True)
 
 

@@ -8,8 +8,10 @@ import ctypes
 import errno
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -87,9 +89,11 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(temporary, path)
-    except OSError as e:
+    except BaseException as e:  # also Ctrl-C / SIGTERM: no temporary file is left
         Path(temporary).unlink(missing_ok=True)
-        raise InputError(f"{path}: cannot write ({e.strerror or e})") from e
+        if isinstance(e, OSError):
+            raise InputError(f"{path}: cannot write ({e.strerror or e})") from e
+        raise
 
 
 def staging_folder(parent: Path, name: str) -> Path:
@@ -136,25 +140,63 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def replace_folder(staged: Path, target: Path, on_swap: Callable[[], None] = lambda: None) -> list[str]:
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM recorded instead of handled during the block and raised again on leaving it, under the
+    handlers of before (main thread only; elsewhere a no-op): a swap and what must follow it complete together, an
+    interrupt lands after them. Python runs signal handlers in the main thread whichever thread receives the
+    signal, so the handlers are swapped rather than the thread's signal mask."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
+
+
+def replace_folder(staged: Path, target: Path, on_swap: Callable[[], None] = lambda: None,
+                   on_replaced: Callable[[], None] = lambda: None) -> list[str]:
     """Give the complete ``staging_folder`` ``staged`` the name ``target``, replacing an existing ``target`` (a
-    symbolic link is replaced, not followed); ``staged`` is gone afterwards. Where the OS can, the two swap names
-    atomically (one complete folder under the name at every instant); elsewhere the old folder is first renamed to
-    ``.NAME.old-<token>``, and a crash between the two renames leaves that beside the staged one. ``on_swap`` runs
-    between the swap and the clean-up. Once the new folder is in place, a previous one that cannot be removed is
-    left under its hidden name: returns a note saying so (else nothing)."""
-    if not target.exists() and not target.is_symlink():
-        os.rename(staged, target)
-        return []
-    if exchange(staged, target):
-        old = staged
-        on_swap()
-    else:
-        stem, _, token = staged.name.rpartition(".tmp-")
-        old = staged.with_name(f"{stem}.old-{token}")
-        os.rename(target, old)
-        on_swap()
-        os.rename(staged, target)
+    symbolic link is replaced, not followed); ``staged`` is gone afterwards, or holds the previous folder if that
+    could not be removed. Where the OS can, the two swap names atomically (one complete folder under the name at
+    every instant); elsewhere the old folder is first renamed to ``.NAME.old-<token>`` and put back if the second
+    rename fails (a crash between the two leaves both, for the caller to recover). ``on_swap`` (a test hook) runs
+    right after the exchange or between the two renames; ``on_replaced`` once the name holds the new folder. From
+    the first rename to the end of ``on_replaced`` SIGINT and SIGTERM are held back. Once the new folder is in
+    place, a previous one that cannot be removed is left under its hidden name: returns a note saying so."""
+    old = None
+    try:
+        with signals_held():
+            if not target.exists() and not target.is_symlink():
+                os.rename(staged, target)
+            elif exchange(staged, target):
+                old = staged
+                on_swap()
+            else:
+                stem, _, token = staged.name.rpartition(".tmp-")
+                old = staged.with_name(f"{stem}.old-{token}")
+                os.rename(target, old)
+                try:
+                    on_swap()
+                    os.rename(staged, target)
+                except BaseException:
+                    os.rename(old, target)
+                    raise
+            on_replaced()
+    finally:  # also when an interrupt held back during the swap is raised on leaving it
+        notes = [] if old is None or not (old.exists() or old.is_symlink()) else _remove_previous(old, target)
+    return notes
+
+
+def _remove_previous(old: Path, target: Path) -> list[str]:
+    """Remove the folder ``target`` held before (now at ``old``); a note if it cannot be removed."""
     try:
         remove_path(old)
     except OSError as e:
@@ -165,11 +207,14 @@ def replace_folder(staged: Path, target: Path, on_swap: Callable[[], None] = lam
 
 class StagedFolder:
     """``with StagedFolder(target) as folder:`` write into ``folder``, a ``staging_folder`` beside ``target``. When
-    the block ends without an exception the folder replaces ``target`` (``replace_folder``, with ``on_swap``; its
-    notes are left in ``.notes``); when it raises, the folder is removed and ``target`` stays as it was."""
+    the block ends without an exception the folder replaces ``target`` (``replace_folder`` with ``on_swap`` and
+    ``on_replaced``; its notes are left in ``.notes``); when it raises, the folder is removed and ``target`` stays
+    as it was. ``check_replaceable`` says beforehand whether ``target`` can be replaced."""
 
-    def __init__(self, target: Path, on_swap: Callable[[], None] = lambda: None):
-        self.target, self.on_swap, self.notes = Path(target), on_swap, []
+    def __init__(self, target: Path, on_swap: Callable[[], None] = lambda: None,
+                 on_replaced: Callable[[], None] = lambda: None):
+        self.target, self.notes = Path(os.path.abspath(target)), []  # "." gets its name
+        self.on_swap, self.on_replaced = on_swap, on_replaced
 
     def __enter__(self) -> Path:
         self.staged = staging_folder(output_folder(Path(os.path.abspath(self.target)).parent), self.target.name)
@@ -180,10 +225,21 @@ class StagedFolder:
             shutil.rmtree(self.staged, ignore_errors=True)
             return
         try:
-            self.notes = replace_folder(self.staged, self.target, self.on_swap)
+            self.notes = replace_folder(self.staged, self.target, self.on_swap, self.on_replaced)
         except BaseException as e:  # also an interrupt after the swap: the staged name then holds the old folder
             with contextlib.suppress(OSError):
                 remove_path(self.staged)
             if isinstance(e, OSError):
                 raise InputError(f"{self.target}: cannot move the new folder into place ({e})") from e
             raise
+
+    @staticmethod
+    def check_replaceable(target: Path, what: str) -> None:
+        """InputError if an existing folder ``target`` cannot be replaced as a whole: a mount point (a volume cannot
+        be renamed), or a parent folder that is not writable."""
+        target = Path(os.path.abspath(target))
+        if os.path.ismount(target):
+            raise InputError(f"{target}: {what} is a mount point, which cannot be replaced as a whole; give a folder "
+                             "inside it")
+        if target.exists() and not os.access(target.parent, os.W_OK | os.X_OK):
+            raise InputError(f"{target}: cannot replace the {what}: {target.parent} is not writable")

@@ -286,6 +286,7 @@ def generate_pclt20k_like(out_dir, patients: int = 20, slices: int = 8, size: in
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
         raise InputError(f"{out_dir}: exists and is not an empty folder (overwrite replaces its contents)")
+    StagedFolder.check_replaceable(out_dir, "output folder")
     dataset = StagedFolder(out_dir)
     try:
         with dataset as folder:

@@ -245,3 +245,21 @@ def test_planned_splits_that_cannot_be_written_stop_the_conversion_before_it_sta
     with pytest.raises(InputError, match="splits_final.json: output file is an existing folder"):
         convert_pclt20k(source, 321)
     assert list(raw.iterdir()) == []
+
+
+def test_sigterm_during_the_swap_still_updates_the_planned_splits(source, raw, tmp_path, monkeypatch):
+    """The planned copy of splits_final.json is written with the swap, interrupts held back: after SIGTERM there,
+    nnUNet_raw and nnUNet_preprocessed hold the same folds."""
+    preprocessed = tmp_path / "pre"
+    (preprocessed / DATASET).mkdir(parents=True)
+    monkeypatch.setenv("nnUNet_preprocessed", str(preprocessed))
+    convert_pclt20k(source, 321, folds=3)
+    process = start_stopped(convert_command(source, "--overwrite"), raw, "swap")
+    os.kill(process.pid, signal.SIGTERM)
+    os.kill(process.pid, signal.SIGCONT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143 and "Traceback" not in err, err
+    assert leftovers(raw) == []
+    check_output(raw / DATASET, source, folds=5)
+    assert (preprocessed / DATASET / "splits_final.json").read_bytes() == (raw / DATASET / "splits_final.json"
+                                                                           ).read_bytes()

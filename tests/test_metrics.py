@@ -258,6 +258,8 @@ def test_slice_metrics_on_a_large_image_match_full_image_references(seed):
 def test_format_number_never_uses_an_exponent():
     assert [format_number(v) for v in (None, 0.123456, 1234.56, 12345.6, 3e7, 0.0)] == [
         "n/a", "0.1235", "1235", "12346", "30000000", "0"]
+    assert [format_number(v) for v in (0.000123456, 1.234e-05, -4e-05)] == ["0.0001235", "0.00001234", "-0.00004"]
+    assert format_number(3.2e-07, 3) == "0.00000032"  # small p-values
 
 
 @pytest.mark.parametrize("case", ["an_input_png", "a_fifo"])

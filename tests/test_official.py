@@ -20,8 +20,8 @@ from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.network import CIPA
 from nnunetv2_cipa.official import (AUX_HEADS_PREFIX, HEAD_KEY, STEM_KEY, load_official_weights, network_tensors,
                                     official_names, read_official_checkpoint)
-from nnunetv2_cipa.official_import import (CHECKPOINT_FILE, NOT_IN_OFFICIAL_MODEL, REPORT_FILE, check_official_plan,
-                                           default_trainer, import_official)
+from nnunetv2_cipa.official_import import (CHECKPOINT_FILE, NOT_IN_OFFICIAL_MODEL, REPORT_FILE, _staging_owner,
+                                           check_official_plan, default_trainer, import_official)
 from conftest import nnunet_env, run_cli
 from official_fixture import fake_official_state, official_file_content, official_key_table, reference_network
 
@@ -248,14 +248,17 @@ def test_import_writes_a_fold_the_predictor_loads(nnunet_folders, official_check
     assert (fold_dir / CHECKPOINT_FILE).stat().st_mtime_ns == mtime
     # the staging folder of an import killed with SIGKILL is removed by the next import; a live process's is kept
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    for pid in (int(dead.stdout), os.getpid()):
-        (nnunet_folders / "nnUNet_results" / DATASET / f".import-official-{pid}-token" / "fold_all").mkdir(parents=True)
+    owners = [_staging_owner(int(dead.stdout)), _staging_owner(), f"{dead.stdout.strip()}_otherhost"]
+    for owner in owners:
+        (nnunet_folders / "nnUNet_results" / DATASET / f".import-official-{owner}-token" / "fold_all").mkdir(
+            parents=True)
     report = import_official(official_checkpoint, DATASET, trainer=trainer, overwrite=True, tta=True)
     assert report["inference_allowed_mirroring_axes"] == [0, 1] and report["mirroring"].startswith("on")
     assert torch.load(fold_dir / CHECKPOINT_FILE, weights_only=False)["inference_allowed_mirroring_axes"] == (0, 1)
     assert sorted(p.name for p in model_dir.iterdir()) == ["dataset.json", "dataset_fingerprint.json", "fold_all",
                                                            "plans.json"]
-    assert leftovers(nnunet_folders / "nnUNet_results") == [f".import-official-{os.getpid()}-token"]
+    assert sorted(leftovers(nnunet_folders / "nnUNet_results")) == sorted(f".import-official-{o}-token"
+                                                                          for o in owners[1:])
 
 
 def test_a_failed_import_leaves_nothing_behind(nnunet_folders, official_checkpoint, monkeypatch):
@@ -275,6 +278,32 @@ def test_a_failed_import_leaves_nothing_behind(nnunet_folders, official_checkpoi
         import_official(official_checkpoint, "950", trainer="nnUNetTrainerCIPA")
     assert not (results / DATASET / "nnUNetTrainerCIPA__nnUNetPlans__2d").exists()
     assert leftovers(results) == []
+
+
+@pytest.mark.parametrize("atomic_exchange", [True, False])
+def test_an_overwrite_that_fails_mid_swap_keeps_a_complete_fold(nnunet_folders, official_checkpoint, monkeypatch,
+                                                                atomic_exchange):
+    """--overwrite never leaves the fold missing: with an atomic exchange the new fold is in place once the swap
+    is done; without one, a failure between the two renames puts the old fold back."""
+    from nnunetv2_cipa import official_import, paths
+
+    planned(nnunet_folders)
+    import_official(official_checkpoint, "950", trainer="nnUNetTrainerCIPA")
+    fold_dir = nnunet_folders / "nnUNet_results" / DATASET / "nnUNetTrainerCIPA__nnUNetPlans__2d" / "fold_all"
+    if not atomic_exchange:
+        monkeypatch.setattr(paths, "exchange", lambda a, b: False)
+
+    def interrupted_swap(staged, target):
+        def interrupt():
+            raise KeyboardInterrupt("SIGTERM")
+        return paths.replace_folder(staged, target, on_swap=interrupt)
+
+    monkeypatch.setattr(official_import, "replace_folder", interrupted_swap)
+    with pytest.raises(KeyboardInterrupt):
+        import_official(official_checkpoint, "950", trainer="nnUNetTrainerCIPA", overwrite=True, tta=True)
+    mirroring = json.loads((fold_dir / REPORT_FILE).read_text())["inference_allowed_mirroring_axes"]
+    assert mirroring == ([0, 1] if atomic_exchange else None)  # the new fold, or the old one back
+    assert (fold_dir / CHECKPOINT_FILE).is_file() and leftovers(nnunet_folders / "nnUNet_results") == []
 
 
 def test_cli_reports_a_bad_plan_without_traceback(nnunet_folders, official_checkpoint, capsys):

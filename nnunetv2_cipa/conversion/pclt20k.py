@@ -129,6 +129,17 @@ def preprocessed_splits_file(target: Path) -> Path | None:
     return check_output_file(Path(preprocessed) / target.name / "splits_final.json")
 
 
+def write_planned_splits(path: Path | None, splits: list[dict], target: Path) -> None:
+    """Write ``splits`` to ``preprocessed_splits_file``'s ``path`` (if any) once ``target`` holds the new dataset."""
+    if path is None:
+        return
+    try:
+        write_text_atomically(path, json.dumps(splits, indent=1))
+    except InputError as e:
+        raise InputError(f"{e}; {target} was converted, but nnU-Net would train on the old folds: copy its "
+                         f"splits_final.json to {path}") from None
+
+
 def source_problems(problems: list[str]) -> InputError:
     """One error listing every problem found in the source."""
     return InputError(f"{len(problems)} problem(s) in the source; nothing was written:\n  - " + "\n  - ".join(problems))
@@ -222,7 +233,9 @@ def convert_pclt20k(source, dataset_id: int, name: str = "PCLT20K", folds: int =
         lists = read_source_lists(source, val_list)
         slices, missing = locate_files(source, lists)
         splits = None if lists.problems else patient_folds(lists.train, folds, seed)
-        dataset = StagedFolder(target, on_swap=lambda: stop_point("swap"))
+        # the planned splits are written together with the swap (interrupts held back): raw and preprocessed agree
+        dataset = StagedFolder(target, on_swap=lambda: stop_point("swap"),
+                               on_replaced=lambda: write_planned_splits(planned_splits, splits, target))
         try:
             with dataset as work:
                 # the slices are checked even when the lists have problems: every problem is reported in one run
@@ -234,12 +247,6 @@ def convert_pclt20k(source, dataset_id: int, name: str = "PCLT20K", folds: int =
             raise InputError(f"{raw}: cannot write the converted dataset there ({e}); nothing was written (the "
                              "source is not the problem)") from None
         notes += dataset.notes
-        if planned_splits is not None:  # under the lock: no other conversion of the ID writes it meanwhile
-            try:
-                write_text_atomically(planned_splits, json.dumps(splits, indent=1))
-            except InputError as e:
-                raise InputError(f"{e}; {target} was converted, but nnU-Net would train on the old folds: copy its "
-                                 f"splits_final.json to {planned_splits}") from None
     return ConversionReport(folder=target, train_ids=lists.train, test_ids=lists.test,
                             tumour_slices={r.slice_id for r in results if r.has_tumour},
                             sizes=sorted({f"{r.shape[1]}x{r.shape[0]}" for r in results}), folds=folds, scales=scales,

@@ -211,8 +211,7 @@ def check_report_folder(path: Path) -> Path:
         if foreign:
             raise InputError(f"{path}: report folder holds files that are not a comparison report's "
                              f"({abbreviated(foreign)}); the report replaces the whole folder: choose a new one")
-        if not os.access(path.parent, os.W_OK | os.X_OK):
-            raise InputError(f"{path}: cannot replace the report folder: {path.parent} is not writable")
+        StagedFolder.check_replaceable(path, "report folder")
         return path
     check_output_file(path / "report.md")
     return path

@@ -266,7 +266,11 @@ def format_number(value, digits: int = 4) -> str:
     exponent), "n/a" for None."""
     if value is None:
         return "n/a"
-    return f"{value:.0f}" if abs(value) >= 10 ** digits else f"{value:.{digits}g}"
+    if abs(value) >= 10 ** digits:
+        return f"{value:.0f}"
+    if 0 < abs(value) < 1e-4:  # where the g format switches to an exponent
+        return np.format_float_positional(value, precision=digits, unique=False, fractional=False, trim="-")
+    return f"{value:.{digits}g}"
 
 
 def format_summary(result: dict) -> str:

@@ -16,8 +16,8 @@ WILCOXON_RULE = ("Trainers are compared with a two-sided paired Wilcoxon signed-
                  "interval of the mean per-patient Dice difference is a BCa bootstrap over those patients "
                  f"(scipy.stats.bootstrap, {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}; from "
                  f"{BOOTSTRAP_MIN_PATIENTS} patients on, and too narrow with few). With more than "
-                 "two trainers the p-values are also given Holm-adjusted over the pairs of a split (family-wise "
-                 "error rate).")
+                 "two trainers the p-values are also given Holm-adjusted over the tested pairs of a split "
+                 "(family-wise error rate; a pair without a test is not counted).")
 
 
 def paired_wilcoxon(a: dict[str, float | None], b: dict[str, float | None]) -> dict:
