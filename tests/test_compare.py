@@ -305,3 +305,21 @@ def test_a_symlinked_report_folder_is_replaced_not_followed(nnunet_env):
     report = compare_trainers(DATASET, TRAINERS, link, folds=(0, 1))
     assert not link.is_symlink() and json.loads((link / "report.json").read_text())["folds"] == [0, 1]
     assert {p.name: p.read_bytes() for p in old.iterdir()} == before and report["warnings"] == []
+
+
+def test_files_put_into_the_report_folder_during_the_comparison_are_not_replaced(nnunet_env, monkeypatch):
+    from nnunetv2_cipa.evaluation import compare
+
+    out = nnunet_env / "report"
+    compare_trainers(DATASET, TRAINERS, out, folds=(0,))
+    draw = compare._draw_split
+
+    def draw_while_someone_writes(*args):
+        (out / "notes.txt").write_text("mine")
+        return draw(*args)
+
+    monkeypatch.setattr(compare, "_draw_split", draw_while_someone_writes)
+    with pytest.raises(InputError, match=r"holds files that are not a comparison report's \(notes.txt\)"):
+        compare_trainers(DATASET, TRAINERS, out, folds=(0, 1))
+    assert (out / "notes.txt").read_text() == "mine" and json.loads((out / "report.json").read_text())["folds"] == [0]
+    assert not [p.name for p in nnunet_env.iterdir() if p.name.startswith(".report")]

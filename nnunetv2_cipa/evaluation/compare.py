@@ -299,5 +299,6 @@ def compare_trainers(dataset, trainers, report_dir, configuration: str = "2d", p
                             "splits": splits_out, "costs": costs})
         write_text_atomically(folder / "report.json", json.dumps(report, indent=2, allow_nan=False))
         write_text_atomically(folder / "report.md", render_report(report))
+        check_report_folder(report_dir)  # again: files put there while the trainers were scored must not be lost
     report["warnings"] += published.notes  # in the returned dict only
     return report
