@@ -253,18 +253,23 @@ def _publish(model_dir: Path, fold_name: str, state: dict, report: dict, model_j
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _host_tag() -> str:
+    """This host's name with anything but letters and digits as ``_``."""
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())
+
+
 def _staging_owner(pid: int | None = None) -> str:
-    """``<pid>_<host>`` of a staging folder's name (the host with anything but letters and digits as ``_``)."""
-    return f"{os.getpid() if pid is None else pid}_{re.sub(r'[^A-Za-z0-9]', '_', socket.gethostname())}"
+    """``<pid>_<host>`` of a staging folder's name."""
+    return f"{os.getpid() if pid is None else pid}_{_host_tag()}"
 
 
 def _remove_dead_stagings(parent: Path) -> None:
     """Remove the staging folders in ``parent`` of imports on this host whose process is gone (killed with
     SIGKILL); those of other hosts sharing the folder are left alone."""
-    for entry in parent.glob(f"{STAGING_PREFIX}*-*"):
-        pid = entry.name.removeprefix(STAGING_PREFIX).split("_", 1)[0]
-        if pid.isdigit() and entry.name.startswith(f"{STAGING_PREFIX}{_staging_owner(int(pid))}-") \
-                and not _process_exists(int(pid)):
+    ours = re.compile(rf"{re.escape(STAGING_PREFIX)}(\d+)_{_host_tag()}-")
+    for entry in parent.glob(f"{STAGING_PREFIX}*"):
+        match = ours.match(entry.name)
+        if match and not _process_exists(int(match.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
 
 

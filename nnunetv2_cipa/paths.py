@@ -217,7 +217,7 @@ class StagedFolder:
         self.on_swap, self.on_replaced = on_swap, on_replaced
 
     def __enter__(self) -> Path:
-        self.staged = staging_folder(output_folder(Path(os.path.abspath(self.target)).parent), self.target.name)
+        self.staged = staging_folder(output_folder(self.target.parent), self.target.name)
         return self.staged
 
     def __exit__(self, exc_type, exc, traceback) -> None:
@@ -226,7 +226,7 @@ class StagedFolder:
             return
         try:
             self.notes = replace_folder(self.staged, self.target, self.on_swap, self.on_replaced)
-        except BaseException as e:  # also an interrupt after the swap: the staged name then holds the old folder
+        except BaseException as e:  # the new folder, where the swap did not happen (replace_folder removes an old one)
             with contextlib.suppress(OSError):
                 remove_path(self.staged)
             if isinstance(e, OSError):

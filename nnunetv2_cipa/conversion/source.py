@@ -44,9 +44,10 @@ def decode_list(path: Path) -> str:
     try:
         if not path.is_file():  # a FIFO or device (/dev/zero) would block or never end
             raise InputError(f"{path}: split file is not a regular file")
-        if path.stat().st_size > MAX_LIST_BYTES:
-            raise InputError(f"{path}: {path.stat().st_size} bytes is not a list of slice IDs (PCLT20K's train.txt "
-                             f"is about 300 KB; the limit is {MAX_LIST_BYTES // 2 ** 20} MiB)")
+        size = path.stat().st_size
+        if size > MAX_LIST_BYTES:
+            raise InputError(f"{path}: {size} bytes is not a list of slice IDs (PCLT20K's train.txt is about 300 KB; "
+                             f"the limit is {MAX_LIST_BYTES // 2 ** 20} MiB)")
         data = path.read_bytes()
     except OSError as e:
         raise InputError(f"{path}: cannot read split file ({e.strerror or e})") from e

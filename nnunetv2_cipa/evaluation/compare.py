@@ -288,8 +288,8 @@ def compare_trainers(dataset, trainers, report_dir, configuration: str = "2d", p
     drawn = {"cross-validation": (cv_preds, cv_gt, raw_dir / "imagesTr")}
     if test_predictions is not None:
         drawn["test"] = (test_preds, labels_ts, raw_dir / "imagesTs")
-    published = StagedFolder(report_dir)
-    with published as folder:
+    staged_report = StagedFolder(report_dir)
+    with staged_report as folder:
         for split, (preds, gt, images_dir) in drawn.items():
             splits_out[split]["figures"] = _draw_split(split, splits_out[split], trainers, preds, gt, images_dir,
                                                        folder)
@@ -300,5 +300,5 @@ def compare_trainers(dataset, trainers, report_dir, configuration: str = "2d", p
         write_text_atomically(folder / "report.json", json.dumps(report, indent=2, allow_nan=False))
         write_text_atomically(folder / "report.md", render_report(report))
         check_report_folder(report_dir)  # again: files put there while the trainers were scored must not be lost
-    report["warnings"] += published.notes  # in the returned dict only
+    report["warnings"] += staged_report.notes  # in the returned dict only
     return report
