@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,10 +49,10 @@ STAGE_DIMS = (192, 384, 768, 1536)  # CIPA-tiny's SS2D d_inner per encoder stage
 
 
 def scan_backends(device: str) -> list[str]:
-    """The compiled backend for ``device`` first (cuda, or cpu with numba) when usable, then torch."""
+    """The compiled backends for ``device`` first (cuda and triton, or cpu with numba) when usable, then torch."""
     from nnunetv2_cipa.ops.backends import available_backends
 
-    return [b for b in available_backends() if b in (device, "torch")]
+    return [b for b in available_backends() if b in (device, "triton", "torch")]
 
 
 def agreement(backend: str, device: str) -> dict:
@@ -97,8 +98,6 @@ def scan_timing(backend: str, device: str, patch: int, quick: bool) -> list[dict
 
 def timed(step, device: str, repeats: int) -> float:
     """Median seconds of ``step`` after one warm-up (CUDA events on a GPU) with fresh peak-memory statistics."""
-    import time
-
     import torch
 
     step()
@@ -167,8 +166,11 @@ def network(name: str, backend: str | None, config: dict, device: str, iteration
     def step():
         losses.append(amp_training_step(model, optimizer, scaler, x, target, device, clip=12))
 
+    begin = time.perf_counter()
+    step()  # the first step of the process: with the Triton kernels' and the probes' one-off compile and checks
+    first_seconds = time.perf_counter() - begin  # float(loss) has waited for the GPU
     seconds = timed(step, device, repeats=iterations)
-    row = {"model": name, "backend": backend, "step_s": seconds, **memory(device),
+    row = {"model": name, "backend": backend, "first_step_s": first_seconds, "step_s": seconds, **memory(device),
            "params": sum(p.numel() for p in model.parameters()), "losses_finite": all(map(math.isfinite, losses)),
            "first_loss": losses[0], "last_loss": losses[-1]}
     if name != "vanilla":
@@ -369,14 +371,14 @@ def print_tables(report: dict) -> None:
     for backend, result in report["scan"].items():
         for row in result.get("rows", []):
             print(f"| {backend} | {row['shape']} | {row['seconds'] * 1e3:.2f} ms | {peak(row)} |")
-    print("\n| model | scan backend | AMP step | peak | losses finite | first -> last loss | logits vs first backend |"
-          "\n|---|---|---:|---:|---|---|---:|")
+    print("\n| model | scan backend | first step | AMP step | peak | losses finite | first -> last loss | "
+          "logits vs first backend |\n|---|---|---:|---:|---:|---|---|---:|")
     for row in report["network"]:
         if "error" in row:
-            print("| failed | | | | | | |")
+            print("| failed | | | | | | | |")
             continue
         diff = next((f"{v:.1e}" for k, v in row.items() if k.startswith("max_logit_diff")), "-")
-        print(f"| {row['model']} | {row['backend'] or '-'} | {row['step_s'] * 1e3:.1f} ms | "
+        print(f"| {row['model']} | {row['backend'] or '-'} | {row['first_step_s']:.1f} s | {row['step_s'] * 1e3:.1f} ms | "
               f"{peak(row)} | {row['losses_finite']} | {row['first_loss']:.3f} -> "
               f"{row['last_loss']:.3f} | {diff} |")
     print("\n| CIPA memory | GPU | backend | batch (planned) | checkpointing | AMP step | peak allocated / reserved | "

@@ -52,7 +52,7 @@ PYEOF
 }
 gpu_tests() {
     "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_selective_scan.py tests/test_directional_scan.py \
-        tests/test_network.py
+        tests/test_triton_scan.py tests/test_network.py
 }
 
 main() {

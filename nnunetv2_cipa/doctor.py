@@ -21,17 +21,19 @@ def _version(distribution: str) -> str:
 
 def scan_backend_rows(info: dict, available: list[str]) -> list[tuple[str, str, bool]]:
     """Rows for ``scan_backend_report``'s ``info``: the backend in use and, on a GPU, whether mamba-ssm's fused
-    kernel works (a problem row with the fix when it does not)."""
+    kernel works (a problem row with the fix when it does not) and whether the Triton kernels do (a problem row when
+    neither works, so that the slow torch scan runs)."""
     rows = [("scan backends", f"{', '.join(available)} (in use on {info['device']}: {info['backend']}; requested: "
                               f"{info['requested']})", True)]
     if not info["device"].startswith("cuda"):
         return rows + [("mamba-ssm", f"{info['mamba_ssm']} (used on CUDA only)", True)]
     rows.append(("GPU", str(info["gpu"]), True))
-    problem = info["fused_kernel_problem"]
-    if problem is None:
-        return rows + [("fused scan kernel", f"usable (mamba-ssm {info['mamba_ssm']})", True)]
-    return rows + [("fused scan kernel", f"CUDA present but fused kernel unusable: {problem}. Fix: {info['fix']}",
-                    False)]
+    problem, triton_problem = info["fused_kernel_problem"], info["triton_problem"]
+    rows.append(("fused scan kernel", f"usable (mamba-ssm {info['mamba_ssm']})", True) if problem is None else
+                ("fused scan kernel", f"CUDA present but fused kernel unusable: {problem}. Fix: {info['fix']}", False))
+    if triton_problem is None:
+        return rows + [("Triton scan kernels", f"usable (triton {info['triton']})", True)]
+    return rows + [("Triton scan kernels", f"unusable: {triton_problem}", problem is None)]
 
 
 def collect_report() -> list[tuple[str, str, bool]]:

@@ -4,6 +4,7 @@ PCLT20K-layout tree for the converter tests."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -13,9 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from nnunetv2_cipa.paths import cli_environment
 from nnunetv2_cipa.synthetic import generate_pclt20k_like
+
+if not torch.cuda.is_available():  # the triton backend's kernels then run in Triton's interpreter, on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined, so before their import
 
 BIN = Path(sys.executable).parent
 DATASET_ID = 901

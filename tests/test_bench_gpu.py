@@ -36,7 +36,7 @@ def test_gpu_bench_runs_every_part_on_cpu(tmp_path):
             "4 x 16x16 x 192", "4 x 8x8 x 384", "4 x 4x4 x 768", "4 x 2x2 x 1536"]
     vanilla, *cipa = report["network"]
     assert vanilla["model"] == "vanilla" and [r["backend"] for r in cipa] == ["cpu", "torch"]
-    assert all(r["losses_finite"] and r["step_s"] > 0 for r in report["network"])
+    assert all(r["losses_finite"] and r["step_s"] > 0 and r["first_step_s"] > 0 for r in report["network"])
     assert cipa[1]["max_logit_diff_vs_cpu"] < 1e-3
     assert "| micro | torch |" in result.stdout
     chosen, checkpointed, *emulated = report["memory"]

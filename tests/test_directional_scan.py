@@ -114,6 +114,8 @@ def test_cpu_backward_blocks_spread_the_work_evenly(monkeypatch, threads, dim, i
     "torch",  # the pure-PyTorch path, what runs on a GPU without mamba-ssm
     pytest.param("cuda", marks=pytest.mark.skipif(not importlib.util.find_spec("mamba_ssm"),
                                                   reason="needs mamba-ssm")),  # gathered through mamba-ssm's kernel
+    pytest.param("triton", marks=pytest.mark.skipif(not importlib.util.find_spec("triton"),
+                                                    reason="needs triton")),  # gathered through the Triton kernels
 ])
 def test_gpu_backends_match_the_per_direction_loop(backend):
     """float32 on the GPU against the loop on the CPU, values and gradients."""

@@ -5,7 +5,6 @@ CLI on 512x512 slices, prediction parity with the official forward pass and fine
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

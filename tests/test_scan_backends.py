@@ -15,7 +15,8 @@ from nnunetv2_cipa.doctor import scan_backend_rows
 from nnunetv2_cipa.ops import backends, cuda_scan
 from nnunetv2_cipa.ops.backend_report import scan_backend_report
 from nnunetv2_cipa.ops.backends import resolve_backend
-from nnunetv2_cipa.ops.cuda_scan import FusedKernelProbe, smoke_call
+from nnunetv2_cipa.ops.cuda_scan import FusedKernelProbe
+from nnunetv2_cipa.ops.kernel_probe import smoke_call
 from nnunetv2_cipa.ops.reference_scan import selective_scan_reference
 
 GPU = torch.device("cuda", 0)
@@ -35,15 +36,25 @@ class SmokeOnCpu:
         return self.failure if self.failure is not None else smoke_call(scan_fn, torch.device("cpu"))
 
 
+class TritonMissing(backends.TritonKernelProbe):
+    """The triton backend's probe with triton not importable."""
+
+    def load(self):
+        return None, "triton cannot be imported (ModuleNotFoundError: No module named 'triton')"
+
+
 @pytest.fixture
 def fresh_state(monkeypatch):
-    """A new probe (no cached import or smoke result), no warning printed yet, no scan-backend variable."""
+    """New probes (no cached import or smoke result), no warning printed yet, no scan-backend variable. The triton
+    backend's probe: triton missing unless a smoke call is given for it."""
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     monkeypatch.setattr(backends, "_warned_devices", set())
 
-    def install(smoke=None):
+    def install(smoke=None, triton_smoke=None):
         probe = FusedKernelProbe(smoke=smoke or SmokeOnCpu())
         monkeypatch.setattr(cuda_scan, "PROBE", probe)
+        triton = TritonMissing() if triton_smoke is None else backends.TritonKernelProbe(smoke=triton_smoke)
+        monkeypatch.setattr(backends, "TRITON_PROBE", triton)
         return probe
 
     return install
@@ -305,14 +316,65 @@ def test_report_prints_nothing_and_doctor_flags_the_unusable_kernel(fresh_state,
     stub_mamba(monkeypatch, extension=None)
     report = scan_backend_report(GPU)
     assert capsys.readouterr().err == ""  # data only: the warning belongs to the scans
-    assert set(report) == {"device", "requested", "backend", "torch", "cuda", "mamba_ssm", "gpu",
-                           "fused_kernel_problem", "fix"}
+    assert set(report) == {"device", "requested", "backend", "torch", "cuda", "mamba_ssm", "triton", "gpu",
+                           "fused_kernel_problem", "fix", "triton_problem"}
     assert (report["device"], report["requested"], report["backend"]) == ("cuda:0", "auto", "torch")
     assert report["torch"] == torch.__version__ and "selective_scan_cuda" in report["fused_kernel_problem"]
+    assert "No module named 'triton'" in report["triton_problem"]
     rows = scan_backend_rows(report, ["torch", "reference"])
     problems = [value for item, value, ok in rows if not ok]
-    assert len(problems) == 1
+    assert len(problems) == 2  # the fused kernel, and the Triton kernels that would have replaced it
     assert problems[0].startswith("CUDA present but fused kernel unusable: ") and report["fix"] in problems[0]
+    assert problems[1].startswith("unusable: triton cannot be imported")
+
+
+def test_unusable_fused_kernel_falls_back_to_the_triton_kernels(fresh_state, monkeypatch, capsys):
+    """mamba-ssm without its extension, triton working (its smoke call runs the real kernels, on the CPU): auto takes
+    triton, warns once naming the fused kernel's problem and its fix; doctor still flags the fused kernel."""
+    pytest.importorskip("triton")
+    triton_smoke = SmokeOnCpu()
+    fresh_state(triton_smoke=triton_smoke)
+    stub_mamba(monkeypatch, extension=None)
+    assert [resolve_backend(None, GPU) for _ in range(3)] == ["triton"] * 3
+    assert triton_smoke.devices == [GPU]  # the smoke call, once, found the kernels right
+    err = capsys.readouterr().err
+    assert err.count("WARNING") == 1 and "selective_scan_cuda" in err and "MAMBA_KEEP_CUDA_BUILD=TRUE" in err
+    assert 'The "triton" scan kernels run instead' in err and "order of magnitude" not in err
+    report = scan_backend_report(GPU)
+    assert (report["backend"], report["triton_problem"]) == ("triton", None)
+    rows = {item: (value, ok) for item, value, ok in scan_backend_rows(report, ["triton", "torch", "reference"])}
+    assert rows["Triton scan kernels"][1] and rows["Triton scan kernels"][0].startswith("usable (triton ")
+    assert not rows["fused scan kernel"][1]
+
+
+def test_working_fused_kernel_is_preferred_to_triton(fresh_state, monkeypatch, capsys):
+    triton_smoke = SmokeOnCpu()
+    fresh_state(triton_smoke=triton_smoke)
+    stub_mamba(monkeypatch)
+    assert resolve_backend(None, GPU) == "cuda"
+    assert triton_smoke.devices == [] and capsys.readouterr().err == ""  # triton never probed for auto
+
+
+def test_failing_triton_kernels_fall_back_to_torch_naming_both(fresh_state, monkeypatch, capsys):
+    failure = "its smoke call on cuda:0 failed (CompilationError: at 12:4: unsupported)"
+    fresh_state(triton_smoke=SmokeOnCpu(failure))
+    stub_mamba(monkeypatch, extension=None)
+    assert resolve_backend(None, GPU) == "torch"
+    err = capsys.readouterr().err
+    assert err.count("WARNING") == 1 and "selective_scan_cuda" in err
+    assert "the 'triton' scan backend cannot run on cuda:0: the Triton " in err and "CompilationError" in err
+    assert "order of magnitude or more slower" in err
+    with pytest.raises(ValueError, match=r"backend 'triton' cannot run on cuda:0: .*CompilationError"):
+        resolve_backend("triton", GPU)  # a failing kernel: no install command to offer
+
+
+def test_triton_requested_without_triton_or_on_the_cpu(fresh_state, monkeypatch):
+    fresh_state()
+    with pytest.raises(ValueError, match=r"backend 'triton' cannot run on cuda:0: triton cannot be imported .*"
+                                         r"fix: pip install triton"):
+        resolve_backend("triton", GPU)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        resolve_backend("triton", torch.device("cpu"))
 
 
 def test_report_on_the_cpu(monkeypatch):

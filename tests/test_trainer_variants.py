@@ -72,7 +72,7 @@ def test_batch_size_env_override_wins_and_is_checked(monkeypatch):
 
 def test_memory_model_rejects_unknown_inputs():
     with pytest.raises(ValueError, match="scan backend"):
-        activation_bytes_per_sample("tiny", (512, 512), "triton", torch.float32, False)
+        activation_bytes_per_sample("tiny", (512, 512), "numpy", torch.float32, False)
     with pytest.raises(ValueError, match="activation dtype"):
         activation_bytes_per_sample("tiny", (512, 512), "cuda", torch.int8, False)
     assert fitting_batch_size(GIB, 10 ** 9, 1) == 0  # the training state alone exceeds the memory

@@ -12,14 +12,17 @@ def scan_backend_report(device: torch.device | str | None = None) -> dict[str, s
     """What computes the scans on ``device`` (default: the current GPU if there is one, else the CPU); prints nothing.
 
     Keys: device; requested (auto or the NNUNETV2_CIPA_SCAN_BACKEND value); backend (the one in use there); torch;
-    cuda (torch's CUDA version, None for a CPU build); mamba_ssm (its version or "not installed"); gpu (the device's
-    name, None on a CPU); fused_kernel_problem (why mamba-ssm's fused kernel cannot run on this CUDA device, None when
-    it can or on a CPU); fix (the command that repairs it, or None). Raises ValueError for a requested backend that
+    cuda (torch's CUDA version, None for a CPU build); mamba_ssm, triton (their versions or "not installed"); gpu (the
+    device's name, None on a CPU); fused_kernel_problem (why mamba-ssm's fused kernel cannot run on this CUDA device,
+    None when it can or on a CPU); fix (the command that repairs it, or None); triton_problem (why the Triton kernels
+    cannot run on this CUDA device, None when they can or on a CPU). Raises ValueError for a requested backend that
     cannot run there, as the scans would."""
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     choice = choose_backend(None, device)
-    problem = BACKENDS["cuda"].problem(device) if device.type == "cuda" else None
+    problem, triton_problem = (BACKENDS[name].problem(device) if device.type == "cuda" else None
+                               for name in ("cuda", "triton"))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else None
     return {"device": str(device), "requested": choice.requested, "backend": choice.name, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "mamba_ssm": cuda_scan.mamba_ssm_version(), "gpu": gpu,
-            "fused_kernel_problem": problem, "fix": None if problem is None else BACKENDS["cuda"].fix()}
+            "cuda": torch.version.cuda, "mamba_ssm": cuda_scan.mamba_ssm_version(),
+            "triton": cuda_scan.distribution_version("triton"), "gpu": gpu, "fused_kernel_problem": problem,
+            "fix": None if problem is None else BACKENDS["cuda"].fix(), "triton_problem": triton_problem}

@@ -1,11 +1,12 @@
 """The selective-scan backends as one table (:data:`BACKENDS`) and how ``auto`` chooses among them.
 
-``cuda`` is mamba-ssm's fused kernel (``cuda_scan``), ``cpu`` the numba kernels (``cpu_scan``), ``torch`` the chunked
-pure-PyTorch scan (``chunked_scan``), ``reference`` the sequential loop (``reference_scan``, for tests).
+``cuda`` is mamba-ssm's fused kernel (``cuda_scan``), ``triton`` this package's Triton kernels (``triton_scan``),
+``cpu`` the numba kernels (``cpu_scan``), ``torch`` the chunked pure-PyTorch scan (``chunked_scan``), ``reference``
+the sequential loop (``reference_scan``, for tests).
 ``auto`` (the default; NNUNETV2_CIPA_SCAN_BACKEND overrides it, an explicit ``backend=`` argument overrides both)
-takes the backend compiled for the tensors' device type when it can run there, else ``torch``. When that skips the
-fused CUDA kernel it prints one warning per device to stderr; an explicitly requested backend that cannot run raises
-ValueError with the reason."""
+takes the first backend compiled for the tensors' device type that can run there (on CUDA: cuda, then triton), else
+``torch``. When that skips the fused CUDA kernel it prints one warning per device to stderr; an explicitly requested
+backend that cannot run raises ValueError with the reason."""
 
 from __future__ import annotations
 
@@ -21,11 +22,16 @@ import torch.nn.functional as F
 
 from nnunetv2_cipa.ops import cuda_scan
 from nnunetv2_cipa.ops.chunked_scan import chunked_selective_scan
+from nnunetv2_cipa.ops.kernel_probe import KernelProbe, first_line
 from nnunetv2_cipa.ops.reference_scan import compute_dtype, selective_scan_reference
 
 ENV_VAR = "NNUNETV2_CIPA_SCAN_BACKEND"
-SLOWDOWN = ('The pure-PyTorch "torch" scan runs instead, an order of magnitude or more slower (docs/benchmarks.md, '
-            '"Selective scan")')
+RUNS_INSTEAD = {
+    "torch": ('The pure-PyTorch "torch" scan runs instead, an order of magnitude or more slower (docs/benchmarks.md, '
+              '"Selective scan")'),
+    "triton": ('The "triton" scan kernels run instead (nothing to build; their speed against the fused kernel: '
+               'docs/benchmarks.md, "GPU checklist")'),
+}
 _logger = logging.getLogger(__name__)
 _logged_backends: set[str] = set()
 _warned_devices: set[str] = set()
@@ -36,7 +42,7 @@ class ScanBackend:
     """One way to compute the scans.
 
     device_type: the only device type it runs on (None: any); requirement(device) -> why it cannot run on a device
-    of that type, or None; fix() -> the command that meets the requirement. selective_scan(u, delta, A, B, C, D, z,
+    of that type, or None; fix() -> the command that meets the requirement (None: none to run). selective_scan(u, delta, A, B, C, D, z,
     delta_bias, delta_softplus) -> y is the whole operator; directional_scan(u, delta, A, B, C, positions, delta_bias,
     delta_softplus) -> y the bare K-direction scan in position order, or None when directional_scan gathers the K
     orders for selective_scan. warn_on_fallback: ``auto`` skipping this backend is announced on stderr."""
@@ -45,7 +51,7 @@ class ScanBackend:
     requirement: Callable[[torch.device], str | None]
     selective_scan: Callable
     directional_scan: Callable | None = None
-    fix: Callable[[], str] | None = None
+    fix: Callable[[], str | None] | None = None
     warn_on_fallback: bool = False
 
     def problem(self, device: torch.device) -> str | None:
@@ -94,6 +100,37 @@ def _fused_kernel_fix() -> str:
     return cuda_scan.PROBE.fix()
 
 
+class TritonKernelProbe(KernelProbe):
+    """Whether the ``triton`` backend's kernels compile and run on a CUDA device (:class:`KernelProbe`); triton is
+    imported on the first probe."""
+
+    def name(self) -> str:
+        return f"the Triton {cuda_scan.distribution_version('triton')} scan kernels"
+
+    def load(self) -> tuple:
+        try:
+            from nnunetv2_cipa.ops import triton_scan
+        except Exception as e:  # ImportError, or a triton that fails to initialise
+            return None, f"triton cannot be imported ({first_line(e)})"
+        return functools.partial(scan_with_core, triton_scan.triton_selective_scan), None
+
+    def fix(self) -> str | None:
+        """The install command when triton is missing; None for a kernel that fails (nothing to install)."""
+        _, reason = self._load_once()
+        return "pip install triton (PyTorch's Linux CUDA wheels include it)" if reason is not None else None
+
+
+TRITON_PROBE = TritonKernelProbe()
+
+
+def _triton_problem(device: torch.device) -> str | None:
+    return TRITON_PROBE.problem(device)  # looked up per call: the probe object can be replaced (tests)
+
+
+def _triton_selective_scan(*args):
+    return TRITON_PROBE.scan_fn()(*args)
+
+
 def _cpu_selective_scan(*args):
     return scan_with_core(_numba_scan().cpu_selective_scan, *args)
 
@@ -109,6 +146,8 @@ def _always(device: torch.device) -> None:
 BACKENDS: dict[str, ScanBackend] = {
     "cuda": ScanBackend("cuda", _fused_kernel_problem, cuda_scan.cuda_selective_scan, fix=_fused_kernel_fix,
                         warn_on_fallback=True),
+    "triton": ScanBackend("cuda", _triton_problem, _triton_selective_scan,
+                          fix=lambda: TRITON_PROBE.fix()),
     "cpu": ScanBackend("cpu", _needs_numba, _cpu_selective_scan, _cpu_directional_scan,
                        fix=lambda: "pip install numba"),
     "torch": ScanBackend(None, _always, functools.partial(scan_with_core, chunked_selective_scan)),
@@ -120,17 +159,17 @@ CHOICES = ("auto", *BACKENDS)
 def _with_fix(name: str, device: torch.device, reason: str) -> str:
     """``reason`` why backend ``name`` cannot run on ``device``, followed by the fix when there is one."""
     backend = BACKENDS[name]
-    return f"{reason}; fix: {backend.fix()}" if backend.fix and device.type == backend.device_type else reason
+    fix = backend.fix() if backend.fix and device.type == backend.device_type else None
+    return f"{reason}; fix: {fix}" if fix else reason
 
 
 class BackendChoice(NamedTuple):
-    """What runs a scan on a device: ``name``, for the ``requested`` choice (auto or a backend's name); when auto had
-    to pass over the device's compiled backend, that backend (``skipped``) and the ``reason``."""
+    """What runs a scan on a device: ``name``, for the ``requested`` choice (auto or a backend's name); ``skipped``:
+    the device's compiled backends auto had to pass over, in order, each as (name, reason)."""
 
     requested: str
     name: str
-    skipped: str | None = None
-    reason: str | None = None
+    skipped: tuple[tuple[str, str], ...] = ()
 
 
 def choose_backend(backend: str | None, device: torch.device) -> BackendChoice:
@@ -146,11 +185,13 @@ def choose_backend(backend: str | None, device: torch.device) -> BackendChoice:
             raise ValueError(f"selective_scan: backend {requested!r} cannot run on {device}: "
                              f"{_with_fix(requested, device, problem)}")
         return BackendChoice(requested, requested)
-    native = next((name for name, b in BACKENDS.items() if b.device_type == device.type), None)
-    problem = None if native is None else BACKENDS[native].problem(device)
-    if problem is not None:
-        return BackendChoice(requested, "torch", native, problem)
-    return BackendChoice(requested, native or "torch")
+    skipped = []
+    for name in (name for name, b in BACKENDS.items() if b.device_type == device.type):
+        problem = BACKENDS[name].problem(device)
+        if problem is None:
+            return BackendChoice(requested, name, tuple(skipped))
+        skipped.append((name, problem))
+    return BackendChoice(requested, "torch", tuple(skipped))
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
@@ -158,10 +199,12 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     variable NNUNETV2_CIPA_SCAN_BACKEND, else auto (see the module docstring). Raises ValueError for an unknown or
     unusable explicit choice; prints auto's warning when it passes over the fused CUDA kernel (once per device)."""
     choice = choose_backend(backend, device)
-    if choice.skipped is not None and BACKENDS[choice.skipped].warn_on_fallback and str(device) not in _warned_devices:
+    warn = any(BACKENDS[name].warn_on_fallback for name, _ in choice.skipped)
+    if warn and str(device) not in _warned_devices:
         _warned_devices.add(str(device))
-        print(f"nnunetv2_cipa WARNING: the {choice.skipped!r} scan backend cannot run on {device}: "
-              f"{_with_fix(choice.skipped, device, choice.reason)}. {SLOWDOWN}.", file=sys.stderr, flush=True)
+        reasons = "; ".join(f"the {name!r} scan backend cannot run on {device}: {_with_fix(name, device, reason)}"
+                            for name, reason in choice.skipped)
+        print(f"nnunetv2_cipa WARNING: {reasons}. {RUNS_INSTEAD[choice.name]}.", file=sys.stderr, flush=True)
     if choice.name not in _logged_backends:
         _logged_backends.add(choice.name)
         _logger.info("selective_scan: using the %r backend", choice.name)
@@ -169,7 +212,8 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 
 
 def available_backends() -> list[str]:
-    """Backends usable on this machine (``cuda`` needs a GPU and a working mamba-ssm kernel, ``cpu`` needs numba)."""
+    """Backends usable on this machine (``cuda`` needs a GPU and a working mamba-ssm kernel, ``triton`` a GPU and
+    triton, ``cpu`` needs numba)."""
     devices = {"cpu": torch.device("cpu"), "cuda": torch.device("cuda") if torch.cuda.is_available() else None}
     return [name for name, b in BACKENDS.items() if b.device_type is None
             or (devices[b.device_type] is not None and b.problem(devices[b.device_type]) is None)]

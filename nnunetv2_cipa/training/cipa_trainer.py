@@ -109,9 +109,11 @@ def scan_backend_log_line(device: torch.device) -> str:
     r = scan_backend_report(device)
     gpu = f" ({r['gpu']})" if r["gpu"] else ""
     line = (f"Selective scan: backend {r['backend']} on {r['device']}{gpu} (requested {r['requested']}); "
-            f"torch {r['torch']}, CUDA {r['cuda']}, mamba-ssm {r['mamba_ssm']}")
+            f"torch {r['torch']}, CUDA {r['cuda']}, mamba-ssm {r['mamba_ssm']}, triton {r['triton']}")
     if r["fused_kernel_problem"]:
         line += f"; mamba-ssm's fused kernel is unusable: {r['fused_kernel_problem']} (fix: {r['fix']})"
+    if r["triton_problem"] and r["backend"] == "torch":
+        line += f"; the Triton kernels are unusable: {r['triton_problem']}"
     return line
 
 

@@ -1,0 +1,231 @@
+"""The ``triton`` backend: the selective-scan core as two Triton kernels (forward, backward), for CUDA GPUs on which
+mamba-ssm's compiled kernel is missing. Triton ships with PyTorch's Linux CUDA wheels, so nothing is built.
+
+Each program owns one (batch, group, block of channels) and walks the sequence in tiles of ``BLOCK_L`` steps,
+keeping the state (channels, N) in registers. Inside a tile the recurrence h_t = exp(delta_t A) h_{t-1} + delta_t
+u_t B_t is an associative scan along the tile, started from the state carried in from the previous tile. Forward
+saves the state entering every tile; backward walks the tiles in reverse, recomputes the tile's states from the saved
+one, and runs the adjoint recurrence dh_t = dy_t C_t + exp(delta_{t+1} A) dh_{t+1} as a reverse associative scan.
+The gradients of B and C sum over the group's channel blocks by atomic adds, those of A and delta_bias over the batch.
+
+Imported lazily by the backend table (ImportError when triton is missing). With ``TRITON_INTERPRET=1`` set before
+the import, the kernels run on CPU tensors through Triton's interpreter (the tests do this).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_L = 32  # sequence steps per tile
+MAX_TILE_ELEMENTS = 4096  # BLOCK_D * BLOCK_N * BLOCK_L: the (channels, state, steps) tiles kept in registers
+NUM_WARPS = 4
+# sizes not worth a compiled variant each (Triton specialises integer arguments on divisibility by 16 and on 1); the
+# length stays specialised, as it sets the alignment of every row the kernels load
+_GENERIC_SIZES = ["dim", "n_state", "group_dim", "n_groups", "n_tiles"]
+
+
+@triton.jit
+def _linear_recurrence(a_left, x_left, a_right, x_right):
+    """Compose h -> a_left h + x_left, then h -> a_right h + x_right (left is earlier in the scan's direction)."""
+    return a_left * a_right, a_right * x_left + x_right
+
+
+@triton.jit
+def _softplus(x):
+    """log(1 + exp(x)) as torch computes it (threshold 20), without losing small values to rounding."""
+    return tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
+
+
+@triton.jit
+def _column(tile, index: tl.constexpr, BLOCK_L: tl.constexpr):
+    """tile[:, :, index] of a (BLOCK_D, BLOCK_N, BLOCK_L) tile."""
+    steps = tl.arange(0, BLOCK_L)
+    return tl.sum(tl.where((steps == index)[None, None, :], tile, 0.0), axis=2)
+
+
+@triton.jit
+def _program_setup(A_ptr, bias_ptr, dim, length, n_state, group_dim, n_groups, n_tiles, HAS_BIAS: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's channels (BLOCK_D,) with their mask, state indices (BLOCK_N,) with theirs, the mask of both
+    (BLOCK_D, BLOCK_N), the offsets of its rows: of u / delta / y (BLOCK_D,), of B / C (BLOCK_N,), of the saved
+    states (BLOCK_D,); and its A (BLOCK_D, BLOCK_N) and delta_bias (BLOCK_D,; zeros without one)."""
+    batch, group, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    local = block * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = local < group_dim
+    channel = group * group_dim + local
+    n = tl.arange(0, BLOCK_N)
+    n_mask = n < n_state
+    dn_mask = d_mask[:, None] & n_mask[None, :]
+    A = tl.load(A_ptr + channel[:, None] * n_state + n[None, :], mask=dn_mask, other=0.0)
+    bias = tl.zeros((BLOCK_D,), A.dtype)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + channel, mask=d_mask, other=0.0)
+    rows = (batch * dim + channel) * length
+    bc_rows = ((batch * n_groups + group) * n_state + n) * length
+    state_rows = ((batch * dim + channel) * n_tiles) * n_state
+    return channel, d_mask, n, n_mask, dn_mask, rows, bc_rows, state_rows, A, bias
+
+
+@triton.jit
+def _tile_states(dt, u, A, B, h_start):
+    """The states (BLOCK_D, BLOCK_N, BLOCK_L) of one tile from its dt, u (BLOCK_D, BLOCK_L), B (BLOCK_N, BLOCK_L) and
+    the state entering it; and the inputs delta_t u_t B_t of the recurrence."""
+    decay = tl.exp(dt[:, None, :] * A[:, :, None])
+    inputs = (dt * u)[:, None, :] * B[None, :, :]
+    decay_product, local_states = tl.associative_scan((decay, inputs), 2, _linear_recurrence)
+    return local_states + decay_product * h_start[:, :, None], inputs
+
+
+@triton.jit(do_not_specialize=_GENERIC_SIZES)
+def _scan_forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, bias_ptr, y_ptr, states_ptr,
+                         dim, length, n_state, group_dim, n_groups, n_tiles,
+                         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    channel, d_mask, n, n_mask, dn_mask, rows, bc_rows, state_rows, A, bias = _program_setup(
+        A_ptr, bias_ptr, dim, length, n_state, group_dim, n_groups, n_tiles, HAS_BIAS, BLOCK_D, BLOCK_N)
+    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=y_ptr.dtype.element_ty)
+    for tile in range(n_tiles):
+        t = tile * BLOCK_L + tl.arange(0, BLOCK_L)
+        t_mask = t < length
+        dt_mask = d_mask[:, None] & t_mask[None, :]
+        nt_mask = n_mask[:, None] & t_mask[None, :]
+        tl.store(states_ptr + state_rows[:, None] + tile * n_state + n[None, :], h, mask=dn_mask)
+        u = tl.load(u_ptr + rows[:, None] + t[None, :], mask=dt_mask, other=0.0)
+        dt = tl.load(delta_ptr + rows[:, None] + t[None, :], mask=dt_mask, other=0.0)
+        if HAS_BIAS:
+            dt += bias[:, None]
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(dt_mask, dt, 0.0)  # padding steps: decay 1, no input
+        B = tl.load(B_ptr + bc_rows[:, None] + t[None, :], mask=nt_mask, other=0.0)
+        C = tl.load(C_ptr + bc_rows[:, None] + t[None, :], mask=nt_mask, other=0.0)
+        states, inputs = _tile_states(dt, u, A, B, h)
+        y = tl.sum(states * C[None, :, :], axis=1)
+        tl.store(y_ptr + rows[:, None] + t[None, :], y, mask=dt_mask)
+        h = _column(states, BLOCK_L - 1, BLOCK_L)
+
+
+@triton.jit(do_not_specialize=_GENERIC_SIZES)
+def _scan_backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, bias_ptr, states_ptr, dy_ptr,
+                          du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dbias_ptr,
+                          dim, length, n_state, group_dim, n_groups, n_tiles,
+                          HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    channel, d_mask, n, n_mask, dn_mask, rows, bc_rows, state_rows, A, bias = _program_setup(
+        A_ptr, bias_ptr, dim, length, n_state, group_dim, n_groups, n_tiles, HAS_BIAS, BLOCK_D, BLOCK_N)
+    dh_next = tl.zeros((BLOCK_D, BLOCK_N), dtype=dy_ptr.dtype.element_ty)  # dh at the first step after the tile
+    dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=dy_ptr.dtype.element_ty)
+    dbias = tl.zeros((BLOCK_D,), dtype=dy_ptr.dtype.element_ty)
+    for reverse_tile in range(n_tiles):
+        tile = n_tiles - 1 - reverse_tile
+        t = tile * BLOCK_L + tl.arange(0, BLOCK_L)
+        t_mask = t < length
+        dt_mask = d_mask[:, None] & t_mask[None, :]
+        nt_mask = n_mask[:, None] & t_mask[None, :]
+        next_mask = d_mask[:, None] & (t + 1 < length)[None, :]
+        u = tl.load(u_ptr + rows[:, None] + t[None, :], mask=dt_mask, other=0.0)
+        raw = tl.load(delta_ptr + rows[:, None] + t[None, :], mask=dt_mask, other=0.0)
+        raw_next = tl.load(delta_ptr + rows[:, None] + t[None, :] + 1, mask=next_mask, other=0.0)
+        if HAS_BIAS:
+            raw += bias[:, None]
+            raw_next += bias[:, None]
+        dt, dt_next = raw, raw_next
+        if SOFTPLUS:
+            dt, dt_next = _softplus(raw), _softplus(raw_next)
+        dt = tl.where(dt_mask, dt, 0.0)
+        dt_next = tl.where(next_mask, dt_next, 0.0)  # beyond the sequence: decay 1, nothing flows back
+        B = tl.load(B_ptr + bc_rows[:, None] + t[None, :], mask=nt_mask, other=0.0)
+        C = tl.load(C_ptr + bc_rows[:, None] + t[None, :], mask=nt_mask, other=0.0)
+        dy = tl.load(dy_ptr + rows[:, None] + t[None, :], mask=dt_mask, other=0.0)
+        h_start = tl.load(states_ptr + state_rows[:, None] + tile * n_state + n[None, :], mask=dn_mask, other=0.0)
+
+        states, inputs = _tile_states(dt, u, A, B, h_start)
+
+        decay_next = tl.exp(dt_next[:, None, :] * A[:, :, None])
+        sources = dy[:, None, :] * C[None, :, :]
+        decay_suffix, local_dh = tl.associative_scan((decay_next, sources), 2, _linear_recurrence, reverse=True)
+        dh = local_dh + decay_suffix * dh_next[:, :, None]
+        dh_next = _column(dh, 0, BLOCK_L)
+
+        d_decay_arg = dh * (states - inputs)  # dL/d(dt A) = dh_t * h_{t-1} * exp(dt A) = dh_t * (h_t - inputs_t)
+        dh_B = tl.sum(dh * B[None, :, :], axis=1)
+        d_dt = dh_B * u + tl.sum(d_decay_arg * A[:, :, None], axis=1)
+        dA += tl.sum(d_decay_arg * dt[:, None, :], axis=2)
+        if SOFTPLUS:
+            d_dt = d_dt / (1.0 + tl.exp(-raw))  # softplus' derivative: sigmoid
+        d_dt = tl.where(dt_mask, d_dt, 0.0)
+        dbias += tl.sum(d_dt, axis=1)
+        tl.store(du_ptr + rows[:, None] + t[None, :], dh_B * dt, mask=dt_mask)
+        tl.store(ddelta_ptr + rows[:, None] + t[None, :], d_dt, mask=dt_mask)
+        tl.atomic_add(dB_ptr + bc_rows[:, None] + t[None, :], tl.sum(dh * (dt * u)[:, None, :], axis=0), mask=nt_mask)
+        tl.atomic_add(dC_ptr + bc_rows[:, None] + t[None, :], tl.sum(dy[:, None, :] * states, axis=0), mask=nt_mask)
+    tl.atomic_add(dA_ptr + channel[:, None] * n_state + n[None, :], dA, mask=dn_mask)
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + channel, dbias, mask=d_mask)
+
+
+def _blocks(group_dim: int, n_state: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_N): the state padded to a power of two, as many channels as the tile budget allows."""
+    block_n = triton.next_power_of_2(n_state)
+    block_d = max(1, min(triton.next_power_of_2(group_dim), MAX_TILE_ELEMENTS // (block_n * BLOCK_L)))
+    return block_d, block_n
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on ``t``'s GPU (Triton launches on the current device); nothing to do for the interpreter."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+class TritonScan(torch.autograd.Function):
+    """u, delta (b, D, L), A (D, N), B, C (b, G, N, L) with G dividing D, delta_bias (D,) or None; float32 or
+    float64, any layout -> y (b, D, L) with delta = softplus(delta + bias) (or delta + bias). Saved for backward:
+    the inputs and the state entering every tile, (b, D, ceil(L / BLOCK_L), N)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, delta_bias, delta_softplus: bool):
+        u, delta, A, B, C = (t.detach().contiguous() for t in (u, delta, A, B, C))
+        bias = None if delta_bias is None else delta_bias.detach().contiguous()
+        batch, dim, length = u.shape
+        n_groups, n_state = B.shape[1], A.shape[1]
+        n_tiles = triton.cdiv(length, BLOCK_L)
+        block_d, block_n = _blocks(dim // n_groups, n_state)
+        y = torch.empty_like(u)
+        states = u.new_empty(batch, dim, n_tiles, n_state)
+        grid = (batch, n_groups, triton.cdiv(dim // n_groups, block_d))
+        with _on_device(u):
+            _scan_forward_kernel[grid](u, delta, A, B, C, u if bias is None else bias, y, states,
+                                       dim, length, n_state, dim // n_groups, n_groups, n_tiles,
+                                       HAS_BIAS=bias is not None, SOFTPLUS=bool(delta_softplus),
+                                       BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=BLOCK_L, num_warps=NUM_WARPS)
+        ctx.save_for_backward(u, delta, A, B, C, bias, states)
+        ctx.delta_softplus = bool(delta_softplus)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, delta, A, B, C, bias, states = ctx.saved_tensors
+        batch, dim, length = u.shape
+        n_groups, n_state = B.shape[1], A.shape[1]
+        block_d, block_n = _blocks(dim // n_groups, n_state)
+        dy = dy.contiguous()
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        dA, dB, dC = torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(C)
+        dbias = None if bias is None else torch.zeros_like(bias)
+        grid = (batch, n_groups, triton.cdiv(dim // n_groups, block_d))
+        with _on_device(u):
+            _scan_backward_kernel[grid](u, delta, A, B, C, u if bias is None else bias, states, dy,
+                                        du, ddelta, dA, dB, dC, du if dbias is None else dbias,
+                                        dim, length, n_state, dim // n_groups, n_groups, states.shape[2],
+                                        HAS_BIAS=bias is not None, SOFTPLUS=ctx.delta_softplus,
+                                        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=BLOCK_L, num_warps=NUM_WARPS)
+        return du, ddelta, dA, dB, dC, dbias, None
+
+
+def triton_selective_scan(u, delta, A, B, C, delta_bias, delta_softplus):
+    """The bare grouped scan (the core of ``backends.scan_with_core``): u, delta (b, D, L), A (D, N), B, C
+    (b, G, N, L), delta_bias (D,) or None -> y (b, D, L), in the inputs' (float32 or float64) dtype."""
+    return TritonScan.apply(u, delta, A, B, C, delta_bias, delta_softplus)

@@ -1,0 +1,104 @@
+"""The ``triton`` backend's kernels against the sequential reference, values and gradients: on CPU tensors through
+Triton's interpreter where there is no GPU (conftest sets TRITON_INTERPRET), compiled on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from nnunetv2_cipa.ops import triton_scan  # noqa: E402  (after the skip: triton is optional)
+from nnunetv2_cipa.ops.backends import scan_with_core  # noqa: E402
+from nnunetv2_cipa.ops.reference_scan import selective_scan_reference  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+NAMES = ("output", "u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def make_inputs(batch, dim, groups, n_state, length, dtype, seed=0, delta_scale=0.5):
+    """u, delta, A, B, C (b, G, N, L), D, z, delta_bias on the test device."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    tensors = (rand(batch, dim, length), rand(batch, dim, length) * delta_scale,
+               -torch.rand(dim, n_state, generator=gen, dtype=dtype) * 2 - 0.1,
+               rand(batch, groups, n_state, length), rand(batch, groups, n_state, length), rand(dim),
+               rand(batch, dim, length), rand(dim) * 0.1)
+    return [t.to(DEVICE) for t in tensors]
+
+
+def output_and_grads(fn, inputs, softplus=True, use_bias=True):
+    """fn(u, delta, A, B, C, D, z, delta_bias, softplus) and the gradients of a fixed weighting of it."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    used = leaves if use_bias else leaves[:-1]
+    y = fn(*leaves[:7], leaves[7] if use_bias else None, softplus)
+    weight = torch.cos(torch.arange(y.numel(), dtype=y.dtype, device=y.device)).view_as(y)
+    return [y.detach(), *torch.autograd.grad((y * weight).sum(), used)]
+
+
+def triton_whole(*args):
+    return scan_with_core(triton_scan.triton_selective_scan, *args)
+
+
+def assert_matches_reference(inputs, tolerance, softplus=True, use_bias=True):
+    got = output_and_grads(triton_whole, inputs, softplus, use_bias)
+    expected = output_and_grads(selective_scan_reference, [t.cpu() for t in inputs], softplus, use_bias)
+    for name, g, e in zip(NAMES, got, expected):
+        assert g.dtype == e.dtype and g.shape == e.shape, name
+        error = ((g.cpu() - e).abs().max() / e.abs().max()).item()
+        assert error < tolerance, f"{name}: relative error {error:.1e}"
+
+
+@pytest.mark.parametrize("batch, dim, groups, n_state, length", [
+    (2, 8, 2, 4, 70),   # three tiles, the last one partial
+    (1, 6, 3, 3, 33),   # a state size that is no power of two (padded), one step into the second tile
+    (1, 4, 1, 1, 32),   # one full tile, one state
+])
+def test_float64_matches_the_reference(batch, dim, groups, n_state, length):
+    assert_matches_reference(make_inputs(batch, dim, groups, n_state, length, torch.float64), 1e-12)
+
+
+@pytest.mark.parametrize("softplus, use_bias", [(False, False), (False, True), (True, False)])
+def test_without_softplus_or_bias(softplus, use_bias):
+    assert_matches_reference(make_inputs(2, 4, 2, 2, 40, torch.float64), 1e-12, softplus, use_bias)
+
+
+def test_channel_blocks_of_a_group_sum_their_gradients(monkeypatch):
+    """A group's channels split into several programs (small tiles forced): dB, dC add up across them (atomics),
+    dA and delta_bias across the batch."""
+    monkeypatch.setattr(triton_scan, "MAX_TILE_ELEMENTS", 2 * 4 * triton_scan.BLOCK_L)
+    assert triton_scan._blocks(5, 4) == (2, 4)  # 5 channels per group: blocks of 2, 2 and 1 (masked)
+    assert_matches_reference(make_inputs(3, 10, 2, 4, 45, torch.float64), 1e-12)
+
+
+def test_float32_large_delta_and_ungrouped_B_C():
+    """float32 in, float32 out, with delta past softplus' threshold (20) and far below 0; B, C without a group axis
+    (b, N, L), as mamba-ssm also takes them."""
+    u, delta, A, B, C, D, z, bias = make_inputs(1, 4, 1, 4, 40, torch.float32, delta_scale=15.0)
+    inputs = [u, delta, A, B[:, 0], C[:, 0], D, z, bias]
+    got = output_and_grads(triton_whole, inputs)
+    expected = output_and_grads(selective_scan_reference, [t.cpu() for t in inputs])
+    assert delta.max() > 20 and delta.min() < -20
+    for name, g, e in zip(NAMES, got, expected):
+        assert g.dtype == torch.float32 and torch.isfinite(g).all(), name
+        torch.testing.assert_close(g.cpu(), e, rtol=1e-4, atol=1e-4 * e.abs().max().item(), msg=name)
+
+
+def test_inputs_left_untouched_and_any_layout_accepted():
+    u, delta, A, B, C, D, z, bias = make_inputs(2, 4, 2, 4, 36, torch.float64)
+    strided_u = u.transpose(0, 1).contiguous().transpose(0, 1)  # same values, another memory layout
+    before = [t.clone() for t in (strided_u, delta, B, C)]
+    y = triton_whole(strided_u, delta, A, B, C, D, z, bias, True)
+    assert all(torch.equal(a, b) for a, b in zip(before, (strided_u, delta, B, C)))
+    torch.testing.assert_close(y.cpu(), selective_scan_reference(*(t.cpu() for t in (u, delta, A, B, C, D, z, bias)),
+                                                                 delta_softplus=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_kernels_on_the_gpu_at_an_encoder_shape():
+    """Compiled on the GPU, float32, the four scan directions of a small encoder stage as groups (N = 16)."""
+    assert_matches_reference(make_inputs(2, 4 * 48, 4, 16, 1024, torch.float32), 1e-3)
