@@ -159,13 +159,20 @@ def test_pretrained_trainer_needs_the_checkpoint_only_to_start_training(nnunet_p
     """--val, --c and prediction load our own checkpoints: only a fresh training needs nnUNet_CIPA_pretrained."""
     monkeypatch.delenv(PRETRAINED_ENV_VAR, raising=False)
     trainer = make_trainer("nnUNetTrainerCIPA_pretrained", nnunet_paths)  # constructing it needs nothing
-    trainer.initialize()  # what --val and --c do before loading the checkpoint
+    trainer.initialize()
     assert trainer.imagenet_encoder_loaded is False
     with pytest.raises(SystemExit, match=PRETRAINED_ENV_VAR):
         trainer.on_train_start()
+    checkpoint = tmp_path / "checkpoint_latest.pth"
+    trainer.save_checkpoint(str(checkpoint))
     monkeypatch.setenv(PRETRAINED_ENV_VAR, str(tmp_path / "missing.pth"))
     with pytest.raises(SystemExit, match="missing.pth: no such file"):
         make_trainer("nnUNetTrainerCIPA_paper_pretrained", nnunet_paths).initialize()
+    resumed = make_trainer("nnUNetTrainerCIPA_pretrained", nnunet_paths)
+    resumed.load_checkpoint(str(checkpoint))  # --c / --val: the variable still names a file that is gone
+    assert resumed.was_initialized and resumed.imagenet_encoder_loaded is False
+    saved, restored = trainer.network.state_dict(), resumed.network.state_dict()
+    assert all(torch.equal(saved[key], restored[key]) for key in saved)
 
 
 def start_ddp(worker, world_size: int, *args) -> list:

@@ -165,6 +165,7 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         self.micro_batch_count: int | None = None  # under DDP when accumulating: chunks per step, equal on all GPUs
         self.iteration_in_epoch = 0
         self.imagenet_encoder_loaded = False
+        self._restoring_checkpoint = False  # initialize() called by load_checkpoint (--c, --val): no ImageNet load
         if self.network_autocast is not None:
             self.grad_scaler = None  # loss scaling is for fp16 only
 
@@ -341,12 +342,12 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         if self.network_autocast == torch.bfloat16 and (warning := emulated_bf16_warning(self.device)):
             self.print_to_log_file(warning)
             print(f"nnunetv2_cipa WARNING: {warning}", file=sys.stderr, flush=True)
-        if self.imagenet_encoder:
+        if self.imagenet_encoder and not self._restoring_checkpoint:
             self._maybe_load_imagenet_encoder()
 
     def _maybe_load_imagenet_encoder(self) -> None:
         """Load the ImageNet encoder if nnUNet_CIPA_pretrained is set; a fresh training without it stops in
-        on_train_start (``--val``, ``--c`` and prediction never need it: they load our own checkpoints)."""
+        on_train_start (``--val``, ``--c`` and prediction never read it: they load our own checkpoints)."""
         from nnunetv2_cipa.pretrained import load_vmamba_checkpoint
 
         path = self._config(imagenet_checkpoint_path)
@@ -356,7 +357,11 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
             self.print_to_log_file(f"Loaded the ImageNet VMamba encoder from {path.parent}/{report.summary()}")
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
+        self._restoring_checkpoint = True  # nnU-Net's load_checkpoint initializes an uninitialized trainer
+        try:
+            super().load_checkpoint(filename_or_checkpoint)
+        finally:
+            self._restoring_checkpoint = False
         optimizer_steps_to_cpu(self.optimizer)
 
     def on_train_start(self):
