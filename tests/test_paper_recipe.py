@@ -127,7 +127,17 @@ def test_crop_side_is_70_to_90_percent_and_inside_the_image():
     image, seg = sample()
     out = transform(image=image, segmentation=seg.float())
     assert out["image"].shape == image.shape and out["segmentation"].shape == seg.shape
-    assert out["image"].min() >= image.min() and out["image"].max() <= image.max()
+
+
+def test_crop_resize_saturates_at_the_8_bit_range_only():
+    """As the official bicubic resize of 8-bit images: overshoot at an edge stays inside 0..255 (here 0..1, after
+    x / 255), and is cut only there."""
+    image = torch.full((2, 64, 64), 50 / 255)
+    image[0, :, 32:] = 200 / 255  # a step from 50 to 200 in CT
+    image[1, :, 32:] = 1.0  # a step from 50 to 255 in PET
+    out = SquareCropResizeTransform()._apply_to_image(image, box=(0, 0, 48), size=(64, 64))
+    assert out[0].min() < 50 / 255 - 0.02 and out[0].max() > 200 / 255 + 0.02  # bicubic overshoot kept
+    assert out[1].max() == 1.0 and out.min() >= 0.0  # saturated at 255
 
 
 def test_flip_is_horizontal_only_and_each_step_has_probability_one_half():

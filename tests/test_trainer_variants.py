@@ -4,6 +4,7 @@ non-finite loss, gradient accumulation, activation checkpointing, and the paper-
 from __future__ import annotations
 
 import copy
+import json
 import types
 
 import numpy as np
@@ -18,6 +19,7 @@ from nnunetv2_cipa.training.lr_schedule import PerIterationCosineLRScheduler
 from nnunetv2_cipa.training.memory_model import (BATCH_SIZE_ENV_VAR, activation_bytes_per_sample,
                                                  choose_batch_size, fitting_batch_size, scan_workspace_bytes,
                                                  training_state_bytes)
+from nnunetv2_cipa.trainer_discovery import find_trainer_class
 from nnunetv2_cipa.training.paper_trainer import official_parameter_groups
 
 from test_trainer import ds_targets, make_trainer, nnunet_paths  # noqa: F401 (fixture)
@@ -379,6 +381,18 @@ def test_paper_trainer_settings(nnunet_paths):
     trainer.train_step(batch(trainer, n=4))
     lr1 = trainer.optimizer.param_groups[0]["lr"]
     assert lr1 == pytest.approx(trainer.lr_scheduler.lr_at(1)) and lr1 < lr0
+
+
+def test_paper_trainer_refuses_other_normalisations(nnunet_paths):
+    """The recipe's inputs are x / 255 (RGBTo01Normalization); a CT-normalised plan would be scaled by 3.2 and
+    clamped at 0..1 by the crop step."""
+    plans = copy.deepcopy(nnunet_paths.plans())
+    plans["configurations"]["2d"]["normalization_schemes"] = ["CTNormalization", "RGBTo01Normalization"]
+    plans["continue_training"] = False
+    dataset_json = json.loads((nnunet_paths.preprocessed / "dataset.json").read_text())
+    with pytest.raises(SystemExit, match=r"normalises with CTNormalization, RGBTo01Normalization.*--normalization rgb"):
+        find_trainer_class("nnUNetTrainerCIPA_paper_debug")(plans=plans, configuration="2d", fold=0,
+                                                             dataset_json=dataset_json, device=torch.device("cpu"))
 
 
 def test_paper_trainer_keeps_the_plans_batch_in_the_plans(nnunet_paths):

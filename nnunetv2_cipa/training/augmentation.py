@@ -6,7 +6,8 @@ In order, on CT, PET and the mask together:
    y (rounded to whole pixels), no rotation, bilinear, zero outside;
 2. with p = 0.5, a horizontal flip (the image's last axis): batchgeneratorsv2's ``MirrorTransform``;
 3. with p = 0.5, a random square crop of side int(r * min(H, W)), r = U(0.7, 0.9), fully inside the image, resized
-   back to H x W bicubically (image values clamped to the crop's range per channel, as 8-bit resizing saturates);
+   back to H x W bicubically, image values clamped to [0, 1] (the official 8-bit resize saturates at 0 and 255,
+   which are 0 and 1 after nnU-Net's RGBTo01Normalization; it also rounds to whole levels, which this does not);
 4. the mask, interpolated as a float through 1 and 3, is re-binarised at 0.5.
 Nothing else: no rotation, vertical flip, elastic deformation or intensity augmentation.
 """
@@ -24,6 +25,7 @@ from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTransform
 WARP_PROBABILITY, CROP_PROBABILITY = 0.5, 0.5  # the flip's 0.5 is MirrorTransform's own per-axis probability
 SCALE_RANGE, ASPECT_RANGE, SHIFT_RANGE = (-0.1, 0.1), (-0.1, 0.1), (-0.1, 0.1)
 CROP_SIDE_RANGE = (0.7, 0.9)
+EIGHT_BIT_RANGE = (0.0, 1.0)  # 0 and 255 after RGBTo01Normalization's x / 255
 
 
 def _resample(x: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
@@ -59,11 +61,12 @@ class ShiftScaleAspectTransform(BasicTransform):
 
 
 class SquareCropResizeTransform(BasicTransform):
-    """Official crop step: a random square of side int(r * min(H, W)) inside the image, resized back bicubically."""
+    """Official crop step: a random square of side int(r * min(H, W)) inside the image, resized back bicubically,
+    image values clamped to ``value_range`` (the 8-bit range, where bicubic overshoot saturates)."""
 
-    def __init__(self, side_range=CROP_SIDE_RANGE):
+    def __init__(self, side_range=CROP_SIDE_RANGE, value_range=EIGHT_BIT_RANGE):
         super().__init__()
-        self.side_range = side_range
+        self.side_range, self.value_range = side_range, value_range
 
     def get_parameters(self, **data_dict) -> dict:
         height, width = data_dict["image"].shape[-2:]
@@ -76,15 +79,14 @@ class SquareCropResizeTransform(BasicTransform):
     def _crop_resize(x: torch.Tensor, box, size) -> torch.Tensor:
         top, left, side = box
         crop = x[:, top:top + side, left:left + side].to(torch.float32)
-        return F.interpolate(crop[None], size=size, mode="bicubic", align_corners=False)[0], crop
+        return F.interpolate(crop[None], size=size, mode="bicubic", align_corners=False)[0]
 
     def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
-        resized, crop = self._crop_resize(img, params["box"], params["size"])
-        low, high = crop.amin(dim=(1, 2), keepdim=True), crop.amax(dim=(1, 2), keepdim=True)
-        return torch.minimum(torch.maximum(resized, low), high).to(img.dtype)
+        resized = self._crop_resize(img, params["box"], params["size"])
+        return resized.clamp(*self.value_range).to(img.dtype)
 
     def _apply_to_segmentation(self, segmentation: torch.Tensor, **params) -> torch.Tensor:
-        return self._crop_resize(segmentation, params["box"], params["size"])[0]
+        return self._crop_resize(segmentation, params["box"], params["size"])
 
 
 class BinarizeSegmentationTransform(SegOnlyTransform):
