@@ -1,12 +1,15 @@
 # Fresh machine:  make demo   (end-to-end demo on synthetic data)   |   make test   (the test suite, as CI runs it)
 PYTHON ?= python3
 VENV   ?= .venv
-# torch is installed first so that nothing below replaces it (a CPU build here; the user's own build elsewhere);
-# torchvision is pinned to the release that matches it, or timm would pull a newer torch with GBs of CUDA. Override
-# both together, as torchvision 0.28.0 requires exactly torch 2.13.0:
+# torch is installed first so that nothing below replaces it; torchvision is pinned to the release that matches it,
+# or timm would pull a newer torch with GBs of CUDA. Override both together, as torchvision 0.28.0 requires exactly
+# torch 2.13.0:
 #   make test TORCH="torch==2.15.0" TORCHVISION="torchvision==0.29.2"
-TORCH       ?= torch==2.13.0
-TORCHVISION ?= torchvision==0.28.0
+# TORCH_PIP_ARGS picks where torch comes from, e.g. the CPU build on a CPU-only Linux machine (PyPI's is the CUDA one):
+#   make test TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH          ?= torch==2.13.0
+TORCHVISION    ?= torchvision==0.28.0
+TORCH_PIP_ARGS ?=
 PY := $(VENV)/bin/python
 # test worker processes; one module runs in one worker (its module-scoped fixtures are built once)
 TEST_WORKERS ?= 2
@@ -17,7 +20,7 @@ XDIST = -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q "$(TORCH)" $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -q -e ".[test]" "$(TORCHVISION)"
 	$(PY) -m nnunetv2_cipa.torchvision_fix install
 	touch $@

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fill .gpu/ (git-ignored) with what benchmarks/gpu_check.sh needs on a GPU machine without network access: the
+# Fill .gpu/ (git-ignored) with what benchmarks/gpu_check.sh needs on an offline GPU machine: the
 # pure-Python wheels such a machine may lack (nnunetv2 for get_network_from_plans, dynamic-network-architectures,
 # batchgenerators; it needs torch, numba, einops, triton, timm, pytest), wheel and ninja for mamba-ssm's build,
 # mamba-ssm's source (its CUDA kernel is

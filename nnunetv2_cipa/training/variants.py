@@ -47,7 +47,8 @@ class nnUNetTrainerCIPA_noAMP(nnUNetTrainerCIPA):
 
 
 class nnUNetTrainerCIPA_checkpointing(nnUNetTrainerCIPA):
-    """Activation checkpointing: stages recomputed in backward, so larger batches fit a GPU (about 1.3x the step)."""
+    """Activation checkpointing: stages recomputed in backward, so larger batches fit a GPU (a second forward pass
+    in backward; docs/usage.md, "Batch size and GPU memory")."""
 
     activation_checkpointing = True
 
