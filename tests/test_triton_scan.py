@@ -3,6 +3,12 @@ Triton's interpreter where there is no GPU (conftest sets TRITON_INTERPRET), com
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,6 +19,7 @@ from nnunetv2_cipa.ops.backends import scan_with_core  # noqa: E402
 from nnunetv2_cipa.ops.reference_scan import selective_scan_reference  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 NAMES = ("output", "u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
@@ -69,8 +76,8 @@ def test_without_softplus_or_bias(softplus, use_bias):
 def test_channel_blocks_of_a_group_sum_their_gradients(monkeypatch):
     """A group's channels split into several programs (small tiles forced): dB, dC add up across them (atomics),
     dA and delta_bias across the batch."""
-    monkeypatch.setattr(triton_scan, "MAX_TILE_ELEMENTS", 2 * 4 * triton_scan.BLOCK_L)
-    assert triton_scan._blocks(5, 4) == (2, 4)  # 5 channels per group: blocks of 2, 2 and 1 (masked)
+    monkeypatch.setitem(triton_scan.MAX_TILE_ELEMENTS, 8, 2 * (4 + 2) * triton_scan.BLOCK_L)
+    assert triton_scan._blocks(5, 4, 8) == (2, 4)  # 5 channels per group: blocks of 2, 2 and 1 (masked)
     assert_matches_reference(make_inputs(3, 10, 2, 4, 45, torch.float64), 1e-12)
 
 
@@ -97,8 +104,37 @@ def test_inputs_left_untouched_and_any_layout_accepted():
                                                                  delta_softplus=True))
 
 
+def test_tile_budgets_and_one_dtype():
+    """Channel blocks are powers of two within the register budget (see bench_triton_compile): the float32 shapes
+    that compile without spills, half as many channels in float64. Mixed dtypes are refused (the compiled kernels
+    would fail on them)."""
+    assert [triton_scan._blocks(192, n, 4) for n in (1, 2, 4, 16)] == [(16, 1), (16, 2), (8, 4), (4, 16)]
+    assert [triton_scan._blocks(192, n, 8) for n in (1, 2, 4, 16)] == [(8, 1), (8, 2), (4, 4), (1, 16)]
+    assert triton_scan._blocks(3, 16, 4) == (4, 16) and triton_scan._blocks(2, 1, 4) == (2, 1)
+    u, delta, A, B, C, D, z, bias = make_inputs(1, 4, 1, 2, 8, torch.float32)
+    with pytest.raises(ValueError, match="one dtype"):
+        triton_scan.triton_selective_scan(u, delta, A.double(), B, C, bias, True)
+
+
+def test_kernels_compile_for_gpus_without_spilling(tmp_path):
+    """Triton's compiler and ptxas (in its Linux wheel) build both kernels for sm_90 at the block shapes the backend
+    picks for CIPA's state sizes: no compile error, no register spill. Runs the benchmark without the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "compile.json"
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_triton_compile.py"), "--archs", "90",
+                             "--dtypes", "float32", "--states", "2", "4", "16", "--json", str(out)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["n_state"], r["kernel"]) for r in rows} == {(n, k) for n in (2, 4, 16) for k in ("forward", "backward")}
+    assert all(r["spill_bytes"] == 0 and 0 < r["registers"] <= 255 for r in rows), rows
+    assert "| float32 | 16 | 4 x 16 | sm_90 | backward |" in result.stdout
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_compiled_kernels_on_the_gpu_at_an_encoder_shape():
-    """Compiled on the GPU, float32, the four scan directions of a small encoder stage as groups (N = 16)."""
-    assert_matches_reference(make_inputs(2, 4 * 48, 4, 16, 1024, torch.float32), 1e-3)
+@pytest.mark.parametrize("n_state", [1, 2, 4, 16])
+def test_compiled_kernels_on_the_gpu_at_an_encoder_shape(n_state):
+    """Compiled on the GPU, float32, the four scan directions of a small encoder stage as groups, at every block
+    shape CIPA's state sizes give, with a length that ends in a partial tile."""
+    assert_matches_reference(make_inputs(2, 4 * 48, 4, n_state, 1000, torch.float32), 1e-3)

@@ -21,7 +21,11 @@ import triton
 import triton.language as tl
 
 BLOCK_L = 32  # sequence steps per tile
-MAX_TILE_ELEMENTS = 4096  # BLOCK_D * BLOCK_N * BLOCK_L: the (channels, state, steps) tiles kept in registers
+# registers: the backward kernel keeps several (channels, state, steps) tiles and about twice as many (channels, steps)
+# rows live, so BLOCK_D * (BLOCK_N + 2) * BLOCK_L is bounded, per element size in bytes: the largest bounds with which
+# ptxas compiles CIPA's state sizes (1 to 16) for sm_90 at 4 warps without spilling to local memory
+# (benchmarks/bench_triton_compile.py; docs/benchmarks.md, "Triton kernels")
+MAX_TILE_ELEMENTS = {4: 2304, 8: 1024}
 NUM_WARPS = 4
 # sizes not worth a compiled variant each (Triton specialises integer arguments on divisibility by 16 and on 1); the
 # length stays specialised, as it sets the alignment of every row the kernels load
@@ -53,7 +57,8 @@ def _program_setup(A_ptr, bias_ptr, dim, length, n_state, group_dim, n_groups, n
     """This program's channels (BLOCK_D,) with their mask, state indices (BLOCK_N,) with theirs, the mask of both
     (BLOCK_D, BLOCK_N), the offsets of its rows: of u / delta / y (BLOCK_D,), of B / C (BLOCK_N,), of the saved
     states (BLOCK_D,); and its A (BLOCK_D, BLOCK_N) and delta_bias (BLOCK_D,; zeros without one)."""
-    batch, group, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    batch = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * D * L may pass 2**31
+    group, block = tl.program_id(1), tl.program_id(2)
     local = block * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = local < group_dim
     channel = group * group_dim + local
@@ -161,17 +166,22 @@ def _scan_backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, bias_ptr, state
         dbias += tl.sum(d_dt, axis=1)
         tl.store(du_ptr + rows[:, None] + t[None, :], dh_B * dt, mask=dt_mask)
         tl.store(ddelta_ptr + rows[:, None] + t[None, :], d_dt, mask=dt_mask)
-        tl.atomic_add(dB_ptr + bc_rows[:, None] + t[None, :], tl.sum(dh * (dt * u)[:, None, :], axis=0), mask=nt_mask)
-        tl.atomic_add(dC_ptr + bc_rows[:, None] + t[None, :], tl.sum(dy[:, None, :] * states, axis=0), mask=nt_mask)
-    tl.atomic_add(dA_ptr + channel[:, None] * n_state + n[None, :], dA, mask=dn_mask)
+        # sums over the group's channel blocks; relaxed: nothing reads them before the kernel ends
+        tl.atomic_add(dB_ptr + bc_rows[:, None] + t[None, :], tl.sum(dh * (dt * u)[:, None, :], axis=0), mask=nt_mask,
+                      sem="relaxed")
+        tl.atomic_add(dC_ptr + bc_rows[:, None] + t[None, :], tl.sum(dy[:, None, :] * states, axis=0), mask=nt_mask,
+                      sem="relaxed")
+    tl.atomic_add(dA_ptr + channel[:, None] * n_state + n[None, :], dA, mask=dn_mask, sem="relaxed")
     if HAS_BIAS:
-        tl.atomic_add(dbias_ptr + channel, dbias, mask=d_mask)
+        tl.atomic_add(dbias_ptr + channel, dbias, mask=d_mask, sem="relaxed")
 
 
-def _blocks(group_dim: int, n_state: int) -> tuple[int, int]:
-    """(BLOCK_D, BLOCK_N): the state padded to a power of two, as many channels as the tile budget allows."""
+def _blocks(group_dim: int, n_state: int, element_size: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_N): the state padded to a power of two, as many channels (a power of two) as the budget
+    allows."""
     block_n = triton.next_power_of_2(n_state)
-    block_d = max(1, min(triton.next_power_of_2(group_dim), MAX_TILE_ELEMENTS // (block_n * BLOCK_L)))
+    fitting = MAX_TILE_ELEMENTS[element_size] // ((block_n + 2) * BLOCK_L)
+    block_d = min(triton.next_power_of_2(group_dim), 1 << max(0, fitting.bit_length() - 1))
     return block_d, block_n
 
 
@@ -189,10 +199,13 @@ class TritonScan(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, delta_bias, delta_softplus: bool):
         u, delta, A, B, C = (t.detach().contiguous() for t in (u, delta, A, B, C))
         bias = None if delta_bias is None else delta_bias.detach().contiguous()
+        dtypes = {t.dtype for t in (u, delta, A, B, C, bias) if t is not None}
+        if len(dtypes) != 1 or u.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"the triton scan needs float32 or float64 inputs of one dtype, got {sorted(map(str, dtypes))}")
         batch, dim, length = u.shape
         n_groups, n_state = B.shape[1], A.shape[1]
         n_tiles = triton.cdiv(length, BLOCK_L)
-        block_d, block_n = _blocks(dim // n_groups, n_state)
+        block_d, block_n = _blocks(dim // n_groups, n_state, u.element_size())
         y = torch.empty_like(u)
         states = u.new_empty(batch, dim, n_tiles, n_state)
         grid = (batch, n_groups, triton.cdiv(dim // n_groups, block_d))
@@ -210,8 +223,8 @@ class TritonScan(torch.autograd.Function):
         u, delta, A, B, C, bias, states = ctx.saved_tensors
         batch, dim, length = u.shape
         n_groups, n_state = B.shape[1], A.shape[1]
-        block_d, block_n = _blocks(dim // n_groups, n_state)
-        dy = dy.contiguous()
+        block_d, block_n = _blocks(dim // n_groups, n_state, u.element_size())
+        dy = dy.contiguous().to(u.dtype)
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
         dA, dB, dC = torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(C)
         dbias = None if bias is None else torch.zeros_like(bias)
