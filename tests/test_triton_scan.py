@@ -116,6 +116,27 @@ def test_tile_budgets_and_one_dtype():
         triton_scan.triton_selective_scan(u, delta, A.double(), B, C, bias, True)
 
 
+def test_directional_scan_through_the_triton_backend(monkeypatch):
+    """SS2D's operator (K scan orders of one map, gathered, scanned as groups, scattered back and summed) with the
+    triton backend's kernels, against the per-direction loop; the backend's row is made device-agnostic here so that
+    it runs on the interpreter's CPU tensors."""
+    from test_directional_scan import NAMES as DIRECTIONAL_NAMES
+    from test_directional_scan import loop_over_directions, make_inputs as directional_inputs, with_grads
+
+    from nnunetv2_cipa.ops import backends
+    from nnunetv2_cipa.ops.directional_scan import directional_scan
+
+    monkeypatch.setitem(backends.BACKENDS, "triton", backends.ScanBackend(None, lambda device: None, triton_whole))
+    inputs, positions = directional_inputs(batch=2, length=40, dim=6, n_state=4, n_dirs=4)
+    y_ref, g_ref = with_grads(lambda: loop_over_directions(*inputs, positions), inputs)
+    u, delta, A, B, C, D, bias = inputs
+    y, grads = with_grads(lambda: directional_scan(u, delta, A, B, C, positions, D=D, delta_bias=bias,
+                                                   delta_softplus=True, backend="triton"), inputs)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for name, g, g_expected in zip(DIRECTIONAL_NAMES, grads, g_ref):
+        torch.testing.assert_close(g, g_expected, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_kernels_compile_for_gpus_without_spilling(tmp_path):
     """Triton's compiler and ptxas (in its Linux wheel) build both kernels for sm_90 at the block shapes the backend
     picks for CIPA's state sizes: no compile error, no register spill. Runs the benchmark without the interpreter."""
