@@ -50,9 +50,9 @@ STAGE_DIMS = (192, 384, 768, 1536)  # CIPA-tiny's SS2D d_inner per encoder stage
 
 def scan_backends(device: str) -> list[str]:
     """The compiled backends for ``device`` first (cuda and triton, or cpu with numba) when usable, then torch."""
-    from nnunetv2_cipa.ops.backends import available_backends
+    from nnunetv2_cipa.ops.backends import BACKENDS, available_backends
 
-    return [b for b in available_backends() if b in (device, "triton", "torch")]
+    return [b for b in available_backends() if BACKENDS[b].device_type in (device, None) and b != "reference"]
 
 
 def agreement(backend: str, device: str) -> dict:
@@ -378,8 +378,8 @@ def print_tables(report: dict) -> None:
             print("| failed | | | | | | | |")
             continue
         diff = next((f"{v:.1e}" for k, v in row.items() if k.startswith("max_logit_diff")), "-")
-        print(f"| {row['model']} | {row['backend'] or '-'} | {row['first_step_s']:.1f} s | {row['step_s'] * 1e3:.1f} ms | "
-              f"{peak(row)} | {row['losses_finite']} | {row['first_loss']:.3f} -> "
+        print(f"| {row['model']} | {row['backend'] or '-'} | {row['first_step_s']:.1f} s | "
+              f"{row['step_s'] * 1e3:.1f} ms | {peak(row)} | {row['losses_finite']} | {row['first_loss']:.3f} -> "
               f"{row['last_loss']:.3f} | {diff} |")
     print("\n| CIPA memory | GPU | backend | batch (planned) | checkpointing | AMP step | peak allocated / reserved | "
           "predicted | error |\n|---|---|---|---|---|---:|---:|---:|---:|")

@@ -21,19 +21,21 @@ def _version(distribution: str) -> str:
 
 def scan_backend_rows(info: dict, available: list[str]) -> list[tuple[str, str, bool]]:
     """Rows for ``scan_backend_report``'s ``info``: the backend in use and, on a GPU, whether mamba-ssm's fused
-    kernel works (a problem row with the fix when it does not) and whether the Triton kernels do (a problem row when
-    neither works, so that the slow torch scan runs)."""
+    kernel works (a problem row with the fix when it does not) and then whether the Triton kernels that take its
+    place do (a problem row when they do not either, so that the slow torch scan runs)."""
     rows = [("scan backends", f"{', '.join(available)} (in use on {info['device']}: {info['backend']}; requested: "
                               f"{info['requested']})", True)]
     if not info["device"].startswith("cuda"):
         return rows + [("mamba-ssm", f"{info['mamba_ssm']} (used on CUDA only)", True)]
     rows.append(("GPU", str(info["gpu"]), True))
     problem, triton_problem = info["fused_kernel_problem"], info["triton_problem"]
-    rows.append(("fused scan kernel", f"usable (mamba-ssm {info['mamba_ssm']})", True) if problem is None else
-                ("fused scan kernel", f"CUDA present but fused kernel unusable: {problem}. Fix: {info['fix']}", False))
+    if problem is None:
+        return rows + [("fused scan kernel", f"usable (mamba-ssm {info['mamba_ssm']})", True)]
+    rows.append(("fused scan kernel", f"CUDA present but fused kernel unusable: {problem}. Fix: {info['fix']}", False))
     if triton_problem is None:
-        return rows + [("Triton scan kernels", f"usable (triton {info['triton']})", True)]
-    return rows + [("Triton scan kernels", f"unusable: {triton_problem}", problem is None)]
+        return rows + [("Triton scan kernels", f"usable in its place (triton {info['triton']})", True)]
+    fix = f". Fix: {info['triton_fix']}" if info["triton_fix"] else ""
+    return rows + [("Triton scan kernels", f"unusable too: {triton_problem}{fix}", False)]
 
 
 def collect_report() -> list[tuple[str, str, bool]]:

@@ -43,9 +43,10 @@ def check_official_plan(plans: dict, dataset_json: dict, configuration: str, pla
     """(PlansManager, ConfigurationManager of ``configuration``) if it can run the official model: a 512x512 2D
     patch, two input channels (_0000 = CT, _0001 = PET) both normalised by rgb_to_0_1, background + one label;
     InputError naming ``plans_file`` otherwise."""
-    from nnunetv2.preprocessing.normalization.default_normalization_schemes import RGBTo01Normalization
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunetv2_cipa.training.cipa_trainer import uses_rgb_to_0_1
 
     manager = PlansManager(plans)
     if configuration not in manager.available_configurations:
@@ -67,7 +68,7 @@ def check_official_plan(plans: dict, dataset_json: dict, configuration: str, pla
         raise InputError(f"{where}: dataset.json gives channel_roles {roles}; the official CIPA needs "
                          f"{OFFICIAL_CHANNEL_ROLES}")
     schemes = list(config.normalization_schemes)
-    if schemes != [RGBTo01Normalization.__name__] * 2:
+    if not uses_rgb_to_0_1(schemes):
         raise InputError(f"{where}: normalisation {schemes}; the official CIPA needs rgb_to_0_1 (/255) for both "
                          "channels (nnunetv2_cipa convert's default)")
     labels = manager.get_label_manager(dataset_json)

@@ -331,8 +331,9 @@ def test_autocast_dtype_fixes_the_precision_whatever_the_caller():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_forward_matches_cpu_and_fp16_autocast_training_is_finite():
-    """CIPA-micro on the GPU with the default backend (cuda with mamba-ssm, else triton or torch): float32 logits equal the
-    CPU's (TF32 convolutions off), and fp16 autocast steps with a GradScaler keep the loss and weights finite."""
+    """CIPA-micro on the GPU with the default backend (cuda with mamba-ssm, else triton or torch): float32 logits
+    equal the CPU's (TF32 convolutions off), and fp16 autocast steps with a GradScaler keep the loss and weights
+    finite."""
     torch.manual_seed(0)
     net = CIPA(2, (96, 96), preset="micro", deep_supervision=True)
     x = torch.rand(2, 2, 96, 96)

@@ -37,10 +37,19 @@ class SmokeOnCpu:
 
 
 class TritonMissing(backends.TritonKernelProbe):
-    """The triton backend's probe with triton not importable."""
+    """The triton backend's probe with triton not installed."""
 
-    def load(self):
-        return None, "triton cannot be imported (ModuleNotFoundError: No module named 'triton')"
+    @staticmethod
+    def import_kernels():
+        raise ModuleNotFoundError("No module named 'triton'", name="triton")
+
+
+class TritonBroken(backends.TritonKernelProbe):
+    """The triton backend's probe with a triton that fails to initialise (nothing to install)."""
+
+    @staticmethod
+    def import_kernels():
+        raise RuntimeError("Triton failed to load libcuda.so")
 
 
 @pytest.fixture
@@ -317,7 +326,7 @@ def test_report_prints_nothing_and_doctor_flags_the_unusable_kernel(fresh_state,
     report = scan_backend_report(GPU)
     assert capsys.readouterr().err == ""  # data only: the warning belongs to the scans
     assert set(report) == {"device", "requested", "backend", "torch", "cuda", "mamba_ssm", "triton", "gpu",
-                           "fused_kernel_problem", "fix", "triton_problem"}
+                           "fused_kernel_problem", "fix", "triton_problem", "triton_fix"}
     assert (report["device"], report["requested"], report["backend"]) == ("cuda:0", "auto", "torch")
     assert report["torch"] == torch.__version__ and "selective_scan_cuda" in report["fused_kernel_problem"]
     assert "No module named 'triton'" in report["triton_problem"]
@@ -325,9 +334,11 @@ def test_report_prints_nothing_and_doctor_flags_the_unusable_kernel(fresh_state,
     problems = [value for item, value, ok in rows if not ok]
     assert len(problems) == 2  # the fused kernel, and the Triton kernels that would have replaced it
     assert problems[0].startswith("CUDA present but fused kernel unusable: ") and report["fix"] in problems[0]
-    assert problems[1].startswith("unusable: triton cannot be imported")
+    assert problems[1].startswith("unusable too: triton cannot be imported")
+    assert problems[1].endswith("Fix: pip install triton (PyTorch's Linux CUDA wheels include it)")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the Triton kernels on CPU tensors, in the interpreter")
 def test_unusable_fused_kernel_falls_back_to_the_triton_kernels(fresh_state, monkeypatch, capsys):
     """mamba-ssm without its extension, triton working (its smoke call runs the real kernels, on the CPU): auto takes
     triton, warns once naming the fused kernel's problem and its fix; doctor still flags the fused kernel."""
@@ -343,7 +354,7 @@ def test_unusable_fused_kernel_falls_back_to_the_triton_kernels(fresh_state, mon
     report = scan_backend_report(GPU)
     assert (report["backend"], report["triton_problem"]) == ("triton", None)
     rows = {item: (value, ok) for item, value, ok in scan_backend_rows(report, ["triton", "torch", "reference"])}
-    assert rows["Triton scan kernels"][1] and rows["Triton scan kernels"][0].startswith("usable (triton ")
+    assert rows["Triton scan kernels"][1] and rows["Triton scan kernels"][0].startswith("usable in its place")
     assert not rows["fused scan kernel"][1]
 
 
@@ -352,7 +363,10 @@ def test_working_fused_kernel_is_preferred_to_triton(fresh_state, monkeypatch, c
     fresh_state(triton_smoke=triton_smoke)
     stub_mamba(monkeypatch)
     assert resolve_backend(None, GPU) == "cuda"
-    assert triton_smoke.devices == [] and capsys.readouterr().err == ""  # triton never probed for auto
+    report = scan_backend_report(GPU)
+    assert triton_smoke.devices == [] and capsys.readouterr().err == ""  # triton never probed: not needed
+    assert (report["triton_problem"], report["triton_fix"]) == (None, None)
+    assert "Triton scan kernels" not in {item for item, _, _ in scan_backend_rows(report, ["cuda", "torch"])}
 
 
 def test_failing_triton_kernels_fall_back_to_torch_naming_both(fresh_state, monkeypatch, capsys):
@@ -366,6 +380,16 @@ def test_failing_triton_kernels_fall_back_to_torch_naming_both(fresh_state, monk
     assert "order of magnitude or more slower" in err
     with pytest.raises(ValueError, match=r"backend 'triton' cannot run on cuda:0: .*CompilationError"):
         resolve_backend("triton", GPU)  # a failing kernel: no install command to offer
+
+
+def test_broken_triton_is_named_without_an_install_command(fresh_state, monkeypatch, capsys):
+    fresh_state()
+    monkeypatch.setattr(backends, "TRITON_PROBE", TritonBroken())
+    stub_mamba(monkeypatch, extension=None)
+    assert resolve_backend(None, GPU) == "torch"
+    err = capsys.readouterr().err
+    assert "triton cannot be imported (RuntimeError: Triton failed to load libcuda.so)" in err
+    assert "pip install triton" not in err and scan_backend_report(GPU)["triton_fix"] is None
 
 
 def test_triton_requested_without_triton_or_on_the_cpu(fresh_state, monkeypatch):

@@ -383,16 +383,19 @@ def test_paper_trainer_settings(nnunet_paths):
     assert lr1 == pytest.approx(trainer.lr_scheduler.lr_at(1)) and lr1 < lr0
 
 
-def test_paper_trainer_refuses_other_normalisations(nnunet_paths):
-    """The recipe's inputs are x / 255 (RGBTo01Normalization); a CT-normalised plan would be scaled by 3.2 and
-    clamped at 0..1 by the crop step."""
+def test_paper_trainer_refuses_to_train_on_other_normalisations(nnunet_paths):
+    """The recipe's inputs are x / 255 (RGBTo01Normalization): on another plan the network would skip the official
+    rescaling and the crop step would clamp at 0..1. Building the trainer (as --val does) still works."""
     plans = copy.deepcopy(nnunet_paths.plans())
     plans["configurations"]["2d"]["normalization_schemes"] = ["CTNormalization", "RGBTo01Normalization"]
     plans["continue_training"] = False
     dataset_json = json.loads((nnunet_paths.preprocessed / "dataset.json").read_text())
-    with pytest.raises(SystemExit, match=r"normalises with CTNormalization, RGBTo01Normalization.*--normalization rgb"):
-        find_trainer_class("nnUNetTrainerCIPA_paper_debug")(plans=plans, configuration="2d", fold=0,
-                                                             dataset_json=dataset_json, device=torch.device("cpu"))
+    trainer = find_trainer_class("nnUNetTrainerCIPA_paper_debug")(plans=plans, configuration="2d", fold=0,
+                                                                  dataset_json=dataset_json, device=torch.device("cpu"))
+    with pytest.raises(SystemExit, match=r"normalises with CTNormalization, RGBTo01Normalization.*"
+                                         r"--normalization rgb --overwrite.*nnUNetv2_plan_and_preprocess"):
+        trainer.on_train_start()
+    assert not trainer.was_initialized  # refused before building anything
 
 
 def test_paper_trainer_keeps_the_plans_batch_in_the_plans(nnunet_paths):

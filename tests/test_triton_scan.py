@@ -129,12 +129,13 @@ def test_directional_scan_through_the_triton_backend(monkeypatch):
     monkeypatch.setitem(backends.BACKENDS, "triton", backends.ScanBackend(None, lambda device: None, triton_whole))
     inputs, positions = directional_inputs(batch=2, length=40, dim=6, n_state=4, n_dirs=4)
     y_ref, g_ref = with_grads(lambda: loop_over_directions(*inputs, positions), inputs)
-    u, delta, A, B, C, D, bias = inputs
-    y, grads = with_grads(lambda: directional_scan(u, delta, A, B, C, positions, D=D, delta_bias=bias,
-                                                   delta_softplus=True, backend="triton"), inputs)
-    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    on_device = [t.detach().to(DEVICE).requires_grad_() for t in inputs]
+    u, delta, A, B, C, D, bias = on_device
+    y, grads = with_grads(lambda: directional_scan(u, delta, A, B, C, positions.to(DEVICE), D=D, delta_bias=bias,
+                                                   delta_softplus=True, backend="triton"), on_device)
+    torch.testing.assert_close(y.cpu(), y_ref, rtol=1e-12, atol=1e-12)
     for name, g, g_expected in zip(DIRECTIONAL_NAMES, grads, g_ref):
-        torch.testing.assert_close(g, g_expected, rtol=1e-10, atol=1e-12, msg=name)
+        torch.testing.assert_close(g.cpu(), g_expected, rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_kernels_compile_for_gpus_without_spilling(tmp_path):

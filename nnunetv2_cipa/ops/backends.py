@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from nnunetv2_cipa.ops import cuda_scan
 from nnunetv2_cipa.ops.chunked_scan import chunked_selective_scan
-from nnunetv2_cipa.ops.kernel_probe import KernelProbe, first_line
+from nnunetv2_cipa.ops.kernel_probe import KernelProbe, distribution_version, first_line, smoke_call
 from nnunetv2_cipa.ops.reference_scan import compute_dtype, selective_scan_reference
 
 ENV_VAR = "NNUNETV2_CIPA_SCAN_BACKEND"
@@ -42,10 +42,11 @@ class ScanBackend:
     """One way to compute the scans.
 
     device_type: the only device type it runs on (None: any); requirement(device) -> why it cannot run on a device
-    of that type, or None; fix() -> the command that meets the requirement (None: none to run). selective_scan(u, delta, A, B, C, D, z,
-    delta_bias, delta_softplus) -> y is the whole operator; directional_scan(u, delta, A, B, C, positions, delta_bias,
-    delta_softplus) -> y the bare K-direction scan in position order, or None when directional_scan gathers the K
-    orders for selective_scan. warn_on_fallback: ``auto`` skipping this backend is announced on stderr."""
+    of that type, or None; fix() -> the command that meets the requirement (None: none to run).
+    selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> y is the whole operator;
+    directional_scan(u, delta, A, B, C, positions, delta_bias, delta_softplus) -> y the bare K-direction scan in
+    position order, or None when directional_scan gathers the K orders for selective_scan. warn_on_fallback: ``auto``
+    skipping this backend is announced on stderr."""
 
     device_type: str | None
     requirement: Callable[[torch.device], str | None]
@@ -104,20 +105,33 @@ class TritonKernelProbe(KernelProbe):
     """Whether the ``triton`` backend's kernels compile and run on a CUDA device (:class:`KernelProbe`); triton is
     imported on the first probe."""
 
+    def __init__(self, smoke=smoke_call):
+        super().__init__(smoke)
+        self._triton_missing = False
+
     def name(self) -> str:
-        return f"the Triton {cuda_scan.distribution_version('triton')} scan kernels"
+        return f"the Triton {distribution_version('triton')} scan kernels"
+
+    @staticmethod
+    def import_kernels():
+        """The kernels' module (imports triton)."""
+        from nnunetv2_cipa.ops import triton_scan
+
+        return triton_scan
 
     def load(self) -> tuple:
         try:
-            from nnunetv2_cipa.ops import triton_scan
-        except Exception as e:  # ImportError, or a triton that fails to initialise
+            kernels = self.import_kernels()
+        except Exception as e:  # triton missing, or one that fails to initialise
+            missing = getattr(e, "name", None) or ""
+            self._triton_missing = isinstance(e, ModuleNotFoundError) and missing.split(".")[0] == "triton"
             return None, f"triton cannot be imported ({first_line(e)})"
-        return functools.partial(scan_with_core, triton_scan.triton_selective_scan), None
+        return functools.partial(scan_with_core, kernels.triton_selective_scan), None
 
     def fix(self) -> str | None:
-        """The install command when triton is missing; None for a kernel that fails (nothing to install)."""
-        _, reason = self._load_once()
-        return "pip install triton (PyTorch's Linux CUDA wheels include it)" if reason is not None else None
+        """The install command when triton is not installed; None otherwise (nothing to install)."""
+        self._load_once()
+        return "pip install triton (PyTorch's Linux CUDA wheels include it)" if self._triton_missing else None
 
 
 TRITON_PROBE = TritonKernelProbe()

@@ -16,21 +16,13 @@ import importlib.metadata
 import re
 import torch
 
-from nnunetv2_cipa.ops.kernel_probe import KernelProbe, first_line, smoke_call
+from nnunetv2_cipa.ops.kernel_probe import KernelProbe, distribution_version, first_line, smoke_call
 
 INTERFACE = "mamba_ssm.ops.selective_scan_interface"
 CXX20_TORCH = (2, 14)  # the first torch whose ATen headers refuse to compile before C++20
 
 
 TRANSFORMERS_FOR_OLD_MAMBA_SSM = "transformers<5"  # mamba-ssm < 2.3.0 imports generation classes transformers 5 removed
-
-
-def distribution_version(name: str) -> str:
-    """The installed version of distribution ``name``, or "not installed"."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def mamba_ssm_version() -> str:

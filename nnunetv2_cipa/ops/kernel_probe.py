@@ -5,6 +5,7 @@ inference mode or autocast does not change it. The ``cuda`` (mamba-ssm) and ``tr
 
 from __future__ import annotations
 
+import importlib.metadata
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -12,6 +13,14 @@ import torch
 from nnunetv2_cipa.ops.reference_scan import selective_scan_reference
 
 _SMOKE_TOLERANCE = 1e-3  # relative to the largest reference value, float32
+
+
+def distribution_version(name: str) -> str:
+    """The installed version of distribution ``name``, or "not installed"."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def first_line(error: BaseException) -> str:

@@ -201,7 +201,8 @@ class TritonScan(torch.autograd.Function):
         bias = None if delta_bias is None else delta_bias.detach().contiguous()
         dtypes = {t.dtype for t in (u, delta, A, B, C, bias) if t is not None}
         if len(dtypes) != 1 or u.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"the triton scan needs float32 or float64 inputs of one dtype, got {sorted(map(str, dtypes))}")
+            raise ValueError("the triton scan needs float32 or float64 inputs of one dtype, got "
+                             f"{sorted(map(str, dtypes))}")
         batch, dim, length = u.shape
         n_groups, n_state = B.shape[1], A.shape[1]
         n_tiles = triton.cdiv(length, BLOCK_L)

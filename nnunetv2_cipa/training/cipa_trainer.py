@@ -98,6 +98,11 @@ def oversampled_fraction(batch_size: int, oversample_foreground_percent: float) 
     return (batch_size - round(batch_size * (1 - oversample_foreground_percent))) / batch_size
 
 
+def uses_rgb_to_0_1(normalization_schemes) -> bool:
+    """Whether every channel is normalised by nnU-Net's RGBTo01Normalization (x / 255), the official input."""
+    return all(s == RGBTo01Normalization.__name__ for s in normalization_schemes)
+
+
 def micro_batch_count(n: int, micro_batch_size: int | None, min_batch: int) -> int:
     """Chunks of a batch of ``n``: as few as keep each within ``micro_batch_size`` (one when None), but none below
     ``min_batch`` samples unless the batch itself is."""
@@ -181,8 +186,7 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         if num_input_channels != 2:
             raise ValueError(f"{cls.__name__} needs 2 input channels (_0000 = CT, _0001 = PET), the dataset has "
                              f"{num_input_channels}")
-        schemes = configuration_manager.normalization_schemes
-        rgb_to_0_1 = all(s == RGBTo01Normalization.__name__ for s in schemes)
+        rgb_to_0_1 = uses_rgb_to_0_1(configuration_manager.normalization_schemes)
         scale, shift = OFFICIAL_INPUT_SCALE_SHIFT if rgb_to_0_1 else (1.0, 0.0)
         network = CIPA(num_classes=num_output_channels, patch_size=patch_size, preset=cls.cipa_preset,
                        in_channels=num_input_channels, ct_channel=0, pet_channel=1, use_crm=cls.use_crm,

@@ -9,12 +9,12 @@ Item by item (docs/recipes.md compares it with the official code, nnUNetTrainerC
   norms, A_log, D and dt biases; every parameter is trained. ``faithful_frozen_ssm`` reproduces the official
   grouping instead, which leaves every parameter outside Linear / Conv / norm layers (8.67 M SSM parameters of
   CIPA-tiny) out of the optimiser.
-- schedule: cosine per iteration down to 1e-6 of the peak, no warm-up (the official default; a subclass setting
-  ``warmup_epochs = 5`` gives the official optional warm-up).
+- schedule: cosine per iteration down to 1e-6 of the peak, no warm-up (the official default; a subclass that sets
+  ``self.warmup_epochs = 5`` after ``super().__init__()`` gives the official optional warm-up).
 - length: 50 epochs of floor(N_train / 4) iterations at batch 4 (N_train: the fold's training cases; a smaller batch
   if the GPU cannot hold 4, then floor(N_train / batch)); ceil(N_val / batch) validation iterations per epoch.
 - input: the 8-bit PNGs as nnU-Net's RGBTo01Normalization gives them (x / 255), as the official x / 255 * 3.2 - 1.6
-  inside the network; any other normalisation is refused.
+  inside the network; training on any other normalisation is refused.
 - augmentation: the official one only (``augmentation.official_augmentation``); no gradient clipping.
 - inference: no mirroring (``inference_allowed_mirroring_axes`` None), one forward pass per slice, so ``--val`` and
   ``nnUNetv2_predict`` follow the official single-pass protocol.
@@ -30,11 +30,10 @@ from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
 from torch import nn
 
-from nnunetv2.preprocessing.normalization.default_normalization_schemes import RGBTo01Normalization
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunetv2_cipa.training.augmentation import official_augmentation
-from nnunetv2_cipa.training.cipa_trainer import nnUNetTrainerCIPA, unwrap, weight_decay_groups
+from nnunetv2_cipa.training.cipa_trainer import nnUNetTrainerCIPA, unwrap, uses_rgb_to_0_1, weight_decay_groups
 from nnunetv2_cipa.training.distributed import reduce_across_processes
 from nnunetv2_cipa.training.loss import BCEAndSoftDiceLoss
 from nnunetv2_cipa.training.lr_schedule import PerIterationCosineLRScheduler
@@ -75,16 +74,21 @@ class nnUNetTrainerCIPA_paper(nnUNetTrainerCIPA):
         self.warmup_epochs = 0
         self.num_epochs = PAPER_EPOCHS
         self.enable_deep_supervision = False
-        schemes = self.configuration_manager.normalization_schemes
-        if any(s != RGBTo01Normalization.__name__ for s in schemes):
-            raise SystemExit(f"{self.__class__.__name__} reproduces the official recipe, whose inputs are the 8-bit "
-                             "PNGs scaled by x / 255 (the network then applies * 3.2 - 1.6, and the crop step "
-                             f"saturates at the 8-bit range); this plan normalises with {', '.join(schemes)}. Convert "
-                             "with `nnunetv2_cipa convert --normalization rgb` (the default), or train "
-                             "nnUNetTrainerCIPA")
         # the recipe's batch replaces the plan's for nnU-Net's batch logic (DDP split, logging); plans stay as planned
         self.configuration_manager = ConfigurationManager(
             {**self.configuration_manager.configuration, "batch_size": PAPER_BATCH_SIZE})
+
+    def on_train_start(self):
+        """Refuse to train on another normalisation than the official x / 255 (checked here, not when the trainer is
+        built, so that ``--val`` of an existing model still runs)."""
+        schemes = self.configuration_manager.normalization_schemes
+        if not uses_rgb_to_0_1(schemes):
+            raise SystemExit(f"{self.__class__.__name__} reproduces the official recipe, whose inputs are the 8-bit "
+                             "PNGs scaled by x / 255 (the network then applies * 3.2 - 1.6, and the crop step "
+                             f"saturates at the 8-bit range); this plan normalises with {', '.join(schemes)}. "
+                             "Convert again with `nnunetv2_cipa convert --normalization rgb --overwrite` (rgb is the "
+                             "default) and re-run nnUNetv2_plan_and_preprocess, or train nnUNetTrainerCIPA")
+        super().on_train_start()
 
     def _set_batch_size_and_oversample(self):
         plan = self.plans_manager.get_configuration(self.configuration_name).batch_size
