@@ -41,12 +41,14 @@ def resource_usage(cubin: bytes, cuobjdump: str) -> dict:
 
 
 def compile_kernel(kernel, dtype: str, arch: int, block_d: int, block_n: int, block_l: int, num_warps: int):
-    """``kernel`` compiled for sm_``arch`` with pointers to ``dtype`` (fp32 / fp64), bias and softplus on."""
+    """``kernel`` compiled for sm_``arch`` with pointers to ``dtype`` (fp32 / fp64), as training runs it: bias,
+    softplus and (forward) the saved states on."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    constants = dict(HAS_BIAS=True, SOFTPLUS=True, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l)
+    flags = dict(HAS_BIAS=True, SOFTPLUS=True, SAVE_STATES=True, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l)
+    constants = {name: value for name, value in flags.items() if name in kernel.arg_names}
     signature = {name: "constexpr" if name in constants else "*" + dtype if name.endswith("_ptr") else "i32"
                  for name in kernel.arg_names}
     return triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", arch, 32),

@@ -105,6 +105,24 @@ def test_float32_stays_accurate_over_a_long_sequence():
         assert error < 1e-5, f"{name}: relative error {error:.1e}"
 
 
+def test_no_states_saved_without_gradients(monkeypatch):
+    """Prediction (inference mode) and no_grad give the same output without saving the tile states."""
+    saved, forward = [], triton_scan.TritonScan.forward
+
+    def recording_forward(ctx, *args):
+        saved.append(args[-1])  # save_states
+        return forward(ctx, *args)
+
+    monkeypatch.setattr(triton_scan.TritonScan, "forward", staticmethod(recording_forward))
+    inputs = make_inputs(1, 4, 2, 3, 40, torch.float64)
+    expected = selective_scan_reference(*(t.cpu() for t in inputs), delta_softplus=True)
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            torch.testing.assert_close(triton_whole(*inputs, True).cpu(), expected, rtol=1e-12, atol=1e-12)
+    triton_whole(*[t.requires_grad_() for t in inputs], True)
+    assert saved == [False, False, True]
+
+
 def test_inputs_left_untouched_and_any_layout_accepted():
     u, delta, A, B, C, D, z, bias = make_inputs(2, 4, 2, 4, 36, torch.float64)
     strided_u = u.transpose(0, 1).contiguous().transpose(0, 1)  # same values, another memory layout

@@ -88,7 +88,7 @@ def _tile_states(dt, u, A, B, h_start):
 @triton.jit(do_not_specialize=_GENERIC_SIZES)
 def _scan_forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, bias_ptr, y_ptr, states_ptr,
                          dim, length, n_state, group_dim, n_groups, n_tiles,
-                         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE_STATES: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
     channel, d_mask, n, n_mask, dn_mask, rows, bc_rows, state_rows, A, bias = _program_setup(
         A_ptr, bias_ptr, dim, length, n_state, group_dim, n_groups, n_tiles, HAS_BIAS, BLOCK_D, BLOCK_N)
@@ -98,7 +98,8 @@ def _scan_forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, bias_ptr, y_ptr,
         t_mask = t < length
         dt_mask = d_mask[:, None] & t_mask[None, :]
         nt_mask = n_mask[:, None] & t_mask[None, :]
-        tl.store(states_ptr + state_rows[:, None] + tile * n_state + n[None, :], h, mask=dn_mask)
+        if SAVE_STATES:
+            tl.store(states_ptr + state_rows[:, None] + tile * n_state + n[None, :], h, mask=dn_mask)
         u = tl.load(u_ptr + rows[:, None] + t[None, :], mask=dt_mask, other=0.0)
         dt = tl.load(delta_ptr + rows[:, None] + t[None, :], mask=dt_mask, other=0.0)
         if HAS_BIAS:
@@ -193,10 +194,10 @@ def _on_device(t: torch.Tensor):
 class TritonScan(torch.autograd.Function):
     """u, delta (b, D, L), A (D, N), B, C (b, G, N, L) with G dividing D, delta_bias (D,) or None; float32 or
     float64, any layout -> y (b, D, L) with delta = softplus(delta + bias) (or delta + bias). Saved for backward:
-    the inputs and the state entering every tile, (b, D, ceil(L / BLOCK_L), N)."""
+    the inputs and, with ``save_states``, the state entering every tile, (b, D, ceil(L / BLOCK_L), N)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, delta_bias, delta_softplus: bool):
+    def forward(ctx, u, delta, A, B, C, delta_bias, delta_softplus: bool, save_states: bool):
         u, delta, A, B, C = (t.detach().contiguous() for t in (u, delta, A, B, C))
         bias = None if delta_bias is None else delta_bias.detach().contiguous()
         dtypes = {t.dtype for t in (u, delta, A, B, C, bias) if t is not None}
@@ -208,13 +209,15 @@ class TritonScan(torch.autograd.Function):
         n_tiles = triton.cdiv(length, BLOCK_L)
         block_d, block_n = _blocks(dim // n_groups, n_state, u.element_size())
         y = torch.empty_like(u)
-        states = u.new_empty(batch, dim, n_tiles, n_state)
+        states = u.new_empty(batch, dim, n_tiles, n_state) if save_states else None
         grid = (batch, n_groups, triton.cdiv(dim // n_groups, block_d))
+        bias_arg, states_arg = (u if bias is None else bias), (y if states is None else states)  # unread if None
         with _on_device(u):
-            _scan_forward_kernel[grid](u, delta, A, B, C, u if bias is None else bias, y, states,
+            _scan_forward_kernel[grid](u, delta, A, B, C, bias_arg, y, states_arg,
                                        dim, length, n_state, dim // n_groups, n_groups, n_tiles,
                                        HAS_BIAS=bias is not None, SOFTPLUS=bool(delta_softplus),
-                                       BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=BLOCK_L, num_warps=NUM_WARPS)
+                                       SAVE_STATES=save_states, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=BLOCK_L,
+                                       num_warps=NUM_WARPS)
         ctx.save_for_backward(u, delta, A, B, C, bias, states)
         ctx.delta_softplus = bool(delta_softplus)
         return y
@@ -236,10 +239,13 @@ class TritonScan(torch.autograd.Function):
                                         dim, length, n_state, dim // n_groups, n_groups, states.shape[2],
                                         HAS_BIAS=bias is not None, SOFTPLUS=ctx.delta_softplus,
                                         BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=BLOCK_L, num_warps=NUM_WARPS)
-        return du, ddelta, dA, dB, dC, dbias, None
+        return du, ddelta, dA, dB, dC, dbias, None, None
 
 
 def triton_selective_scan(u, delta, A, B, C, delta_bias, delta_softplus):
     """The bare grouped scan (the core of ``backends.scan_with_core``): u, delta (b, D, L), A (D, N), B, C
-    (b, G, N, L), delta_bias (D,) or None -> y (b, D, L), in the inputs' (float32 or float64) dtype."""
-    return TritonScan.apply(u, delta, A, B, C, delta_bias, delta_softplus)
+    (b, G, N, L), delta_bias (D,) or None -> y (b, D, L), in the inputs' (float32 or float64) dtype. The tile states
+    are saved only when a gradient will be asked for (not under no_grad / inference mode, as in prediction)."""
+    save_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                  for t in (u, delta, A, B, C, delta_bias))
+    return TritonScan.apply(u, delta, A, B, C, delta_bias, delta_softplus, save_states)
