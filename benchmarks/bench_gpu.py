@@ -91,18 +91,22 @@ def scan_timing(backend: str, device: str, patch: int, quick: bool) -> list[dict
         def step():
             scan(inputs, backend, directional=True).sum().backward()
 
-        seconds = timed(step, device, repeats=2 if quick else 10)
+        seconds = timed(step, device, repeats=2 if quick else 10)[1]
         rows.append({"shape": f"4 x {side}x{side} x {dim}", "seconds": seconds, **memory(device)})
     return rows
 
 
-def timed(step, device: str, repeats: int) -> float:
-    """Median seconds of ``step`` after one warm-up (CUDA events on a GPU) with fresh peak-memory statistics."""
+def timed(step, device: str, repeats: int) -> tuple[float, float]:
+    """(seconds of the warm-up call, median seconds of ``step`` after it: CUDA events on a GPU, with fresh
+    peak-memory statistics). The warm-up includes one-off work: kernel compiles, the backends' checks."""
     import torch
 
+    begin = time.perf_counter()
     step()
     if device == "cuda":
         torch.cuda.synchronize()
+    warm_up = time.perf_counter() - begin
+    if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
@@ -117,7 +121,7 @@ def timed(step, device: str, repeats: int) -> float:
             begin = time.perf_counter()
             step()
             times.append(time.perf_counter() - begin)
-    return statistics.median(times)
+    return warm_up, statistics.median(times)
 
 
 def memory(device: str) -> dict:
@@ -166,10 +170,7 @@ def network(name: str, backend: str | None, config: dict, device: str, iteration
     def step():
         losses.append(amp_training_step(model, optimizer, scaler, x, target, device, clip=12))
 
-    begin = time.perf_counter()
-    step()  # the first step of the process: with the Triton kernels' and the probes' one-off compile and checks
-    first_seconds = time.perf_counter() - begin  # float(loss) has waited for the GPU
-    seconds = timed(step, device, repeats=iterations)
+    first_seconds, seconds = timed(step, device, repeats=iterations)
     row = {"model": name, "backend": backend, "first_step_s": first_seconds, "step_s": seconds, **memory(device),
            "params": sum(p.numel() for p in model.parameters()), "losses_finite": all(map(math.isfinite, losses)),
            "first_loss": losses[0], "last_loss": losses[-1]}
@@ -242,7 +243,7 @@ def memory_row(preset: str, config: dict, device: str, batch: int | None, planne
         amp_training_step(model, optimizer, scaler, x, target, device)
 
     try:
-        row["step_s"] = timed(step, device, repeats=iterations)
+        row["step_s"] = timed(step, device, repeats=iterations)[1]
     except torch.cuda.OutOfMemoryError as e:
         row["out_of_memory"] = str(e).splitlines()[0]
         return row

@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
-    from nnunetv2_cipa.conversion.staging import sigterm_as_interrupt
+    from nnunetv2_cipa.paths import sigterm_as_interrupt
     from nnunetv2_cipa.paths import cli_environment
 
     rows = []

@@ -48,16 +48,16 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from nnunetv2_cipa.evaluation.metrics import evaluate_folders, format_summary, list_label_pngs
+    from nnunetv2_cipa.evaluation.metrics import evaluate_listed, format_summary, list_label_pngs
     from nnunetv2_cipa.paths import check_output_file, write_text_atomically
 
-    for folder in (args.gt_dir, args.pred_dir):
-        list_label_pngs(folder)  # each an existing folder of PNGs: checked before the output location they give
+    # each an existing folder of PNGs: checked before the output location they give
+    gt, pred = list_label_pngs(args.gt_dir), list_label_pngs(args.pred_dir)
     output = check_output_file(args.output or Path(args.pred_dir) / "metrics_cipa.json")  # before any work
     if output.suffix.lower() == ".png":
         raise InputError(f"{output}: the metrics are JSON; a .png output could overwrite, or later be read as, a "
                          "label PNG: choose a .json file")
-    result = evaluate_folders(args.gt_dir, args.pred_dir, patient_sep=args.patient_sep)
+    result = evaluate_listed(gt, pred, args.gt_dir, args.pred_dir, patient_sep=args.patient_sep)
     write_text_atomically(output, json.dumps(result, indent=2, allow_nan=False))
     print(format_summary(result))
     print(f"metrics written to {output}")
@@ -180,7 +180,7 @@ STAGED_OUTPUT_COMMANDS = ("synth", "convert", "evaluate", "compare", "import-off
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nnunetv2_cipa.conversion.staging import Terminated, sigterm_as_interrupt
+    from nnunetv2_cipa.paths import Terminated, sigterm_as_interrupt
 
     args = build_parser().parse_args(argv)
     try:

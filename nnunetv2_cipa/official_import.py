@@ -239,7 +239,7 @@ def _publish(model_dir: Path, fold_name: str, state: dict, report: dict, model_j
             for name in MODEL_FILES:
                 if (new_model / name).exists():
                     os.replace(new_model / name, model_dir / name)
-            if overwrite and (fold_dir.exists() or fold_dir.is_symlink()):
+            if overwrite and os.path.lexists(fold_dir):
                 replace_folder(new_fold, fold_dir)  # the old fold goes only once the new one is in place
             else:
                 try:
@@ -280,7 +280,7 @@ def _process_exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 

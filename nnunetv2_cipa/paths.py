@@ -1,5 +1,6 @@
-"""nnU-Net's folder variables (reading them for the user, setting them for the console scripts we run) and the
-output files and folders our commands write."""
+"""nnU-Net's folder variables (reading them for the user, setting them for the console scripts we run), the
+output files and folders our commands write, and the signal handling that keeps those writes whole (SIGTERM as an
+interrupt, interrupts held back during a swap)."""
 
 from __future__ import annotations
 
@@ -141,24 +142,45 @@ def remove_path(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def signals_held():
-    """SIGINT and SIGTERM recorded instead of handled during the block and raised again on leaving it, under the
-    handlers of before (main thread only; elsewhere a no-op): a swap and what must follow it complete together, an
-    interrupt lands after them. Python runs signal handlers in the main thread whichever thread receives the
-    signal, so the handlers are swapped rather than the thread's signal mask."""
+def _signal_handlers(handlers: dict):
+    """``handlers`` ({signal: handler}) installed for the block, the previous ones put back after it (main thread
+    only, where Python runs every signal handler; elsewhere a no-op)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    pending: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        for signum in dict.fromkeys(pending):
-            signal.raise_signal(signum)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where SIGINT raises KeyboardInterrupt."""
+
+
+def _terminate(signum, frame):
+    raise Terminated(f"terminated by signal {signum}")
+
+
+def sigterm_as_interrupt():
+    """Within the block (main thread only), SIGTERM (``kill``, SLURM, docker) raises Terminated, a KeyboardInterrupt,
+    so that the same clean-up runs as for Ctrl-C."""
+    return _signal_handlers({signal.SIGTERM: _terminate})
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM recorded instead of handled during the block and raised again on leaving it, under the
+    handlers of before (main thread only; elsewhere a no-op): a swap and what must follow it complete together, an
+    interrupt lands after them. Python runs signal handlers in the main thread whichever thread receives the
+    signal, so the handlers are swapped rather than the thread's signal mask."""
+    pending: list[int] = []
+    with _signal_handlers({s: lambda signum, frame: pending.append(signum) for s in (signal.SIGINT, signal.SIGTERM)}):
+        yield
+    for signum in dict.fromkeys(pending):
+        signal.raise_signal(signum)
 
 
 def replace_folder(staged: Path, target: Path, on_swap: Callable[[], None] = lambda: None,
@@ -174,7 +196,7 @@ def replace_folder(staged: Path, target: Path, on_swap: Callable[[], None] = lam
     old = None
     try:
         with signals_held():
-            if not target.exists() and not target.is_symlink():
+            if not os.path.lexists(target):
                 os.rename(staged, target)
             elif exchange(staged, target):
                 old = staged
@@ -191,18 +213,18 @@ def replace_folder(staged: Path, target: Path, on_swap: Callable[[], None] = lam
                     raise
             on_replaced()
     finally:  # also when an interrupt held back during the swap is raised on leaving it
-        notes = [] if old is None or not (old.exists() or old.is_symlink()) else _remove_previous(old, target)
-    return notes
+        error = None if old is None or not os.path.lexists(old) else try_remove(old)
+    return [] if error is None else [f"{target} is in place, but the previous {target.name} could not be removed "
+                                     f"from {old} ({error.strerror or error}): remove it yourself"]
 
 
-def _remove_previous(old: Path, target: Path) -> list[str]:
-    """Remove the folder ``target`` held before (now at ``old``); a note if it cannot be removed."""
+def try_remove(path: Path) -> OSError | None:
+    """``remove_path(path)``; the error instead of raising it, None when it went."""
     try:
-        remove_path(old)
+        remove_path(path)
     except OSError as e:
-        return [f"{target} is in place, but the previous {target.name} could not be removed from {old} "
-                f"({e.strerror or e}): remove it yourself"]
-    return []
+        return e
+    return None
 
 
 class StagedFolder:

@@ -301,8 +301,7 @@ def generate_pclt20k_like(out_dir, patients: int = 20, slices: int = 8, size: in
                                   "tumor_slices": sum(r["tumor_slices"] for r in rows)}
     except OSError as e:
         raise InputError(f"{out_dir}: cannot write the synthetic dataset ({e.strerror or e})") from e
-    total = patients + test_patients
-    summary["tumor_slice_fraction"] = round(sum(r["tumor_slices"] for r in results) / (total * slices), 4)
+    summary["tumor_slice_fraction"] = round(sum(r["tumor_slices"] for r in results) / (len(results) * slices), 4)
     summary["slices_with"] = {k: sum(r["slices_with"][k] for r in results) for k in results[0]["slices_with"]}
     if dataset.notes:
         summary["notes"] = dataset.notes

@@ -28,11 +28,10 @@ from nnunetv2_cipa.conversion import BIT_DEPTH_POLICIES, VAL_LIST_POLICIES
 from nnunetv2_cipa.conversion.slices import (ModalityScale, SliceResult, SliceTask, WriteError, convert_slice,
                                              decide_scales, scale_tasks, write_scaled)
 from nnunetv2_cipa.conversion.source import locate_files, read_source_lists
-from nnunetv2_cipa.conversion.staging import (DatasetLock, recover_interrupted, sigterm_as_interrupt, stop_point,
-                                              worker_init)
+from nnunetv2_cipa.conversion.staging import DatasetLock, recover_interrupted, stop_point, worker_init
 from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.paths import (NNUNET_FOLDERS, StagedFolder, check_output_file, output_folder, required_folder,
-                                 write_text_atomically)
+                                 sigterm_as_interrupt, write_text_atomically)
 
 CHANNEL_NAMES = {"rgb": "rgb_to_0_1", "ct": "CT"}  # nnU-Net picks the normalisation from the (casefolded) name
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")

@@ -9,8 +9,6 @@
   ``.DatasetXXX_Name.old-<token>``; a crash between the two renames leaves that pair, and ``recover_interrupted``
   completes the replacement at the next run.
 - ``recover_interrupted`` runs under the lock, so every staging folder of the ID it finds belongs to a dead run.
-- ``sigterm_as_interrupt``: SIGTERM (``kill``, SLURM, docker) raises KeyboardInterrupt as SIGINT does, so the same
-  clean-up runs.
 
 Test hook: with ``NNUNETV2_CIPA_CONVERT_STOP_AT=<point>`` the converter stops itself (SIGSTOP) at that point
 ("converting": after the first slice, "swap": inside ``replace_folder``), so that a test can kill it there.
@@ -25,12 +23,10 @@ import os
 import re
 import signal
 import sys
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 from nnunetv2_cipa.errors import InputError
-from nnunetv2_cipa.paths import remove_path
+from nnunetv2_cipa.paths import try_remove
 
 STOP_AT_ENV = "NNUNETV2_CIPA_CONVERT_STOP_AT"
 PR_SET_PDEATHSIG = 1
@@ -40,27 +36,6 @@ def stop_point(name: str) -> None:
     """Test hook: SIGSTOP this process when NNUNETV2_CIPA_CONVERT_STOP_AT names ``name``."""
     if os.environ.get(STOP_AT_ENV) == name:
         os.kill(os.getpid(), signal.SIGSTOP)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where SIGINT raises KeyboardInterrupt."""
-
-
-@contextmanager
-def sigterm_as_interrupt():
-    """Within the block (main thread only), SIGTERM raises Terminated, a KeyboardInterrupt."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise Terminated(f"terminated by signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def worker_init(parent_pid: int) -> None:
@@ -135,7 +110,7 @@ def recover_interrupted(raw: Path, dataset_id: int) -> list[str]:
             os.rename(source, target)
             notes.append(f"{target}: {'completed' if source == staged else 'undid'} the replacement an interrupted "
                          "conversion left half done")
-        if old.exists() or old.is_symlink():
+        if os.path.lexists(old):
             notes += _remove_leftover(old, say_removed=False)
     for staged, _, _ in _leftovers(raw, dataset_id, "tmp"):
         notes += _remove_leftover(staged)
@@ -144,8 +119,8 @@ def recover_interrupted(raw: Path, dataset_id: int) -> list[str]:
 
 def _remove_leftover(path: Path, say_removed: bool = True) -> list[str]:
     """Remove what an earlier conversion left at ``path``; a note saying so, or why it could not be removed."""
-    try:
-        remove_path(path)
-    except OSError as e:
-        return [f"{path}: left by an earlier conversion and cannot be removed ({e.strerror or e}); remove it yourself"]
+    error = try_remove(path)
+    if error is not None:
+        return [f"{path}: left by an earlier conversion and cannot be removed ({error.strerror or error}); remove it "
+                "yourself"]
     return [f"removed {path.name}, left in {path.parent} by an interrupted conversion"] if say_removed else []

@@ -103,11 +103,12 @@ def predictions_on_test_set(trainers: list[str], folders: list, gt: dict[str, Pa
     """({trainer: case -> test PNG}, problems): each folder must hold exactly the cases of ``gt_dir``, and be neither
     ``gt_dir`` nor another trainer's folder."""
     preds, problems, owners = {}, [], {}
+    gt_key = os.stat(gt_dir)[1:3]  # (inode, device): the same folder under any name
     for trainer, folder in zip(trainers, folders):
         preds[trainer] = list_label_pngs(folder)
-        if os.path.samefile(folder, gt_dir):
+        key = os.stat(folder)[1:3]
+        if key == gt_key:
             problems.append(f"{trainer}: the test prediction folder {folder} is the ground-truth folder {gt_dir}")
-        key = os.stat(folder)[1:3]  # (inode, device): the same folder under any name
         if key in owners:
             problems.append(f"{trainer}: the test prediction folder {folder} is also {owners[key]}'s")
         owners.setdefault(key, trainer)

@@ -253,7 +253,13 @@ def match_cases(gt: dict[str, Path], pred: dict[str, Path], gt_dir, pred_dir) ->
 
 def evaluate_folders(gt_dir, pred_dir, patient_sep: str = "_", num_workers: int | None = None) -> dict:
     """Metrics of every *.png in ``pred_dir`` against the same-named *.png in ``gt_dir`` (see ``evaluate_pairs``)."""
-    gt, pred = list_label_pngs(gt_dir), list_label_pngs(pred_dir)
+    return evaluate_listed(list_label_pngs(gt_dir), list_label_pngs(pred_dir), gt_dir, pred_dir, patient_sep,
+                           num_workers)
+
+
+def evaluate_listed(gt: dict[str, Path], pred: dict[str, Path], gt_dir, pred_dir, patient_sep: str = "_",
+                    num_workers: int | None = None) -> dict:
+    """``evaluate_folders`` for the ``list_label_pngs`` of ``gt_dir`` and ``pred_dir``."""
     if os.path.samefile(gt_dir, pred_dir):
         raise InputError(f"{pred_dir}: the prediction folder is the ground-truth folder {gt_dir}")
     pairs = match_cases(gt, pred, gt_dir, pred_dir)

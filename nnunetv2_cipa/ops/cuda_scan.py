@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import re
+
 import torch
 
 from nnunetv2_cipa.ops.kernel_probe import KernelProbe, distribution_version, first_line, smoke_call

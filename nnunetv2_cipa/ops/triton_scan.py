@@ -186,6 +186,15 @@ def _blocks(group_dim: int, n_state: int, element_size: int) -> tuple[int, int]:
     return block_d, block_n
 
 
+def _launch(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple:
+    """(grid, the kernels' size arguments, BLOCK_D, BLOCK_N) for u (b, D, L), A (D, N), B (b, G, N, L)."""
+    batch, dim, length = u.shape
+    n_groups, n_state = B.shape[1], A.shape[1]
+    block_d, block_n = _blocks(dim // n_groups, n_state, u.element_size())
+    sizes = (dim, length, n_state, dim // n_groups, n_groups, triton.cdiv(length, BLOCK_L))
+    return (batch, n_groups, triton.cdiv(dim // n_groups, block_d)), sizes, block_d, block_n
+
+
 def _on_device(t: torch.Tensor):
     """Launch on ``t``'s GPU (Triton launches on the current device); nothing to do for the interpreter."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -204,17 +213,12 @@ class TritonScan(torch.autograd.Function):
         if len(dtypes) != 1 or u.dtype not in (torch.float32, torch.float64):
             raise ValueError("the triton scan needs float32 or float64 inputs of one dtype, got "
                              f"{sorted(map(str, dtypes))}")
-        batch, dim, length = u.shape
-        n_groups, n_state = B.shape[1], A.shape[1]
-        n_tiles = triton.cdiv(length, BLOCK_L)
-        block_d, block_n = _blocks(dim // n_groups, n_state, u.element_size())
+        grid, sizes, block_d, block_n = _launch(u, A, B)
         y = torch.empty_like(u)
-        states = u.new_empty(batch, dim, n_tiles, n_state) if save_states else None
-        grid = (batch, n_groups, triton.cdiv(dim // n_groups, block_d))
+        states = u.new_empty(*u.shape[:2], triton.cdiv(u.shape[2], BLOCK_L), A.shape[1]) if save_states else None
         bias_arg, states_arg = (u if bias is None else bias), (y if states is None else states)  # unread if None
         with _on_device(u):
-            _scan_forward_kernel[grid](u, delta, A, B, C, bias_arg, y, states_arg,
-                                       dim, length, n_state, dim // n_groups, n_groups, n_tiles,
+            _scan_forward_kernel[grid](u, delta, A, B, C, bias_arg, y, states_arg, *sizes,
                                        HAS_BIAS=bias is not None, SOFTPLUS=bool(delta_softplus),
                                        SAVE_STATES=save_states, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=BLOCK_L,
                                        num_warps=NUM_WARPS)
@@ -225,18 +229,14 @@ class TritonScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         u, delta, A, B, C, bias, states = ctx.saved_tensors
-        batch, dim, length = u.shape
-        n_groups, n_state = B.shape[1], A.shape[1]
-        block_d, block_n = _blocks(dim // n_groups, n_state, u.element_size())
+        grid, sizes, block_d, block_n = _launch(u, A, B)
         dy = dy.contiguous().to(u.dtype)
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
         dA, dB, dC = torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(C)
         dbias = None if bias is None else torch.zeros_like(bias)
-        grid = (batch, n_groups, triton.cdiv(dim // n_groups, block_d))
         with _on_device(u):
             _scan_backward_kernel[grid](u, delta, A, B, C, u if bias is None else bias, states, dy,
-                                        du, ddelta, dA, dB, dC, du if dbias is None else dbias,
-                                        dim, length, n_state, dim // n_groups, n_groups, states.shape[2],
+                                        du, ddelta, dA, dB, dC, du if dbias is None else dbias, *sizes,
                                         HAS_BIAS=bias is not None, SOFTPLUS=ctx.delta_softplus,
                                         BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=BLOCK_L, num_warps=NUM_WARPS)
         return du, ddelta, dA, dB, dC, dbias, None, None
