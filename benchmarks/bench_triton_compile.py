@@ -1,7 +1,9 @@
 """The triton backend's kernels compiled for NVIDIA GPUs on any machine (no GPU needed): Triton's own compiler and
 the ptxas / cuobjdump binaries of its Linux wheel. For each state size CIPA uses (and N = 1), the block shape the
 backend picks, compile time, registers per thread and bytes spilled to local memory, forward and backward, per GPU
-architecture and dtype. A kernel that does not compile, or one that spills, shows here before it reaches a GPU.
+architecture and dtype, and how many of its scans run in reverse (none should: Triton versions disagree on the
+operand order of a compiled reverse scan). A kernel that does not compile, or one that spills, shows here before it
+reaches a GPU.
 
 Usage: python benchmarks/bench_triton_compile.py [--archs 80 90] [--dtypes float32 float64] [--states 1 2 4 16]
        [--json PATH]
@@ -106,6 +108,7 @@ def compile_all(args) -> list[dict]:
                                               triton_scan.NUM_WARPS)
                     rows.append({"dtype": dtype, "n_state": n_state, "block": [block_d, block_n], "arch": arch,
                                  "kernel": name, "compile_s": time.perf_counter() - begin,
+                                 "reverse_scans": len(re.findall(r'"tt\.scan".*reverse = true', compiled.asm["ttir"])),
                                  **resource_usage(compiled.asm["cubin"], str(cuobjdump))})
     return rows
 

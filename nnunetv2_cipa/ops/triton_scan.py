@@ -5,7 +5,8 @@ Each program owns one (batch, group, block of channels) and walks the sequence i
 keeping the state (channels, N) in registers. Inside a tile the recurrence h_t = exp(delta_t A) h_{t-1} + delta_t
 u_t B_t is an associative scan along the tile, started from the state carried in from the previous tile. Forward
 saves the state entering every tile; backward walks the tiles in reverse, recomputes the tile's states from the saved
-one, and runs the adjoint recurrence dh_t = dy_t C_t + exp(delta_{t+1} A) dh_{t+1} as a reverse associative scan.
+one, and runs the adjoint recurrence dh_t = dy_t C_t + exp(delta_{t+1} A) dh_{t+1} as an associative scan over the
+tile flipped in time.
 The gradients of B and C sum over the group's channel blocks by atomic adds, those of A and delta_bias over the batch.
 
 Imported lazily by the backend table (ImportError when triton is missing). With ``TRITON_INTERPRET=1`` set before
@@ -22,10 +23,10 @@ import triton.language as tl
 
 BLOCK_L = 32  # sequence steps per tile
 # registers: the backward kernel keeps several (channels, state, steps) tiles and about twice as many (channels, steps)
-# rows live, so BLOCK_D * (BLOCK_N + 2) * BLOCK_L is bounded, per element size in bytes: the largest bounds with which
-# ptxas compiles CIPA's state sizes (1 to 16) for sm_90 at 4 warps without spilling to local memory
+# rows live, so BLOCK_D * (BLOCK_N + 2) * BLOCK_L is bounded, per element size in bytes: bounds with which ptxas
+# compiles CIPA's state sizes (1 to 16) for sm_80 and sm_90 at 4 warps without spilling to local memory
 # (benchmarks/bench_triton_compile.py; docs/benchmarks.md, "Triton kernels")
-MAX_TILE_ELEMENTS = {4: 2304, 8: 1024}
+MAX_TILE_ELEMENTS = {4: 2048, 8: 1024}
 NUM_WARPS = 4
 # sizes not worth a compiled variant each (Triton specialises integer arguments on divisibility by 16 and on 1); the
 # length stays specialised, as it sets the alignment of every row the kernels load
@@ -151,10 +152,12 @@ def _scan_backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, bias_ptr, state
 
         states, inputs = _tile_states(dt, u, A, B, h_start)
 
-        decay_next = tl.exp(dt_next[:, None, :] * A[:, :, None])
-        sources = dy[:, None, :] * C[None, :, :]
-        decay_suffix, local_dh = tl.associative_scan((decay_next, sources), 2, _linear_recurrence, reverse=True)
-        dh = local_dh + decay_suffix * dh_next[:, :, None]
+        # the adjoint runs against time: a forward scan over the tile flipped in time, flipped back after (Triton
+        # leaves the operand order of a compiled reverse=True scan unspecified; a flip only moves bits)
+        decay_next = tl.exp(tl.flip(dt_next, 1)[:, None, :] * A[:, :, None])
+        sources = tl.flip(dy, 1)[:, None, :] * tl.flip(C, 1)[None, :, :]
+        decay_suffix, local_dh = tl.associative_scan((decay_next, sources), 2, _linear_recurrence)
+        dh = tl.flip(local_dh + decay_suffix * dh_next[:, :, None], 2)
         dh_next = _column(dh, 0, BLOCK_L)
 
         d_decay_arg = dh * (states - inputs)  # dL/d(dt A) = dh_t * h_{t-1} * exp(dt A) = dh_t * (h_t - inputs_t)
