@@ -16,7 +16,9 @@ CUDA, so the free memory the workers see is what a trainer would see):
   step time, peak allocated / reserved device memory, the model's predicted peak and its error. Then the same on each
   smaller GPU of ``--emulate-gib`` (default 24 GB): the caching allocator is capped at that card's memory less its
   CUDA context (``torch.cuda.set_per_process_memory_fraction``), the batch is the model's choice for the card without
-  and with checkpointing, and an out-of-memory error there is what a user of that card would get.
+  and with checkpointing, and an out-of-memory error there is what a user of that card would get. When both GPU
+  kernels are usable (mamba-ssm's and the triton backend's, whose memory models differ), the first two rows again
+  on this device with the one auto does not pick.
 
 The plan comes from nnU-Net's planner, which the GPU machine may lack: ``--write-plan FILE`` runs it here (as
 bench_network does, 2-channel random PNGs of ``--size``) and ``--plan FILE`` reads it there. ``--device cpu --quick``
@@ -201,9 +203,10 @@ def emulate_gpu(memory_gib: float, device: str) -> int:
 
 
 def memory_row(preset: str, config: dict, device: str, batch: int | None, planned: int, checkpointing: bool,
-               iterations: int, memory_gib: float | None = None) -> dict:
+               iterations: int, memory_gib: float | None = None, backend: str | None = None) -> dict:
     """AMP training steps of CIPA ``preset`` at ``batch`` (None: the memory model's choice out of ``planned``)
-    against the memory model's predicted peak, on this device or on an emulated GPU of ``memory_gib`` GB."""
+    against the memory model's predicted peak, on this device or on an emulated GPU of ``memory_gib`` GB, with scan
+    ``backend`` (None: auto's choice)."""
     import torch
 
     from nnunetv2_cipa.network import CIPA
@@ -217,7 +220,8 @@ def memory_row(preset: str, config: dict, device: str, batch: int | None, planne
     model = CIPA(2, patch, preset=preset, deep_supervision=True).to(device).train()
     model.activation_checkpointing = checkpointing
     parameters = sum(p.numel() for p in model.parameters())
-    backend = resolve_backend(None, torch.device(device))
+    backend = resolve_backend(backend, torch.device(device))
+    os.environ["NNUNETV2_CIPA_SCAN_BACKEND"] = backend
     dtype = torch.float16 if device == "cuda" else torch.float32
     row = {"preset": preset, "backend": backend, "checkpointing": checkpointing, "planned_batch": planned,
            "gpu_gib": memory_gib}
@@ -272,7 +276,7 @@ def worker(args) -> dict:
         # on the device itself: the planned batch with checkpointing; on an emulated GPU: the model's choice
         batch = args.planned_batch if checkpointing and args.gpu_gib is None else None
         return memory_row(preset, config, args.device, batch, args.planned_batch, checkpointing, args.iterations,
-                          args.gpu_gib)
+                          args.gpu_gib, args.backend)
     return network(args.worker, args.backend, config, args.device, args.iterations)
 
 
@@ -338,8 +342,12 @@ def main() -> None:
         print(f"{part}: done", flush=True)
 
     save("agreement", {b: sub("agreement", b) for b in backends})
+    # auto's backend on this card and the emulated ones; the other GPU kernels (triton next to mamba-ssm's, whose
+    # memory model differs: no gathered copies) on this card
+    other_gpu_kernels = [b for b in backends if b in ("cuda", "triton")][1:]
     save("memory", [sub(name, gpu_gib=gib) for gib in (None, *args.emulate_gib)
-                    for name in ("memory", "memory-checkpointing")])
+                    for name in ("memory", "memory-checkpointing")]
+         + [sub(name, backend=b) for b in other_gpu_kernels for name in ("memory", "memory-checkpointing")])
     network_rows = [sub("vanilla")] + [sub(preset, b) for b in backends]
     cipa = [r for r in network_rows if "logits_file" in r]
     if len(cipa) > 1:

@@ -156,9 +156,14 @@ def print_table(rows: list[dict]) -> None:
               f"| {r['per_sample_bytes'] / 2 ** 30:.3f} | {r['bytes_per_pixel']:.0f} | {predicted} | {error} |")
 
 
+GPU_TABLE_BACKENDS = ("cuda", "triton")  # mamba-ssm's kernel (gathered scan orders), this package's (in place)
+GPU_TABLE_SETTINGS = (("fp16", "float16", False), ("fp16_checkpointing", "float16", True), ("float32", "float32", False))
+
+
 def gpu_batch_table(preset: str = "tiny", patch=(512, 512)) -> list[dict]:
-    """The batch the memory model gives CIPA-``preset`` out of nnU-Net's planned 12 on each of GPU_MEMORY_GIB, for
-    the fused kernel (cuda backend) under fp16 autocast without and with activation checkpointing, and in float32."""
+    """The batch the memory model gives CIPA-``preset`` out of nnU-Net's planned 12 on each of GPU_MEMORY_GIB, per
+    GPU scan backend (GPU_TABLE_BACKENDS), under fp16 autocast without and with activation checkpointing, and in
+    float32: rows {"gpu_gib", backend: {setting: batch}}."""
     import torch
 
     from nnunetv2_cipa.network import CIPA
@@ -171,22 +176,29 @@ def gpu_batch_table(preset: str = "tiny", patch=(512, 512)) -> list[dict]:
     for gib in GPU_MEMORY_GIB:
         free = int((gib - CUDA_CONTEXT_GIB) * 2 ** 30)
         row = {"gpu_gib": gib}
-        for label, dtype, checkpointing in (("fp16", torch.float16, False), ("fp16_checkpointing", torch.float16, True),
-                                            ("float32", torch.float32, False)):
-            row[label] = choose_batch_size(PLANNED_BATCH, torch.device("cuda"), preset, patch, parameters, "cuda",
-                                           dtype, checkpointing, network.min_training_batch, free_bytes=free,
-                                           device_name=f"{gib} GB GPU").chosen
+        for backend in GPU_TABLE_BACKENDS:
+            row[backend] = {label: choose_batch_size(PLANNED_BATCH, torch.device("cuda"), preset, patch, parameters,
+                                                     backend, getattr(torch, dtype), checkpointing,
+                                                     network.min_training_batch, free_bytes=free,
+                                                     device_name=f"{gib} GB GPU").chosen
+                            for label, dtype, checkpointing in GPU_TABLE_SETTINGS}
         rows.append(row)
     return rows
 
 
+def gpu_batch_table_lines(rows: list[dict]) -> list[str]:
+    """The markdown rows of the table (cells "cuda / triton"), as docs/usage.md prints them."""
+    return [f"| {r['gpu_gib']} GB | "
+            + " | ".join(" / ".join(str(r[backend][label]) for backend in GPU_TABLE_BACKENDS)
+                         for label, _, _ in GPU_TABLE_SETTINGS) + " |" for r in rows]
+
+
 def print_gpu_batch_table(rows: list[dict]) -> None:
-    print(f"\nBatch of CIPA-tiny at 512 x 512 (planned {PLANNED_BATCH}) by the memory model, cuda scan backend, "
-          f"free memory = GPU memory - {CUDA_CONTEXT_GIB} GiB\n")
+    print(f"\nBatch of CIPA-tiny at 512 x 512 (planned {PLANNED_BATCH}) by the memory model, scan backend "
+          f"{' / '.join(GPU_TABLE_BACKENDS)}, free memory = GPU memory - {CUDA_CONTEXT_GIB} GiB\n")
     print("| GPU memory | fp16 AMP (nnUNetTrainerCIPA, _bf16) | fp16 AMP + activation checkpointing | float32 (_noAMP) |")
     print("|---|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['gpu_gib']} GB | {r['fp16']} | {r['fp16_checkpointing']} | {r['float32']} |")
+    print("\n".join(gpu_batch_table_lines(rows)))
 
 
 def main() -> None:

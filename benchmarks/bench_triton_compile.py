@@ -1,7 +1,7 @@
 """The triton backend's kernels compiled for NVIDIA GPUs on any machine (no GPU needed): Triton's own compiler and
 the ptxas / cuobjdump binaries of its Linux wheel. For each state size CIPA uses (and N = 1), the block shape the
-backend picks, compile time, registers per thread and bytes spilled to local memory, forward and backward, per GPU
-architecture and dtype, and how many of its scans run in reverse (none should: Triton versions disagree on the
+backend picks, compile time, registers per thread and bytes spilled to local memory, forward and backward, plain and
+directional layout, per GPU architecture and dtype, and how many of its scans run in reverse (none should: Triton versions disagree on the
 operand order of a compiled reverse scan). A kernel that does not compile, or one that spills, shows here before it
 reaches a GPU.
 
@@ -15,6 +15,7 @@ after), so that the compile times are a first run's.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -42,17 +43,19 @@ def resource_usage(cubin: bytes, cuobjdump: str) -> dict:
     return {"registers": int(usage.group(1)), "spill_bytes": int(usage.group(2))}
 
 
-def compile_kernel(kernel, dtype: str, arch: int, block_d: int, block_n: int, block_l: int, num_warps: int):
+def compile_kernel(kernel, dtype: str, arch: int, directional: bool, block_d: int, block_n: int, block_l: int,
+                   num_warps: int):
     """``kernel`` compiled for sm_``arch`` with pointers to ``dtype`` (fp32 / fp64), as training runs it: bias,
     softplus and (forward) the saved states on."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    flags = dict(HAS_BIAS=True, SOFTPLUS=True, SAVE_STATES=True, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l)
+    flags = dict(HAS_BIAS=True, SOFTPLUS=True, SAVE_STATES=True, DIRECTIONAL=directional, BLOCK_D=block_d,
+                 BLOCK_N=block_n, BLOCK_L=block_l)
     constants = {name: value for name, value in flags.items() if name in kernel.arg_names}
-    signature = {name: "constexpr" if name in constants else "*" + dtype if name.endswith("_ptr") else "i32"
-                 for name in kernel.arg_names}
+    signature = {name: "constexpr" if name in constants else "*i64" if name == "positions_ptr"
+                 else "*" + dtype if name.endswith("_ptr") else "i32" for name in kernel.arg_names}
     return triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps})
 
@@ -78,18 +81,18 @@ def main() -> None:
 
     print(f"triton {triton.__version__}, {triton_scan.NUM_WARPS} warps, tiles of {triton_scan.BLOCK_L} steps, "
           f"{GROUP_DIM} channels per group\n")
-    print("| dtype | N | block (channels, state) | GPU | kernel | compile | registers | spilled |\n"
-          "|---|---:|---|---|---|---:|---:|---:|")
+    print("| dtype | N | block (channels, state) | GPU | layout | kernel | compile | registers | spilled |\n"
+          "|---|---:|---|---|---|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['dtype']} | {r['n_state']} | {r['block'][0]} x {r['block'][1]} | sm_{r['arch']} | {r['kernel']} | "
-              f"{r['compile_s']:.1f} s | {r['registers']} | {r['spill_bytes']} B |")
+        print(f"| {r['dtype']} | {r['n_state']} | {r['block'][0]} x {r['block'][1]} | sm_{r['arch']} | {r['layout']} | "
+              f"{r['kernel']} | {r['compile_s']:.1f} s | {r['registers']} | {r['spill_bytes']} B |")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"triton": triton.__version__, "machine": platform.machine(),
                                      "python": sys.version.split()[0], "rows": rows}, indent=1))
 
 
 def compile_all(args) -> list[dict]:
-    """One row per (dtype, state size, GPU architecture, kernel)."""
+    """One row per (dtype, state size, GPU architecture, layout, kernel)."""
     import triton
 
     from nnunetv2_cipa.ops import triton_scan
@@ -100,16 +103,16 @@ def compile_all(args) -> list[dict]:
         short, size = ELEMENT_TYPES[dtype]
         for n_state in args.states:
             block_d, block_n = triton_scan._blocks(GROUP_DIM, n_state, size)
-            for arch in args.archs:
-                for name, kernel in (("forward", triton_scan._scan_forward_kernel),
-                                     ("backward", triton_scan._scan_backward_kernel)):
-                    begin = time.perf_counter()
-                    compiled = compile_kernel(kernel, short, arch, block_d, block_n, triton_scan.BLOCK_L,
-                                              triton_scan.NUM_WARPS)
-                    rows.append({"dtype": dtype, "n_state": n_state, "block": [block_d, block_n], "arch": arch,
-                                 "kernel": name, "compile_s": time.perf_counter() - begin,
-                                 "reverse_scans": len(re.findall(r'"tt\.scan".*reverse = true', compiled.asm["ttir"])),
-                                 **resource_usage(compiled.asm["cubin"], str(cuobjdump))})
+            for arch, layout, (name, kernel) in itertools.product(
+                    args.archs, ("plain", "directional"), (("forward", triton_scan._scan_forward_kernel),
+                                                           ("backward", triton_scan._scan_backward_kernel))):
+                begin = time.perf_counter()
+                compiled = compile_kernel(kernel, short, arch, layout == "directional", block_d, block_n,
+                                          triton_scan.BLOCK_L, triton_scan.NUM_WARPS)
+                rows.append({"dtype": dtype, "n_state": n_state, "block": [block_d, block_n], "arch": arch,
+                             "layout": layout, "kernel": name, "compile_s": time.perf_counter() - begin,
+                             "reverse_scans": len(re.findall(r'"tt\.scan".*reverse = true', compiled.asm["ttir"])),
+                             **resource_usage(compiled.asm["cubin"], str(cuobjdump))})
     return rows
 
 

@@ -27,4 +27,4 @@ def test_memory_model_predicts_micro_within_25_percent(tmp_path):
     for row in rows:
         assert row["per_sample_bytes"] > 0
         assert abs(row["prediction_error"]) < 0.25, row
-    assert "| 24 GB | 4 | 12 | 3 |" in result.stdout  # the GPU table of docs/usage.md
+    assert "| 24 GB | 4 / 5 | 12 / 12 | 3 / 4 |" in result.stdout  # the GPU table of docs/usage.md

@@ -412,3 +412,24 @@ def test_report_on_the_cpu(monkeypatch):
     monkeypatch.setenv(backends.ENV_VAR, "cuda")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         scan_backend_report("cpu")
+
+
+def test_triton_probe_checks_both_layouts():
+    """The triton probe's smoke check runs the plain and the directional kernels (here on the interpreter's CPU
+    tensors); a directional kernel that is wrong while the plain one is right is caught."""
+    pytest.importorskip("triton")
+    from nnunetv2_cipa.ops import triton_scan
+    from nnunetv2_cipa.ops.reference_scan import directional_reference
+
+    class WrongDirectional(backends.TritonKernelProbe):
+        @staticmethod
+        def import_kernels():
+            return types.SimpleNamespace(triton_selective_scan=triton_scan.triton_selective_scan,
+                                         triton_directional_scan=lambda *args: 2 * directional_reference(*args))
+
+    cpu = torch.device("cpu")
+    working = backends.TritonKernelProbe()
+    assert working.smoke_both_layouts(working.scan_fn(), cpu) is None
+    wrong = WrongDirectional()
+    assert wrong.smoke_both_layouts(wrong.scan_fn(), cpu).startswith(
+        "its directional smoke call on cpu returned a wrong output")

@@ -78,15 +78,17 @@ def test_memory_model_rejects_unknown_inputs():
     with pytest.raises(ValueError, match="activation dtype"):
         activation_bytes_per_sample("tiny", (512, 512), "cuda", torch.int8, False)
     assert fitting_batch_size(GIB, 10 ** 9, 1) == 0  # the training state alone exceeds the memory
-    with pytest.raises(ValueError, match="preset 'small' with the cpu scan"):
-        activation_bytes_per_sample("small", (512, 512), "cpu", torch.float32, False)
+    with pytest.raises(ValueError, match="no measured memory coefficient for preset 'huge' with the triton scan"):
+        activation_bytes_per_sample("huge", (512, 512), "triton", torch.float32, False)
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_every_preset_has_a_gpu_memory_model(preset):
-    """Every preset can choose its batch on a GPU: the gathered path (cuda / torch scans) is measured for both
-    activation widths, with and without checkpointing; checkpointing always saves memory, 16-bit never costs more."""
-    per_sample = {(dtype, ckpt): activation_bytes_per_sample(preset, (512, 512), "cuda", dtype, ckpt)
+def test_every_preset_has_a_gpu_memory_model(preset, backend):
+    """Every preset can choose its batch on a GPU with either compiled kernel (gathered scan orders for cuda, in
+    place for triton): both activation widths, with and without checkpointing; checkpointing always saves memory,
+    16-bit never costs more."""
+    per_sample = {(dtype, ckpt): activation_bytes_per_sample(preset, (512, 512), backend, dtype, ckpt)
                   for dtype in (torch.float32, torch.float16) for ckpt in (False, True)}
     for dtype in (torch.float32, torch.float16):
         assert per_sample[dtype, True] < per_sample[dtype, False]
@@ -425,11 +427,13 @@ def test_documented_gpu_batches():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from bench_memory import gpu_batch_table
+    from bench_memory import gpu_batch_table, gpu_batch_table_lines
 
-    table = {row["gpu_gib"]: (row["fp16"], row["fp16_checkpointing"], row["float32"]) for row in gpu_batch_table()}
-    assert table == {16: (2, 8, 2), 24: (4, 12, 3), 40: (7, 12, 6), 48: (9, 12, 7), 80: (12, 12, 12),
-                     141: (12, 12, 12)}
+    rows = gpu_batch_table()
+    table = {(row["gpu_gib"], backend): tuple(row[backend].values()) for row in rows for backend in ("cuda", "triton")}
+    assert {gib: table[gib, "cuda"] for gib, _ in table} == {
+        16: (2, 8, 2), 24: (4, 12, 3), 40: (7, 12, 6), 48: (9, 12, 7), 80: (12, 12, 12), 141: (12, 12, 12)}
+    assert {gib: table[gib, "triton"] for gib, _ in table} == {  # in place: no gathered copies kept
+        16: (3, 12, 3), 24: (5, 12, 4), 40: (10, 12, 8), 48: (12, 12, 9), 80: (12, 12, 12), 141: (12, 12, 12)}
     documented = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
-    for gib, (fp16, checkpointing, float32) in table.items():
-        assert f"| {gib} GB | {fp16} | {checkpointing} | {float32} |" in documented
+    assert all(line in documented for line in gpu_batch_table_lines(rows))

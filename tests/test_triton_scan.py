@@ -145,18 +145,24 @@ def test_tile_budgets_and_one_dtype():
         triton_scan.triton_selective_scan(u, delta, A.double(), B, C, bias, True)
 
 
-def test_directional_scan_through_the_triton_backend(monkeypatch):
-    """SS2D's operator (K scan orders of one map, gathered, scanned as groups, scattered back and summed) with the
-    triton backend's kernels, against the per-direction loop; the backend's row is made device-agnostic here so that
-    it runs on the interpreter's CPU tensors."""
+@pytest.mark.parametrize("batch, length, dim, n_state, n_dirs", [
+    (2, 40, 6, 4, 4),   # SS2D's four orders, two tiles
+    (1, 33, 12, 16, 2),  # N = 16: one channel per float64 block, so 12 blocks sum dB, dC of each direction
+])
+def test_directional_scan_through_the_triton_backend(monkeypatch, batch, length, dim, n_state, n_dirs):
+    """SS2D's operator (K scan orders of one map, summed back in position order) through the triton backend: its
+    directional kernels read every input in position order (no gathered copies). Against the per-direction loop;
+    the backend's row is made device-agnostic here so that it runs on the interpreter's CPU tensors."""
     from test_directional_scan import NAMES as DIRECTIONAL_NAMES
     from test_directional_scan import loop_over_directions, make_inputs as directional_inputs, with_grads
 
     from nnunetv2_cipa.ops import backends
     from nnunetv2_cipa.ops.directional_scan import directional_scan
 
-    monkeypatch.setitem(backends.BACKENDS, "triton", backends.ScanBackend(None, lambda device: None, triton_whole))
-    inputs, positions = directional_inputs(batch=2, length=40, dim=6, n_state=4, n_dirs=4)
+    gathered = []  # calls of the plain kernels, which the gathered path would make
+    monkeypatch.setitem(backends.BACKENDS, "triton", backends.ScanBackend(
+        None, lambda device: None, lambda *args: gathered.append(1), triton_scan.triton_directional_scan))
+    inputs, positions = directional_inputs(batch=batch, length=length, dim=dim, n_state=n_state, n_dirs=n_dirs)
     y_ref, g_ref = with_grads(lambda: loop_over_directions(*inputs, positions), inputs)
     on_device = [t.detach().to(DEVICE).requires_grad_() for t in inputs]
     u, delta, A, B, C, D, bias = on_device
@@ -165,6 +171,24 @@ def test_directional_scan_through_the_triton_backend(monkeypatch):
     torch.testing.assert_close(y.cpu(), y_ref, rtol=1e-12, atol=1e-12)
     for name, g, g_expected in zip(DIRECTIONAL_NAMES, grads, g_ref):
         torch.testing.assert_close(g.cpu(), g_expected, rtol=1e-10, atol=1e-12, msg=name)
+    assert gathered == []
+
+
+def test_directional_smoke_call_runs_the_kernels_and_catches_a_wrong_one():
+    """The probe's second smoke call (directional layout), on the interpreter's CPU tensors: passes with the
+    kernels; a kernel that drops one direction is reported by name."""
+    from nnunetv2_cipa.ops.kernel_probe import directional_smoke_call
+
+    cpu = torch.device("cpu")
+    assert directional_smoke_call(triton_scan.triton_directional_scan, cpu) is None
+
+    def first_direction_only(u, delta, A, B, C, positions, bias, softplus):
+        dim = u.shape[2]
+        return triton_scan.triton_directional_scan(u, delta[:1], A[:dim], B[:, :, :1], C[:, :, :1], positions[:1],
+                                                   bias[:dim], softplus)
+
+    assert directional_smoke_call(first_direction_only, cpu).startswith(
+        "its directional smoke call on cpu returned a wrong output")
 
 
 def test_kernels_compile_for_gpus_without_spilling(tmp_path):
@@ -178,9 +202,10 @@ def test_kernels_compile_for_gpus_without_spilling(tmp_path):
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert {(r["n_state"], r["kernel"]) for r in rows} == {(n, k) for n in (2, 4, 16) for k in ("forward", "backward")}
+    assert sorted((r["n_state"], r["layout"], r["kernel"]) for r in rows) == sorted(
+        (n, layout, kernel) for n in (2, 4, 16) for layout in ("plain", "directional") for kernel in ("forward", "backward"))
     assert all(r["spill_bytes"] == 0 and 0 < r["registers"] <= 255 and r["reverse_scans"] == 0 for r in rows), rows
-    assert "| float32 | 16 | 2 x 16 | sm_90 | backward |" in result.stdout
+    assert "| float32 | 16 | 2 x 16 | sm_90 | directional | backward |" in result.stdout
 
 
 @pytest.mark.gpu

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from nnunetv2_cipa.ops import cuda_scan
 from nnunetv2_cipa.ops.chunked_scan import chunked_selective_scan
-from nnunetv2_cipa.ops.kernel_probe import KernelProbe, distribution_version, first_line, smoke_call
+from nnunetv2_cipa.ops.kernel_probe import KernelProbe, directional_smoke_call, distribution_version, first_line, \
+    smoke_call
 from nnunetv2_cipa.ops.reference_scan import compute_dtype, selective_scan_reference
 
 ENV_VAR = "NNUNETV2_CIPA_SCAN_BACKEND"
@@ -102,12 +103,21 @@ def _fused_kernel_fix() -> str:
 
 
 class TritonKernelProbe(KernelProbe):
-    """Whether the ``triton`` backend's kernels compile and run on a CUDA device (:class:`KernelProbe`); triton is
-    imported on the first probe."""
+    """Whether the ``triton`` backend's kernels compile and run on a CUDA device (:class:`KernelProbe`), in both
+    layouts (the plain grouped scan, and the directional scan read in position order); triton is imported on the
+    first probe."""
 
-    def __init__(self, smoke=smoke_call):
-        super().__init__(smoke)
+    def __init__(self, smoke=None):
+        super().__init__(smoke or self.smoke_both_layouts)
         self._triton_missing = False
+
+    def smoke_both_layouts(self, scan_fn, device: torch.device) -> str | None:
+        return smoke_call(scan_fn, device) or directional_smoke_call(self.directional_fn(), device)
+
+    def directional_fn(self):
+        """The kernels' bare directional scan (after a successful :meth:`problem`)."""
+        self.scan_fn()
+        return self.import_kernels().triton_directional_scan
 
     def name(self) -> str:
         return f"the Triton {distribution_version('triton')} scan kernels"
@@ -145,6 +155,10 @@ def _triton_selective_scan(*args):
     return TRITON_PROBE.scan_fn()(*args)
 
 
+def _triton_directional_scan(*args):
+    return TRITON_PROBE.directional_fn()(*args)
+
+
 def _cpu_selective_scan(*args):
     return scan_with_core(_numba_scan().cpu_selective_scan, *args)
 
@@ -160,7 +174,7 @@ def _always(device: torch.device) -> None:
 BACKENDS: dict[str, ScanBackend] = {
     "cuda": ScanBackend("cuda", _fused_kernel_problem, cuda_scan.cuda_selective_scan, fix=_fused_kernel_fix,
                         warn_on_fallback=True),
-    "triton": ScanBackend("cuda", _triton_problem, _triton_selective_scan,
+    "triton": ScanBackend("cuda", _triton_problem, _triton_selective_scan, _triton_directional_scan,
                           fix=lambda: TRITON_PROBE.fix()),
     "cpu": ScanBackend("cpu", _needs_numba, _cpu_selective_scan, _cpu_directional_scan,
                        fix=lambda: "pip install numba"),

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from nnunetv2_cipa.ops.reference_scan import selective_scan_reference
+from nnunetv2_cipa.ops.reference_scan import directional_reference, selective_scan_reference
 
 _SMOKE_TOLERANCE = 1e-3  # relative to the largest reference value, float32
 
@@ -37,6 +37,31 @@ def _in_fresh_thread(fn, *args):
         return pool.submit(fn, *args).result()
 
 
+def _matches_reference(kernel_fn, reference_fn, cpu_inputs: dict, device: torch.device, call: str) -> str | None:
+    """Run ``kernel_fn(*inputs)`` on ``device`` and ``reference_fn(*inputs)`` on the CPU, forward and backward, for
+    ``cpu_inputs`` {name: tensor}; None when the output and the gradient of every input agree, else what failed
+    (``call`` names the call)."""
+
+    def run(fn, target):
+        with torch.enable_grad(), torch.autocast(target.type, enabled=False):
+            inputs = [t.to(target).requires_grad_() for t in cpu_inputs.values()]
+            y = fn(*inputs)
+            weight = torch.cos(torch.arange(y.numel(), dtype=y.dtype, device=target)).view_as(y)
+            grads = torch.autograd.grad((y * weight).sum(), inputs)
+            return [t.detach().cpu() for t in (y, *grads)]  # .cpu() waits for the kernels
+
+    try:
+        results = run(kernel_fn, device)
+    except Exception as e:  # a launch failure (no kernel image for this GPU), an ABI error, a compiler error, ...
+        return f"its {call} on {device} failed ({first_line(e)})"
+    names = ["output", *(f"grad {name}" for name in cpu_inputs)]
+    for name, got, expected in zip(names, results, run(reference_fn, torch.device("cpu"))):
+        error = ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+        if not error <= _SMOKE_TOLERANCE:  # also NaN
+            return f"its {call} on {device} returned a wrong {name} (relative error {error:.1e})"
+    return None
+
+
 @torch.inference_mode(False)  # nnU-Net's predictor makes the first scan in inference mode, which records no graph
 def smoke_call(scan_fn, device: torch.device) -> str | None:
     """Run ``scan_fn`` (mamba-ssm's ``selective_scan_fn`` signature) forward and backward once on small grouped float32
@@ -47,27 +72,36 @@ def smoke_call(scan_fn, device: torch.device) -> str | None:
     u, delta = torch.randn(batch, dim, length, generator=gen), torch.rand(batch, dim, length, generator=gen)
     A = -0.5 - torch.rand(dim, n_state, generator=gen)
     B, C = (torch.randn(batch, groups, n_state, length, generator=gen) for _ in range(2))
-    cpu_inputs = [u, delta, A, B, C, torch.randn(dim, generator=gen), 0.1 * torch.rand(dim, generator=gen)]
+    inputs = dict(u=u, delta=delta, A=A, B=B, C=C, D=torch.randn(dim, generator=gen),
+                  delta_bias=0.1 * torch.rand(dim, generator=gen))
 
-    def run(fn, target):
-        with torch.enable_grad(), torch.autocast(target.type, enabled=False):
-            inputs = [t.to(target).requires_grad_() for t in cpu_inputs]
-            u, delta, A, B, C, D, bias = inputs
-            y = fn(u, delta, A, B, C, D=D, z=None, delta_bias=bias, delta_softplus=True)
-            weight = torch.cos(torch.arange(y.numel(), dtype=y.dtype, device=target)).view_as(y)
-            grads = torch.autograd.grad((y * weight).sum(), inputs)
-            return [t.detach().cpu() for t in (y, *grads)]  # .cpu() waits for the kernels
+    def with_signature(fn):
+        return lambda u, delta, A, B, C, D, bias: fn(u, delta, A, B, C, D=D, z=None, delta_bias=bias,
+                                                     delta_softplus=True)
 
-    try:
-        results = run(scan_fn, device)
-    except Exception as e:  # a launch failure (no kernel image for this GPU), an ABI error, a compiler error, ...
-        return f"its smoke call on {device} failed ({first_line(e)})"
-    for name, got, expected in zip(("output", "grad u", "grad delta", "grad A", "grad B", "grad C", "grad D",
-                                    "grad delta_bias"), results, run(selective_scan_reference, torch.device("cpu"))):
-        error = ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-        if not error <= _SMOKE_TOLERANCE:  # also NaN
-            return f"its smoke call on {device} returned a wrong {name} (relative error {error:.1e})"
-    return None
+    return _matches_reference(with_signature(scan_fn), with_signature(selective_scan_reference), inputs, device,
+                              "smoke call")
+
+
+@torch.inference_mode(False)
+def directional_smoke_call(directional_fn, device: torch.device) -> str | None:
+    """As :func:`smoke_call` for a backend's bare directional scan (``directional_fn(u, delta, A, B, C, positions,
+    delta_bias, delta_softplus)``): 2 directions (row-major and its reverse) of 70 positions."""
+    gen = torch.Generator().manual_seed(0)
+    batch, dim, n_dirs, n_state, length = 1, 4, 2, 4, 70
+    positions = torch.stack([torch.arange(length), torch.arange(length).flip(0)])
+    inputs = dict(u=torch.randn(batch, length, dim, generator=gen),
+                  delta=torch.rand(n_dirs, batch, length, dim, generator=gen),
+                  A=-0.5 - torch.rand(n_dirs * dim, n_state, generator=gen),
+                  B=torch.randn(batch, length, n_dirs, n_state, generator=gen),
+                  C=torch.randn(batch, length, n_dirs, n_state, generator=gen),
+                  delta_bias=0.1 * torch.rand(n_dirs * dim, generator=gen))
+
+    def with_positions(fn):
+        return lambda u, delta, A, B, C, bias: fn(u, delta, A, B, C, positions.to(u.device), bias, True)
+
+    return _matches_reference(with_positions(directional_fn), with_positions(directional_reference), inputs, device,
+                              "directional smoke call")
 
 
 class KernelProbe:

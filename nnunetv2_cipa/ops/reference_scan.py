@@ -1,5 +1,6 @@
 """The selective scan as a plain sequential loop: the oracle every backend is tested against, and the ``reference``
-backend. Also the dtype rule all backends share (:func:`compute_dtype`)."""
+backend; the directional scan by its definition on top of it (:func:`directional_reference`). Also the dtype rule
+all backends share (:func:`compute_dtype`)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,17 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     if z is not None:
         y = y * F.silu(z.to(dtype))
     return y.to(dtype_out)
+
+
+def directional_reference(u, delta, A, B, C, positions, delta_bias, delta_softplus):
+    """A backend's bare ``directional_scan`` by its definition: each direction's order gathered, scanned by the
+    reference loop, put back in position order and summed; shapes as in ``ops.directional_scan``."""
+    dim, out = u.shape[2], torch.zeros_like(u)
+    for k, order in enumerate(positions):
+        ch = slice(k * dim, (k + 1) * dim)
+        y = selective_scan_reference(u[:, order].transpose(1, 2), delta[k][:, order].transpose(1, 2), A[ch],
+                                     B[:, order, k].transpose(1, 2), C[:, order, k].transpose(1, 2),
+                                     delta_bias=None if delta_bias is None else delta_bias[ch],
+                                     delta_softplus=delta_softplus)
+        out = out.index_add(1, order, y.transpose(1, 2))
+    return out

@@ -4,8 +4,9 @@ A training step needs, besides the activations, the training state: float32 weig
 moments (16 bytes per parameter). The activations kept for backward, plus the transient buffers of backward, grow
 linearly with the batch and with the pixels of the patch, so one coefficient per (preset, scan path, activation
 width, checkpointing) gives the per-sample bytes: ``ACTIVATION_BYTES_PER_PIXEL[...] * H * W``.
-- scan path: the ``cpu`` backend reads the map in place in every scan order; ``torch``, ``cuda`` (mamba-ssm),
-  ``triton`` and ``reference`` gather the four scan orders into copies that are kept for backward ("gathered");
+- scan path: the ``cpu`` and ``triton`` backends read the map in place in every scan order, keeping the inputs and
+  a state per 32 steps ("in_place"); ``torch``, ``cuda`` (mamba-ssm) and ``reference`` gather the four scan orders
+  into copies that are kept for backward ("gathered");
 - activation width: 4 bytes without autocast, 2 bytes under fp16 / bf16 autocast (measured under CPU bf16 autocast,
   whose lower-precision op list matches CUDA's fp16 autocast; the selective scan and the LayerNorms stay float32);
 - checkpointing: ``CIPA.activation_checkpointing`` (stages recomputed in backward).
@@ -25,17 +26,17 @@ import torch
 BATCH_SIZE_ENV_VAR = "nnUNet_CIPA_batch_size"
 USABLE_FRACTION = 0.9
 TRAINING_STATE_BYTES_PER_PARAMETER = 16  # float32 weight + gradient + AdamW exp_avg + exp_avg_sq
-SCAN_PATHS = {"cpu": "in_place", "torch": "gathered", "cuda": "gathered", "triton": "gathered", "reference": "gathered"}
+SCAN_PATHS = {"cpu": "in_place", "triton": "in_place", "torch": "gathered", "cuda": "gathered", "reference": "gathered"}
 TORCH_SCAN_WORKSPACE_BYTES_CUDA = 6 * (1 << 26) * 4  # ~6 live channel blocks of 2**26 float32 state elements
 GIB = 2 ** 30
 
 # bytes per input pixel per sample of one forward + backward with deep supervision, keyed by
 # (preset, scan path, activation bytes, checkpointing). Measured on CPU by `python benchmarks/bench_memory.py` at
-# 512 x 512 (docs/benchmarks.md, "Training memory"); the gathered path with the numba kernel behind it, which keeps
-# its chunk states too, so it errs on the high side for mamba-ssm (the triton kernels keep a state per 32 steps,
-# about 2% of CIPA-tiny's activations). 256 x 256 gives the same figures within 2.2%, so
-# small and base were measured at 256 x 256, and on the gathered path only (the in-place ``cpu`` scan never runs on a
-# GPU, where the batch is chosen).
+# 512 x 512 (docs/benchmarks.md, "Training memory"), the in-place path with the numba kernel (``cpu``), the gathered
+# path with the same kernel behind it, which keeps its chunk states too, so it errs on the high side for mamba-ssm.
+# The triton kernels keep what the numba kernel keeps: the inputs in position order (delta after softplus there,
+# before it here: the same size) and the state entering every 32 steps. 256 x 256 gives the same figures within 2.2%, so small and base
+# were measured at 256 x 256.
 ACTIVATION_BYTES_PER_PIXEL: dict[tuple[str, str, int, bool], float] = {
     ("tiny", "gathered", 4, False): 21568, ("tiny", "gathered", 4, True): 6403,
     ("tiny", "gathered", 2, False): 18359, ("tiny", "gathered", 2, True): 6157,
@@ -47,8 +48,12 @@ ACTIVATION_BYTES_PER_PIXEL: dict[tuple[str, str, int, bool], float] = {
     ("micro", "in_place", 2, False): 644, ("micro", "in_place", 2, True): 206,
     ("small", "gathered", 4, False): 30310, ("small", "gathered", 4, True): 13402,
     ("small", "gathered", 2, False): 25887, ("small", "gathered", 2, True): 11665,
+    ("small", "in_place", 4, False): 24720, ("small", "in_place", 4, True): 10334,
+    ("small", "in_place", 2, False): 19635, ("small", "in_place", 2, True): 8535,
     ("base", "gathered", 4, False): 40174, ("base", "gathered", 4, True): 17793,
     ("base", "gathered", 2, False): 34308, ("base", "gathered", 2, True): 15489,
+    ("base", "in_place", 4, False): 32700, ("base", "in_place", 4, True): 13711,
+    ("base", "in_place", 2, False): 25967, ("base", "in_place", 2, True): 11334,
 }
 
 
