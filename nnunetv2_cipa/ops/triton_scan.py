@@ -30,8 +30,8 @@ import triton.language as tl
 BLOCK_L = 32  # sequence steps per tile
 # registers: the backward kernel keeps several (channels, state, steps) tiles and about twice as many (channels, steps)
 # rows live, so BLOCK_D * (BLOCK_N + 2) * BLOCK_L is bounded, per element size in bytes: bounds with which ptxas
-# compiles CIPA's state sizes (1 to 16) for sm_80 and sm_90 at 4 warps without spilling to local memory
-# (benchmarks/bench_triton_compile.py; docs/benchmarks.md, "Triton kernels")
+# compiles CIPA's state sizes (1 to 16) at 4 warps without spilling to local memory for sm_90 in float32, and with
+# at most 8 bytes elsewhere (benchmarks/bench_triton_compile.py; docs/benchmarks.md, "Triton kernels")
 MAX_TILE_ELEMENTS = {4: 2048, 8: 1024}
 NUM_WARPS = 4
 # sizes not worth a compiled variant each (Triton specialises integer arguments on divisibility by 16 and on 1); the
