@@ -342,9 +342,9 @@ def main() -> None:
         print(f"{part}: done", flush=True)
 
     save("agreement", {b: sub("agreement", b) for b in backends})
-    # auto's backend on this card and the emulated ones; the other GPU kernels (triton next to mamba-ssm's, whose
-    # memory model differs: no gathered copies) on this card
-    other_gpu_kernels = [b for b in backends if b in ("cuda", "triton")][1:]
+    # auto's backend on this card and the emulated ones; the other GPU kernel on this card (auto takes cuda before
+    # triton; their memory models differ: the triton kernels keep no gathered copies)
+    other_gpu_kernels = [b for b in ("cuda", "triton") if b in backends][1:]
     save("memory", [sub(name, gpu_gib=gib) for gib in (None, *args.emulate_gib)
                     for name in ("memory", "memory-checkpointing")]
          + [sub(name, backend=b) for b in other_gpu_kernels for name in ("memory", "memory-checkpointing")])

@@ -157,7 +157,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 GPU_TABLE_BACKENDS = ("cuda", "triton")  # mamba-ssm's kernel (gathered scan orders), this package's (in place)
-GPU_TABLE_SETTINGS = (("fp16", "float16", False), ("fp16_checkpointing", "float16", True), ("float32", "float32", False))
+GPU_TABLE_SETTINGS = (("fp16", "float16", False), ("fp16_checkpointing", "float16", True),
+                      ("float32", "float32", False))
 
 
 def gpu_batch_table(preset: str = "tiny", patch=(512, 512)) -> list[dict]:
@@ -196,7 +197,8 @@ def gpu_batch_table_lines(rows: list[dict]) -> list[str]:
 def print_gpu_batch_table(rows: list[dict]) -> None:
     print(f"\nBatch of CIPA-tiny at 512 x 512 (planned {PLANNED_BATCH}) by the memory model, scan backend "
           f"{' / '.join(GPU_TABLE_BACKENDS)}, free memory = GPU memory - {CUDA_CONTEXT_GIB} GiB\n")
-    print("| GPU memory | fp16 AMP (nnUNetTrainerCIPA, _bf16) | fp16 AMP + activation checkpointing | float32 (_noAMP) |")
+    print("| GPU memory | fp16 AMP (nnUNetTrainerCIPA, _bf16) | fp16 AMP + activation checkpointing | "
+          "float32 (_noAMP) |")
     print("|---|---:|---:|---:|")
     print("\n".join(gpu_batch_table_lines(rows)))
 

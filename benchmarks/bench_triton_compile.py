@@ -1,9 +1,10 @@
 """The triton backend's kernels compiled for NVIDIA GPUs on any machine (no GPU needed): Triton's own compiler and
 the ptxas / cuobjdump binaries of its Linux wheel. For each state size CIPA uses (and N = 1), the block shape the
 backend picks, compile time, registers per thread and bytes spilled to local memory, forward and backward, plain and
-directional layout, per GPU architecture and dtype, and how many of its scans run in reverse (none should: Triton versions disagree on the
-operand order of a compiled reverse scan). A kernel that does not compile, or one that spills, shows here before it
-reaches a GPU.
+directional layout, per GPU architecture and dtype, and how many of its scans run in reverse (none should: Triton
+versions disagree on the operand order of a compiled reverse scan). A kernel that does not compile, or one that
+spills, shows here before it reaches a GPU. The integer arguments are compiled generic; a training specialises the
+length and the channels per group on divisibility by 16, which can change the registers slightly.
 
 Usage: python benchmarks/bench_triton_compile.py [--archs 80 90] [--dtypes float32 float64] [--states 1 2 4 16]
        [--json PATH]

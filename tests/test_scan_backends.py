@@ -415,8 +415,8 @@ def test_report_on_the_cpu(monkeypatch):
 
 
 def test_triton_probe_checks_both_layouts():
-    """The triton probe's smoke check runs the plain and the directional kernels (here on the interpreter's CPU
-    tensors); a directional kernel that is wrong while the plain one is right is caught."""
+    """The triton probe's smoke check runs the plain and the directional kernels (without CUDA on the interpreter's
+    CPU tensors); a directional kernel that is wrong while the plain one is right is caught."""
     pytest.importorskip("triton")
     from nnunetv2_cipa.ops import triton_scan
     from nnunetv2_cipa.ops.reference_scan import directional_reference
@@ -427,9 +427,9 @@ def test_triton_probe_checks_both_layouts():
             return types.SimpleNamespace(triton_selective_scan=triton_scan.triton_selective_scan,
                                          triton_directional_scan=lambda *args: 2 * directional_reference(*args))
 
-    cpu = torch.device("cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     working = backends.TritonKernelProbe()
-    assert working.smoke_both_layouts(working.scan_fn(), cpu) is None
+    assert working.smoke_both_layouts(working.scan_fn(), device) is None
     wrong = WrongDirectional()
-    assert wrong.smoke_both_layouts(wrong.scan_fn(), cpu).startswith(
-        "its directional smoke call on cpu returned a wrong output")
+    assert wrong.smoke_both_layouts(wrong.scan_fn(), device).startswith(
+        f"its directional smoke call on {device} returned a wrong output")

@@ -175,20 +175,19 @@ def test_directional_scan_through_the_triton_backend(monkeypatch, batch, length,
 
 
 def test_directional_smoke_call_runs_the_kernels_and_catches_a_wrong_one():
-    """The probe's second smoke call (directional layout), on the interpreter's CPU tensors: passes with the
-    kernels; a kernel that drops one direction is reported by name."""
+    """The probe's second smoke call (directional layout): passes with the kernels; a kernel that drops one
+    direction is reported by name."""
     from nnunetv2_cipa.ops.kernel_probe import directional_smoke_call
 
-    cpu = torch.device("cpu")
-    assert directional_smoke_call(triton_scan.triton_directional_scan, cpu) is None
+    assert directional_smoke_call(triton_scan.triton_directional_scan, DEVICE) is None
 
     def first_direction_only(u, delta, A, B, C, positions, bias, softplus):
         dim = u.shape[2]
         return triton_scan.triton_directional_scan(u, delta[:1], A[:dim], B[:, :, :1], C[:, :, :1], positions[:1],
                                                    bias[:dim], softplus)
 
-    assert directional_smoke_call(first_direction_only, cpu).startswith(
-        "its directional smoke call on cpu returned a wrong output")
+    assert directional_smoke_call(first_direction_only, DEVICE).startswith(
+        f"its directional smoke call on {DEVICE} returned a wrong output")
 
 
 def test_kernels_compile_for_gpus_within_their_registers(tmp_path):
@@ -205,7 +204,8 @@ def test_kernels_compile_for_gpus_within_their_registers(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert sorted((r["n_state"], r["layout"], r["kernel"]) for r in rows) == sorted(
-        (n, layout, kernel) for n in (2, 4, 16) for layout in ("plain", "directional") for kernel in ("forward", "backward"))
+        (n, layout, kernel) for n in (2, 4, 16) for layout in ("plain", "directional")
+        for kernel in ("forward", "backward"))
     assert all(r["spill_bytes"] <= 8 and 0 < r["registers"] <= 255 and r["reverse_scans"] == 0 for r in rows), rows
     assert "| float32 | 16 | 2 x 16 | sm_90 | directional | backward |" in result.stdout
 

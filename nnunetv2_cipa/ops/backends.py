@@ -110,14 +110,15 @@ class TritonKernelProbe(KernelProbe):
     def __init__(self, smoke=None):
         super().__init__(smoke or self.smoke_both_layouts)
         self._triton_missing = False
+        self._directional_fn = None  # set by load()
 
     def smoke_both_layouts(self, scan_fn, device: torch.device) -> str | None:
         return smoke_call(scan_fn, device) or directional_smoke_call(self.directional_fn(), device)
 
     def directional_fn(self):
         """The kernels' bare directional scan (after a successful :meth:`problem`)."""
-        self.scan_fn()
-        return self.import_kernels().triton_directional_scan
+        self.scan_fn()  # raises if the kernels could not be loaded
+        return self._directional_fn
 
     def name(self) -> str:
         return f"the Triton {distribution_version('triton')} scan kernels"
@@ -136,6 +137,7 @@ class TritonKernelProbe(KernelProbe):
             missing = getattr(e, "name", None) or ""
             self._triton_missing = isinstance(e, ModuleNotFoundError) and missing.split(".")[0] == "triton"
             return None, f"triton cannot be imported ({first_line(e)})"
+        self._directional_fn = kernels.triton_directional_scan
         return functools.partial(scan_with_core, kernels.triton_selective_scan), None
 
     def fix(self) -> str | None:

@@ -8,12 +8,12 @@ its own parameters, and the K outputs are summed back in position order:
 where scan_k is :func:`~nnunetv2_cipa.ops.selective_scan.selective_scan` with delta_k, A_k, and B_k, C_k shared by
 the direction's channels. Shapes: u (b, L, d); delta (K, b, L, d) in position order (pre-bias, pre-softplus);
 A (K*d, N); B, C (b, L, K, N) in position order; D, delta_bias (K*d,); positions (K, L), each row a permutation of
-0..L-1. A backend with its own directional scan (``cpu``) reads everything in position order (no per-direction
-copies); for the others the K scan orders are gathered, ``selective_scan`` runs once with grouped B/C and the outputs
-are scattered back.
+0..L-1. A backend with its own directional scan (``cpu``, ``triton``) reads everything in position order (no
+per-direction copies); for the others (``cuda``, ``torch``, ``reference``) the K scan orders are gathered,
+``selective_scan`` runs once with grouped B/C and the outputs are scattered back.
 
 Under ``torch.compile`` the op runs eagerly (``torch.compiler.disable``: a graph break): its backends are numba
-kernels, mamba-ssm's CUDA extension or Python loops over chunks, none of which a compiler can trace.
+kernels, mamba-ssm's CUDA extension, Triton kernels or Python loops over chunks, none of which a compiler traces.
 """
 
 from __future__ import annotations

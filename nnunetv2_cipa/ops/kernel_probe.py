@@ -86,9 +86,9 @@ def smoke_call(scan_fn, device: torch.device) -> str | None:
 @torch.inference_mode(False)
 def directional_smoke_call(directional_fn, device: torch.device) -> str | None:
     """As :func:`smoke_call` for a backend's bare directional scan (``directional_fn(u, delta, A, B, C, positions,
-    delta_bias, delta_softplus)``): 2 directions (row-major and its reverse) of 70 positions."""
+    delta_bias, delta_softplus)``): a batch of 2, 2 directions (row-major and its reverse) of 70 positions."""
     gen = torch.Generator().manual_seed(0)
-    batch, dim, n_dirs, n_state, length = 1, 4, 2, 4, 70
+    batch, dim, n_dirs, n_state, length = 2, 4, 2, 4, 70
     positions = torch.stack([torch.arange(length), torch.arange(length).flip(0)])
     inputs = dict(u=torch.randn(batch, length, dim, generator=gen),
                   delta=torch.rand(n_dirs, batch, length, dim, generator=gen),

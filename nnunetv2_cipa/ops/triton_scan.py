@@ -4,8 +4,8 @@ mamba-ssm's compiled kernel is missing. Triton ships with PyTorch's Linux CUDA w
 The kernels serve two layouts. Plain: one grouped scan of u, delta, y (b, D, L) with B, C (b, G, N, L). Directional
 (``directional_scan``'s K scan orders of one map, each direction a group): u (b, L, d), delta (K, b, L, d), B, C
 (b, L, K, N), all in position order, and step t of direction k reads position ``positions[k, t]``; nothing is
-gathered into scan order, so no per-direction copies are made or kept for backward. Each direction writes its own
-output (and gradient of u), summed over the directions after the kernel.
+gathered into scan order, so no per-direction copies are made or kept for backward. The directions add their outputs
+(and their gradients of u) into one (b, L, d) tensor by atomic adds.
 
 Each program owns one (batch, group, block of channels) and walks the sequence in tiles of ``BLOCK_L`` steps,
 keeping the state (channels, N) in registers. Inside a tile the recurrence h_t = exp(delta_t A) h_{t-1} + delta_t
@@ -64,7 +64,7 @@ def _program_setup(A_ptr, bias_ptr, batch_size, dim, length, n_state, group_dim,
                    HAS_BIAS: tl.constexpr, DIRECTIONAL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """This program's group, channels (BLOCK_D,) with their mask, state indices (BLOCK_N,) with theirs, the mask of
     both (BLOCK_D, BLOCK_N); the offsets at step 0 of its rows (see the module docstring for the layouts): of u /
-    dy (BLOCK_D,), of delta / y / du / ddelta (BLOCK_D,), of B / C (BLOCK_N,), of the saved states (BLOCK_D,); and
+    y / dy / du (BLOCK_D,), of delta / ddelta (BLOCK_D,), of B / C (BLOCK_N,), of the saved states (BLOCK_D,); and
     its A (BLOCK_D, BLOCK_N) and delta_bias (BLOCK_D,; zeros without one)."""
     batch = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * D * L may pass 2**31
     group, block = tl.program_id(1), tl.program_id(2)
@@ -80,14 +80,14 @@ def _program_setup(A_ptr, bias_ptr, batch_size, dim, length, n_state, group_dim,
         bias = tl.load(bias_ptr + channel, mask=d_mask, other=0.0)
     if DIRECTIONAL:
         map_rows = batch * length * group_dim + local
-        dir_rows = (group * batch_size + batch) * length * group_dim + local
+        delta_rows = (group * batch_size + batch) * length * group_dim + local
         bc_rows = (batch * length * n_groups + group) * n_state + n
     else:
         map_rows = (batch * dim + channel) * length
-        dir_rows = map_rows
+        delta_rows = map_rows
         bc_rows = ((batch * n_groups + group) * n_state + n) * length
     state_rows = ((batch * dim + channel) * n_tiles) * n_state
-    return group, channel, d_mask, n, n_mask, dn_mask, map_rows, dir_rows, bc_rows, state_rows, A, bias
+    return group, channel, d_mask, n, n_mask, dn_mask, map_rows, delta_rows, bc_rows, state_rows, A, bias
 
 
 @triton.jit
@@ -98,6 +98,16 @@ def _step_offsets(positions_ptr, group, t, t_mask, length, group_dim, n_groups, 
         return position * group_dim, position * n_groups * n_state
     else:
         return t, t
+
+
+@triton.jit
+def _store_or_add(pointers, values, mask, DIRECTIONAL: tl.constexpr):
+    """Store, or (directional layout: every direction adds its part of the output) add atomically; relaxed: nothing
+    reads the sums before the kernel ends."""
+    if DIRECTIONAL:
+        tl.atomic_add(pointers, values, mask=mask, sem="relaxed")
+    else:
+        tl.store(pointers, values, mask=mask)
 
 
 @triton.jit
@@ -116,7 +126,7 @@ def _scan_forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, bias_ptr, positi
                          HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE_STATES: tl.constexpr,
                          DIRECTIONAL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_L: tl.constexpr):
-    group, channel, d_mask, n, n_mask, dn_mask, map_rows, dir_rows, bc_rows, state_rows, A, bias = _program_setup(
+    group, channel, d_mask, n, n_mask, dn_mask, map_rows, delta_rows, bc_rows, state_rows, A, bias = _program_setup(
         A_ptr, bias_ptr, batch_size, dim, length, n_state, group_dim, n_groups, n_tiles, HAS_BIAS, DIRECTIONAL,
         BLOCK_D, BLOCK_N)
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=y_ptr.dtype.element_ty)
@@ -130,7 +140,7 @@ def _scan_forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, bias_ptr, positi
         if SAVE_STATES:
             tl.store(states_ptr + state_rows[:, None] + tile * n_state + n[None, :], h, mask=dn_mask)
         u = tl.load(u_ptr + map_rows[:, None] + steps[None, :], mask=dt_mask, other=0.0)
-        dt = tl.load(delta_ptr + dir_rows[:, None] + steps[None, :], mask=dt_mask, other=0.0)
+        dt = tl.load(delta_ptr + delta_rows[:, None] + steps[None, :], mask=dt_mask, other=0.0)
         if HAS_BIAS:
             dt += bias[:, None]
         if SOFTPLUS:
@@ -140,7 +150,7 @@ def _scan_forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, bias_ptr, positi
         C = tl.load(C_ptr + bc_rows[:, None] + bc_steps[None, :], mask=nt_mask, other=0.0)
         states, inputs = _tile_states(dt, u, A, B, h)
         y = tl.sum(states * C[None, :, :], axis=1)
-        tl.store(y_ptr + dir_rows[:, None] + steps[None, :], y, mask=dt_mask)
+        _store_or_add(y_ptr + map_rows[:, None] + steps[None, :], y, dt_mask, DIRECTIONAL)
         h = _column(states, BLOCK_L - 1, BLOCK_L)
 
 
@@ -150,7 +160,7 @@ def _scan_backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, bias_ptr, posit
                           batch_size, dim, length, n_state, group_dim, n_groups, n_tiles,
                           HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DIRECTIONAL: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
-    group, channel, d_mask, n, n_mask, dn_mask, map_rows, dir_rows, bc_rows, state_rows, A, bias = _program_setup(
+    group, channel, d_mask, n, n_mask, dn_mask, map_rows, delta_rows, bc_rows, state_rows, A, bias = _program_setup(
         A_ptr, bias_ptr, batch_size, dim, length, n_state, group_dim, n_groups, n_tiles, HAS_BIAS, DIRECTIONAL,
         BLOCK_D, BLOCK_N)
     dh_next = tl.zeros((BLOCK_D, BLOCK_N), dtype=dy_ptr.dtype.element_ty)  # dh at the first step after the tile
@@ -168,8 +178,8 @@ def _scan_backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, bias_ptr, posit
         next_steps, _ = _step_offsets(positions_ptr, group, t + 1, t + 1 < length, length, group_dim, n_groups,
                                       n_state, DIRECTIONAL)
         u = tl.load(u_ptr + map_rows[:, None] + steps[None, :], mask=dt_mask, other=0.0)
-        raw = tl.load(delta_ptr + dir_rows[:, None] + steps[None, :], mask=dt_mask, other=0.0)
-        raw_next = tl.load(delta_ptr + dir_rows[:, None] + next_steps[None, :], mask=next_mask, other=0.0)
+        raw = tl.load(delta_ptr + delta_rows[:, None] + steps[None, :], mask=dt_mask, other=0.0)
+        raw_next = tl.load(delta_ptr + delta_rows[:, None] + next_steps[None, :], mask=next_mask, other=0.0)
         if HAS_BIAS:
             raw += bias[:, None]
             raw_next += bias[:, None]
@@ -186,7 +196,8 @@ def _scan_backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, bias_ptr, posit
         states, inputs = _tile_states(dt, u, A, B, h_start)
 
         # the adjoint runs against time: a forward scan over the tile flipped in time, flipped back after (Triton
-        # leaves the operand order of a compiled reverse=True scan unspecified; a flip only moves bits)
+        # leaves the operand order of a compiled reverse=True scan unspecified; tl.flip moves bits from Triton 3.3
+        # on, and before multiplies by 0 / 1 and sums, exact for finite values)
         decay_next = tl.exp(tl.flip(dt_next, 1)[:, None, :] * A[:, :, None])
         sources = tl.flip(dy, 1)[:, None, :] * tl.flip(C, 1)[None, :, :]
         decay_suffix, local_dh = tl.associative_scan((decay_next, sources), 2, _linear_recurrence)
@@ -201,8 +212,8 @@ def _scan_backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, bias_ptr, posit
             d_dt = d_dt / (1.0 + tl.exp(-raw))  # softplus' derivative: sigmoid
         d_dt = tl.where(dt_mask, d_dt, 0.0)
         dbias += tl.sum(d_dt, axis=1)
-        tl.store(du_ptr + dir_rows[:, None] + steps[None, :], dh_B * dt, mask=dt_mask)
-        tl.store(ddelta_ptr + dir_rows[:, None] + steps[None, :], d_dt, mask=dt_mask)
+        _store_or_add(du_ptr + map_rows[:, None] + steps[None, :], dh_B * dt, dt_mask, DIRECTIONAL)
+        tl.store(ddelta_ptr + delta_rows[:, None] + steps[None, :], d_dt, mask=dt_mask)
         # sums over the group's channel blocks; relaxed: nothing reads them before the kernel ends
         tl.atomic_add(dB_ptr + bc_rows[:, None] + bc_steps[None, :], tl.sum(dh * (dt * u)[:, None, :], axis=0),
                       mask=nt_mask, sem="relaxed")
@@ -259,26 +270,26 @@ class TritonScan(torch.autograd.Function):
             raise ValueError("the triton scan needs float32 or float64 inputs of one dtype, got "
                              f"{sorted(map(str, dtypes))}")
         grid, sizes, block_d, block_n = _launch(u, A, B, positions)
-        y = torch.empty_like(delta)  # directional: one output per direction, (K, b, L, d)
+        y = torch.empty_like(u) if positions is None else torch.zeros_like(u)  # directional: the directions add
         states = u.new_empty(sizes[0], sizes[1], sizes[-1], A.shape[1]) if save_states else None
-        unread = u  # the pointer passed for a missing tensor
         with _on_device(u):
-            _scan_forward_kernel[grid](u, delta, A, B, C, unread if bias is None else bias,
-                                       unread if positions is None else positions, y,
-                                       unread if states is None else states, *sizes,
+            _scan_forward_kernel[grid](u, delta, A, B, C, u if bias is None else bias,  # u: a pointer never read
+                                       u if positions is None else positions, y, u if states is None else states,
+                                       *sizes,
                                        HAS_BIAS=bias is not None, SOFTPLUS=bool(delta_softplus),
                                        SAVE_STATES=save_states, DIRECTIONAL=positions is not None,
                                        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=BLOCK_L, num_warps=NUM_WARPS)
         ctx.save_for_backward(u, delta, A, B, C, bias, positions, states)
         ctx.delta_softplus = bool(delta_softplus)
-        return y if positions is None else y.sum(0)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         u, delta, A, B, C, bias, positions, states = ctx.saved_tensors
         grid, sizes, block_d, block_n = _launch(u, A, B, positions)
-        dy = dy.contiguous().to(u.dtype)
-        du, ddelta = torch.empty_like(delta), torch.empty_like(delta)  # directional: du per direction
+        dy = dy.to(u.dtype).contiguous()
+        du = torch.empty_like(u) if positions is None else torch.zeros_like(u)  # directional: the directions add
+        ddelta = torch.empty_like(delta)
         dA, dB, dC = torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(C)
         dbias = None if bias is None else torch.zeros_like(bias)
         with _on_device(u):
@@ -288,7 +299,7 @@ class TritonScan(torch.autograd.Function):
                                         HAS_BIAS=bias is not None, SOFTPLUS=ctx.delta_softplus,
                                         DIRECTIONAL=positions is not None,
                                         BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=BLOCK_L, num_warps=NUM_WARPS)
-        return du if positions is None else du.sum(0), ddelta, dA, dB, dC, dbias, None, None, None
+        return du, ddelta, dA, dB, dC, dbias, None, None, None
 
 
 def _needs_states(*tensors) -> bool:

@@ -32,11 +32,11 @@ GIB = 2 ** 30
 
 # bytes per input pixel per sample of one forward + backward with deep supervision, keyed by
 # (preset, scan path, activation bytes, checkpointing). Measured on CPU by `python benchmarks/bench_memory.py` at
-# 512 x 512 (docs/benchmarks.md, "Training memory"), the in-place path with the numba kernel (``cpu``), the gathered
+# 512 x 512 (docs/benchmarks.md, "Training memory"): the in-place path with the numba kernel (``cpu``), the gathered
 # path with the same kernel behind it, which keeps its chunk states too, so it errs on the high side for mamba-ssm.
 # The triton kernels keep what the numba kernel keeps: the inputs in position order (delta after softplus there,
-# before it here: the same size) and the state entering every 32 steps. 256 x 256 gives the same figures within 2.2%, so small and base
-# were measured at 256 x 256.
+# before it here: the same size) and the state entering every 32 steps; like it they add the directions' outputs
+# into one tensor. 256 x 256 gives the same figures within 2.2%, so small and base were measured at 256 x 256.
 ACTIVATION_BYTES_PER_PIXEL: dict[tuple[str, str, int, bool], float] = {
     ("tiny", "gathered", 4, False): 21568, ("tiny", "gathered", 4, True): 6403,
     ("tiny", "gathered", 2, False): 18359, ("tiny", "gathered", 2, True): 6157,
