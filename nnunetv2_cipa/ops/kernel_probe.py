@@ -83,7 +83,7 @@ def smoke_call(scan_fn, device: torch.device) -> str | None:
                               "smoke call")
 
 
-@torch.inference_mode(False)
+@torch.inference_mode(False)  # as smoke_call: its inputs are made here, and must not be inference tensors
 def directional_smoke_call(directional_fn, device: torch.device) -> str | None:
     """As :func:`smoke_call` for a backend's bare directional scan (``directional_fn(u, delta, A, B, C, positions,
     delta_bias, delta_softplus)``): a batch of 2, 2 directions (row-major and its reverse) of 70 positions."""
