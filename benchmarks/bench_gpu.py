@@ -6,7 +6,9 @@ CUDA, so the free memory the workers see is what a trainer would see):
 - **agreement**: ``directional_scan`` and ``selective_scan`` of every usable backend on the device against the
   sequential reference on the CPU (float32, values and all gradients, max error relative to the largest value);
 - **scan**: forward + backward time (CUDA events, median) and peak device memory of ``directional_scan`` at CIPA-tiny's
-  four encoder-stage shapes for the planned patch (4 x (P/4)^2 x 192 up to 4 x (P/32)^2 x 1536), per backend;
+  four encoder-stage shapes for the planned patch (4 x (P/4)^2 x 192 up to 4 x (P/32)^2 x 1536), per backend, and
+  for a backend that reads the scan orders in place (triton; cpu) again through gathered copies ("triton
+  (gathered)"), which shows whether its in-place layout is the faster one on this device;
 - **network**: ``--iterations`` fp16-AMP training steps (autocast + GradScaler + SGD with nnU-Net's momentum, deep
   supervision CE) of the planned PlainConvUNet and of CIPA-tiny with each backend, on random data: median step time,
   peak device memory, whether every loss was finite, and the largest |logit| difference between the CIPA-tiny
@@ -81,8 +83,9 @@ def agreement(backend: str, device: str) -> dict:
     return out
 
 
-def scan_timing(backend: str, device: str, patch: int, quick: bool) -> list[dict]:
-    """fwd + bwd of directional_scan at CIPA-tiny's encoder-stage shapes (siamese batch 4)."""
+def scan_timing(backend: str, device: str, patch: int, quick: bool, gather: bool) -> list[dict]:
+    """fwd + bwd of directional_scan at CIPA-tiny's encoder-stage shapes (siamese batch 4), ``gather``: through
+    gathered copies."""
     from bench_scan import make_directional_inputs, scan
 
     rows = []
@@ -91,7 +94,7 @@ def scan_timing(backend: str, device: str, patch: int, quick: bool) -> list[dict
         inputs = [t.detach().to(device).requires_grad_() for t in make_directional_inputs(4, 4 * dim, side * side, 4)]
 
         def step():
-            scan(inputs, backend, directional=True).sum().backward()
+            scan(inputs, backend, directional=True, gather=gather).sum().backward()
 
         seconds = timed(step, device, repeats=2 if quick else 10)[1]
         rows.append({"shape": f"4 x {side}x{side} x {dim}", "seconds": seconds, **memory(device)})
@@ -268,8 +271,8 @@ def worker(args) -> dict:
                 "backends": scan_backends(args.device)}
     if args.worker == "agreement":
         return agreement(args.backend, args.device)
-    if args.worker == "scan":
-        return {"rows": scan_timing(args.backend, args.device, patch[0], args.quick)}
+    if args.worker in ("scan", "scan-gathered"):
+        return {"rows": scan_timing(args.backend, args.device, patch[0], args.quick, args.worker == "scan-gathered")}
     if args.worker.startswith("memory"):
         preset = "micro" if args.quick else "tiny"
         checkpointing = args.worker == "memory-checkpointing"
@@ -356,7 +359,10 @@ def main() -> None:
             row["max_logit_diff_vs_" + cipa[0]["backend"]] = float((torch.load(row["logits_file"]) - reference)
                                                                    .abs().max())
     save("network", network_rows)
-    save("scan", {b: sub("scan", b) for b in backends})
+    from nnunetv2_cipa.ops.backends import BACKENDS
+
+    save("scan", {b: sub("scan", b) for b in backends}
+         | {f"{b} (gathered)": sub("scan-gathered", b) for b in backends if BACKENDS[b].directional_scan})
     print_tables(report)
     print(f"\nwrote {out / 'bench_gpu.json'}")
 

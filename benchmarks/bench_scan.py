@@ -70,9 +70,10 @@ def directional_positions(length, groups, device="cpu"):
     return cross_scan_positions(side, side, device)
 
 
-def scan(inputs, backend, directional):
-    """directional_scan of ``make_directional_inputs`` over their cross-scan orders, or selective_scan of
-    ``make_inputs``; with softplus, delta bias and D, as SS2D calls them."""
+def scan(inputs, backend, directional, gather=False):
+    """directional_scan of ``make_directional_inputs`` over their cross-scan orders (``gather``: through gathered
+    copies, see directional_scan), or selective_scan of ``make_inputs``; with softplus, delta bias and D, as SS2D
+    calls them."""
     from nnunetv2_cipa.ops.directional_scan import directional_scan
     from nnunetv2_cipa.ops.selective_scan import selective_scan
 
@@ -80,7 +81,7 @@ def scan(inputs, backend, directional):
     if directional:
         positions = directional_positions(B.shape[1], B.shape[2], u.device)
         return directional_scan(u, delta, A, B, C, positions, D=D, delta_bias=bias, delta_softplus=True,
-                                backend=backend)
+                                backend=backend, gather=gather)
     return selective_scan(u, delta, A, B, C, D=D, delta_bias=bias, delta_softplus=True, backend=backend)
 
 

@@ -32,8 +32,13 @@ def test_gpu_bench_runs_every_part_on_cpu(tmp_path):
             errors = report["agreement"][backend][op]
             assert set(errors) == {"y", "u", "delta", "A", "B", "C", "D", "delta_bias"}
             assert max(errors.values()) < 1e-4, (backend, op, errors)
-        assert [r["shape"] for r in report["scan"][backend]["rows"]] == [
+    # the cpu kernel reads the scan orders in place: timed again through gathered copies
+    assert list(report["scan"]) == ["cpu", "torch", "cpu (gathered)"]
+    for rows in report["scan"].values():
+        assert [r["shape"] for r in rows["rows"]] == [
             "4 x 16x16 x 192", "4 x 8x8 x 384", "4 x 4x4 x 768", "4 x 2x2 x 1536"]
+        assert all(r["seconds"] > 0 for r in rows["rows"])
+    assert "| cpu (gathered) | 4 x 16x16 x 192 |" in result.stdout
     vanilla, *cipa = report["network"]
     assert vanilla["model"] == "vanilla" and [r["backend"] for r in cipa] == ["cpu", "torch"]
     assert all(r["losses_finite"] and r["step_s"] > 0 and r["first_step_s"] > 0 for r in report["network"])

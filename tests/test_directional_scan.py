@@ -44,16 +44,18 @@ def with_grads(fn, inputs):
     return y, torch.autograd.grad((y * weight).sum(), inputs)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, gather",
+                         [(b, False) for b in BACKENDS] + ([("cpu", True)] if "cpu" in BACKENDS else []))
 @pytest.mark.parametrize("dtype, tol, softplus", [(torch.float64, 1e-9, True), (torch.float64, 1e-9, False),
                                                    (torch.float32, 1e-4, True)])
-def test_matches_the_per_direction_loop(backend, dtype, tol, softplus):
-    """d = 20 (the cpu kernel pads to 32 lanes), L = 70 (three kernel chunks), 3 random orders."""
+def test_matches_the_per_direction_loop(backend, gather, dtype, tol, softplus):
+    """d = 20 (the cpu kernel pads to 32 lanes), L = 70 (three kernel chunks), 3 random orders; the cpu kernel also
+    through gathered copies (``gather=True``)."""
     inputs, positions = make_inputs(dtype=dtype)
     u, delta, A, B, C, D, bias = inputs
     y_ref, g_ref = with_grads(lambda: loop_over_directions(*inputs, positions, softplus), inputs)
     y, grads = with_grads(lambda: directional_scan(u, delta, A, B, C, positions, D=D, delta_bias=bias,
-                                                   delta_softplus=softplus, backend=backend), inputs)
+                                                   delta_softplus=softplus, backend=backend, gather=gather), inputs)
     assert y.dtype == dtype and y.shape == u.shape
     torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
     for name, g, g_expected in zip(NAMES, grads, g_ref):

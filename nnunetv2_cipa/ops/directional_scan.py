@@ -9,8 +9,8 @@ where scan_k is :func:`~nnunetv2_cipa.ops.selective_scan.selective_scan` with de
 the direction's channels. Shapes: u (b, L, d); delta (K, b, L, d) in position order (pre-bias, pre-softplus);
 A (K*d, N); B, C (b, L, K, N) in position order; D, delta_bias (K*d,); positions (K, L), each row a permutation of
 0..L-1. A backend with its own directional scan (``cpu``, ``triton``) reads everything in position order (no
-per-direction copies); for the others (``cuda``, ``torch``, ``reference``) the K scan orders are gathered,
-``selective_scan`` runs once with grouped B/C and the outputs are scattered back.
+per-direction copies); for the others (``cuda``, ``torch``, ``reference``), or with ``gather=True``, the K scan orders
+are gathered, ``selective_scan`` runs once with grouped B/C and the outputs are scattered back.
 
 Under ``torch.compile`` the op runs eagerly (``torch.compiler.disable``: a graph break): its backends are numba
 kernels, mamba-ssm's CUDA extension, Triton kernels or Python loops over chunks, none of which a compiler traces.
@@ -91,9 +91,11 @@ def _gathered_scan(u, delta, A, B, C, positions, delta_bias, delta_softplus, bac
 
 
 @torch.compiler.disable
-def directional_scan(u, delta, A, B, C, positions, D=None, delta_bias=None, delta_softplus=False, backend=None):
+def directional_scan(u, delta, A, B, C, positions, D=None, delta_bias=None, delta_softplus=False, backend=None,
+                     gather=False):
     """K-direction selective scan of u summed in position order, (b, L, d) -> (b, L, d) (see the module docstring);
-    computed in float32 whatever the autocast state, returned in u's dtype."""
+    computed in float32 whatever the autocast state, returned in u's dtype. ``gather=True`` takes the gathered path
+    even where the backend reads the orders in place (benchmarks/bench_gpu.py compares the two layouts)."""
     _check_inputs(u, delta, A, B, C, positions, D, delta_bias)
     name = resolve_backend(backend, u.device)
     dtype = compute_dtype(u, delta, A, B, C, D, delta_bias)
@@ -101,7 +103,7 @@ def directional_scan(u, delta, A, B, C, positions, D=None, delta_bias=None, delt
         x = u.to(dtype)
         args = [t.to(dtype) for t in (delta, A, B, C)]
         bias = None if delta_bias is None else delta_bias.to(dtype)
-        in_place = BACKENDS[name].directional_scan
+        in_place = None if gather else BACKENDS[name].directional_scan
         if in_place is not None:
             y = in_place(x, *args, positions, bias, delta_softplus)
         else:
