@@ -46,7 +46,7 @@ if torch_requires_cxx20():
     text = text.replace('"-std=c++17"', '"-std=c++20"')
 open(path, "w").write(text)
 PYEOF
-    cd "$src" && TORCH_CUDA_ARCH_LIST=$arch MAMBA_FORCE_BUILD=TRUE MAX_JOBS=$(nproc) \
+    cd "$src" && TORCH_CUDA_ARCH_LIST=$arch MAMBA_FORCE_BUILD=TRUE MAMBA_KEEP_CUDA_BUILD=TRUE MAX_JOBS=$(nproc) \
         timeout "${MAMBA_BUILD_S:-300}" "$PY" -m pip install -q --no-build-isolation --no-deps --no-index \
         --target /tmp/site_mamba .
 }

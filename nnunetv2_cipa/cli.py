@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", type=int, default=8, help="slices per patient (default 8)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     p.add_argument("--test-patients", type=int, default=4, help="test patients (default 4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated data (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty OUT_DIR")
     p.add_argument("--example-figure", metavar="PNG", help="also draw CT, PET, mask and objects of three example "
                    "slices (same --seed and --size) into PNG; the defaults give docs/figures/synthetic_example.png")
@@ -122,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", dest="dataset_id", type=int, required=True, help="nnU-Net dataset ID")
     p.add_argument("--name", default="PCLT20K", help="dataset name (default PCLT20K)")
     p.add_argument("--folds", type=int, default=5, help="number of patient-level folds (default 5)")
-    p.add_argument("--seed", type=int, default=12345, help="seed of the fold assignment")
-    p.add_argument("-np", type=int, default=max(1, min(8, os.cpu_count() or 1)), help="worker processes")
+    p.add_argument("--seed", type=int, default=12345, help="seed of the fold assignment (default 12345)")
+    p.add_argument("-np", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                   help="worker processes (default: the CPU count, at most 8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     p.add_argument("--normalization", choices=("rgb", "ct"), default="rgb",
                    help="rgb: fixed /255 (rgb_to_0_1, default); ct: nnU-Net's CT scheme")
@@ -131,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="16-bit CT/PET PNGs: shift (default) maps every slice of a modality to 8 bits with one right "
                         "shift from the dataset-wide bit depth; refuse rejects values above 255")
     p.add_argument("--val-list", choices=VAL_LIST_POLICIES, default="refuse",
-                   help="a val.txt beside train.txt: refuse (default) stops with an error; merge converts its slices "
-                        "as training slices (nnU-Net validates on the patient-level folds)")
+                   help="a val.txt (valid.txt, validation.txt) beside train.txt: refuse (default) stops with an "
+                        "error; merge converts its slices as training slices (nnU-Net validates on the patient-level "
+                        "folds)")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("evaluate", help="CIPA-protocol and patient-level metrics of a prediction folder")
@@ -145,9 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="compare trainers on nnU-Net cross-validation (and test) predictions")
     p.add_argument("-d", dest="dataset", required=True, help="dataset ID or name")
     p.add_argument("-tr", dest="trainers", nargs="+", required=True, help="two or more trainer names")
-    p.add_argument("-c", dest="configuration", default="2d")
-    p.add_argument("-p", dest="plans", default="nnUNetPlans")
-    p.add_argument("-f", dest="folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("-c", dest="configuration", default="2d", help="nnU-Net configuration (default 2d)")
+    p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("-f", dest="folds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
+                   help="cross-validation folds to score (default 0 1 2 3 4)")
     p.add_argument("--test", nargs="+", help="test-set prediction folders, one per trainer, in -tr order")
     p.add_argument("-o", dest="output", required=True, help="report folder")
     p.add_argument("--patient-sep", default="_", help="separator after the patient ID in case names (default _)")
@@ -156,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("demo", help="synthetic data -> nnU-Net -> CIPA vs vanilla nnU-Net -> report")
-    p.add_argument("--workdir", default="demo_workdir", help="folder for data, results and report")
+    p.add_argument("--workdir", default="demo_workdir", help="folder for data, results and report (default demo_workdir)")
     p.add_argument("--quick", action="store_true", help="debug trainers, under 3 minutes on CPU")
     p.set_defaults(func=_cmd_demo)
 
@@ -165,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", dest="dataset", required=True, help="planned dataset ID or name (512x512, CT + PET)")
     p.add_argument("-tr", dest="trainer", help="trainer to record (default: nnUNetTrainerCIPA_paper if it is "
                    "available, else nnUNetTrainerCIPA)")
-    p.add_argument("-p", dest="plans", default="nnUNetPlans")
-    p.add_argument("-c", dest="configuration", default="2d")
+    p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("-c", dest="configuration", default="2d", help="nnU-Net configuration (default 2d)")
     p.add_argument("--fold", default="all", help="fold folder to write (default all: predict with -f all)")
     p.add_argument("--tta", action="store_true",
                    help="let nnUNetv2_predict mirror (test-time augmentation; the official protocol has none)")
