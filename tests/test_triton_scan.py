@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 from nnunetv2_cipa.ops import triton_scan  # noqa: E402  (after the skip: triton is optional)
 from nnunetv2_cipa.ops.backends import scan_with_core  # noqa: E402
@@ -92,6 +93,27 @@ def test_float32_large_delta_and_ungrouped_B_C():
     for name, g, e in zip(NAMES, got, expected):
         assert g.dtype == torch.float32 and torch.isfinite(g).all(), name
         torch.testing.assert_close(g.cpu(), e, rtol=1e-4, atol=1e-4 * e.abs().max().item(), msg=name)
+
+
+@triton.jit
+def _softplus_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    mask = offsets < n
+    tl.store(y_ptr + offsets, triton_scan._softplus(tl.load(x_ptr + offsets, mask=mask)), mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softplus_is_accurate_for_small_steps(dtype):
+    """The kernels' softplus against torch's (log1p(exp(x))) in float64, from x = -30 to 30: within a few ulp also
+    where dt is tiny (x = -12: a step of 6e-6, which log(1 + exp(x)) in float32 gets 1% wrong). The bound leaves room
+    for a GPU's approximate float32 exp, whose error grows with |x|."""
+    x = torch.cat([torch.linspace(-30, 30, 1001, dtype=dtype),
+                   torch.tensor([-15.0, -14.9, -12.0, -9.2, 19.99, 20.0, 20.01], dtype=dtype)]).to(DEVICE)
+    y = torch.empty_like(x)
+    _softplus_kernel[(1,)](x, y, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    expected = torch.nn.functional.softplus(x.cpu().double())
+    error = ((y.cpu().double() - expected).abs() / expected).max().item()
+    assert error < 32 * torch.finfo(dtype).eps, f"relative error {error:.1e}"
 
 
 def test_float32_stays_accurate_over_a_long_sequence():

@@ -48,8 +48,12 @@ def _linear_recurrence(a_left, x_left, a_right, x_right):
 
 @triton.jit
 def _softplus(x):
-    """log(1 + exp(x)) as torch computes it (threshold 20), without losing small values to rounding."""
-    return tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
+    """log1p(exp(x)) as torch computes it (x itself above 20). log1p(e) is log(u) * e / (u - 1) with u = 1 + e
+    rounded (Kahan's trick: exact to a few ulp where log(1 + e) would lose e's digits that u cannot hold), e where
+    u rounds to 1."""
+    e = tl.exp(x)
+    u = 1.0 + e
+    return tl.where(x > 20.0, x, tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0))))
 
 
 @triton.jit
