@@ -292,14 +292,15 @@ def test_micro_batches_under_ddp_all_reduce_once_per_step(nnunet_paths):
             torch.testing.assert_close(ours.grad, expected, rtol=1e-5, atol=1e-7)
 
 
-def fail_once_out_of_memory(network, call: int):
-    """Make ``network``'s forward raise CUDA's out-of-memory error on its ``call``-th call (1-based), once."""
+def fail_once_out_of_memory(network, call: int, error: RuntimeError | None = None):
+    """Make ``network``'s forward raise ``error`` (default: the caching allocator's out-of-memory error) on its
+    ``call``-th call (1-based), once."""
     forward, calls = network.forward, []
 
     def failing(x):
         calls.append(x.shape[0])
         if len(calls) == call:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB\nmore detail")
+            raise error or torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB\nmore detail")
         return forward(x)
 
     network.forward = failing
@@ -324,12 +325,33 @@ def test_out_of_memory_step_is_retried_in_smaller_micro_batches(nnunet_paths, ca
     for ours, clean in zip(trainers[0].network.parameters(), trainers[1].network.parameters()):
         if clean.grad is not None:
             torch.testing.assert_close(ours.grad, clean.grad, rtol=1e-5, atol=1e-7)
-    expected = ("out of GPU memory at epoch 0, iteration 0, in micro-batches of 4 of a batch of 8: retrying in "
-                "micro-batches of 2")
+    expected = ("out of GPU memory at epoch 0, iteration 0, in micro-batches of 4 of a batch of 8 (CUDA out of "
+                "memory. Tried to allocate 9.00 GiB): retrying in micro-batches of 2")
     assert expected in open(trainers[0].log_file).read()
     assert capsys.readouterr().err.count(expected) == 1
     trainers[0].train_step(copy.deepcopy(data))  # later steps start at the smaller micro-batch
     assert calls[6:] == [2, 2, 2, 2]
+
+
+@pytest.mark.parametrize("error, retried", [
+    ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", True),
+    ("cuDNN error: CUDNN_STATUS_ALLOC_FAILED", True),
+    ("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported", True),
+    ("mat1 and mat2 shapes cannot be multiplied (8x3 and 4x5)", False)])
+def test_library_allocation_failures_are_retried_like_out_of_memory(error, retried, nnunet_paths):
+    """cuBLAS / cuDNN handles and workspaces, and raw CUDA allocations, fail with a RuntimeError, not torch's
+    OutOfMemoryError: retried in smaller micro-batches as well; any other RuntimeError propagates unchanged."""
+    trainer = make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths)
+    trainer.initialize()
+    calls = fail_once_out_of_memory(trainer.network, call=1, error=RuntimeError(error))
+    if retried:
+        trainer.train_step(batch(trainer, n=4))
+        assert calls == [4, 2, 2] and trainer.micro_batch_size == 2
+        assert f"({error.splitlines()[0]}): retrying in micro-batches of 2" in open(trainer.log_file).read()
+    else:
+        with pytest.raises(RuntimeError, match=r"^mat1 and mat2 shapes cannot be multiplied"):
+            trainer.train_step(batch(trainer, n=4))
+        assert calls == [4] and trainer.micro_batch_size is None
 
 
 @pytest.mark.parametrize("setting, why", [("smallest", "2 is the smallest micro-batch"),

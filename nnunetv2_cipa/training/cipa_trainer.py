@@ -19,8 +19,8 @@ What differs from nnU-Net's default trainer, and why (docs/recipes.md compares e
 - training step: nnU-Net's (fp16 autocast + GradScaler on CUDA, gradient norm clipped at ``grad_clip_norm``), plus a
   stop with a clear message at the first non-finite loss, micro-batches when accumulating, and activation
   checkpointing when ``activation_checkpointing`` or env ``nnUNet_CIPA_checkpointing=1``. A step that runs out of
-  GPU memory is retried in micro-batches of half the size (``oom_backoff``; not under DDP), so a memory model that
-  is off costs speed, not the training. ``network_autocast`` (bf16 / float32 variants) fixes the network's own
+  GPU memory (torch's out-of-memory error, or cuBLAS / cuDNN failing to allocate) is retried in micro-batches of half
+  the size (``oom_backoff``; not under DDP), so a memory model that is off costs speed, not the training. ``network_autocast`` (bf16 / float32 variants) fixes the network's own
   precision in training, validation and prediction alike.
 - torch.compile: off unless ``nnUNet_compile`` is set to true (and, as in nnU-Net, never on CPU); then with static
   shapes (``compile_settings``), the selective scans running eagerly between compiled graphs.
@@ -107,6 +107,18 @@ def micro_batch_count(n: int, micro_batch_size: int | None, min_batch: int) -> i
     """Chunks of a batch of ``n``: as few as keep each within ``micro_batch_size`` (one when None), but none below
     ``min_batch`` samples unless the batch itself is."""
     return max(1, min(math.ceil(n / (micro_batch_size or n)), n // min_batch))
+
+
+# device memory running out where the caching allocator does not see it: a library's own workspace or handle
+# (cuBLAS, cuDNN) or a raw CUDA allocation, reported as RuntimeError rather than torch.OutOfMemoryError
+OUT_OF_MEMORY_MARKERS = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUDA error: out of memory")
+
+
+def out_of_memory_text(error: RuntimeError) -> str | None:
+    """The first line of ``error``'s text when it says that device memory ran out, else None."""
+    if isinstance(error, torch.OutOfMemoryError) or any(m in str(error) for m in OUT_OF_MEMORY_MARKERS):
+        return str(error).strip().split("\n")[0]
+    return None
 
 
 def scan_backend_log_line(device: torch.device) -> str:
@@ -440,7 +452,7 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         current = self._largest_micro_batch(batch_size, self.micro_batch_size)
         smaller = max(self.min_training_batch, current // 2)
         where = (f"{self.__class__.__name__}: out of GPU memory at epoch {self.current_epoch}, iteration "
-                 f"{self.iteration_in_epoch}, in micro-batches of {current} of a batch of {batch_size}")
+                 f"{self.iteration_in_epoch}, in micro-batches of {current} of a batch of {batch_size} ({error})")
         if not self.oom_backoff:
             why = "oom_backoff is off"
         elif self.is_ddp:
@@ -451,7 +463,7 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
             why = None
         if why is not None:
             raise torch.OutOfMemoryError(
-                f"{where} ({error}); {why}. Set a smaller batch (export {BATCH_SIZE_ENV_VAR}=N), turn on activation "
+                f"{where}; {why}. Set a smaller batch (export {BATCH_SIZE_ENV_VAR}=N), turn on activation "
                 f"checkpointing (-tr nnUNetTrainerCIPA_checkpointing or export {CHECKPOINTING_ENV_VAR}=1), or free "
                 f"GPU memory")
         self.micro_batch_size = smaller
@@ -472,8 +484,10 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
             try:
                 total = self._accumulate_gradients(data, target)
                 break
-            except torch.OutOfMemoryError as e:
-                error = str(e).strip().split("\n")[0]  # only the text: its frames hold the failed step's tensors
+            except RuntimeError as e:  # torch.OutOfMemoryError is one
+                error = out_of_memory_text(e)  # only the text: its frames hold the failed step's tensors
+                if error is None:
+                    raise
             self._back_off(data.shape[0], error)
         self._check_finite(total)  # once per step: reading the loss waits for the GPU
         if self.grad_scaler is not None:
