@@ -2,7 +2,8 @@
 planned patch size against nnU-Net's PlainConvUNet, torch-vs-cuda agreement, and the memory model at the real batch.
 
 Four parts, each model / backend in its own subprocess (fresh CUDA memory statistics; this process never initialises
-CUDA, so the free memory the workers see is what a trainer would see):
+CUDA, so the free memory the workers see is what a trainer would see), with ``cudnn.benchmark`` on as in
+``nnUNetv2_train``:
 - **agreement**: ``directional_scan`` and ``selective_scan`` of every usable backend on the device against the
   sequential reference on the CPU (float32, values and all gradients, max error relative to the largest value);
 - **scan**: forward + backward time (CUDA events, median) and peak device memory of ``directional_scan`` at CIPA-tiny's
@@ -15,7 +16,8 @@ CUDA, so the free memory the workers see is what a trainer would see):
   backends (float32 eval forward, same weights);
 - **memory**: CIPA-tiny fp16-AMP training steps (AdamW, as the trainer) at the batch the memory model picks for this
   device out of ``--planned-batch`` (PCLT20K's plan: 12), and at ``--planned-batch`` with activation checkpointing:
-  step time, peak allocated / reserved device memory, the model's predicted peak and its error. Then the same on each
+  step time, peak allocated / reserved device memory of the first step (cuDNN's algorithm search, library handles)
+  and of the later ones, the model's predicted peak and its error against the larger. Then the same on each
   smaller GPU of ``--emulate-gib`` (default 24 GB): the caching allocator is capped at that card's memory less its
   CUDA context (``torch.cuda.set_per_process_memory_fraction``), the batch is the model's choice for the card without
   and with checkpointing, and an out-of-memory error there is what a user of that card would get. When both GPU
@@ -96,22 +98,26 @@ def scan_timing(backend: str, device: str, patch: int, quick: bool, gather: bool
         def step():
             scan(inputs, backend, directional=True, gather=gather).sum().backward()
 
-        seconds = timed(step, device, repeats=2 if quick else 10)[1]
+        seconds = timed(step, device, repeats=2 if quick else 10)["step_s"]
         rows.append({"shape": f"4 x {side}x{side} x {dim}", "seconds": seconds, **memory(device)})
     return rows
 
 
-def timed(step, device: str, repeats: int) -> tuple[float, float]:
-    """(seconds of the warm-up call, median seconds of ``step`` after it: CUDA events on a GPU, with fresh
-    peak-memory statistics). The warm-up includes one-off work: kernel compiles, the backends' checks."""
+def timed(step, device: str, repeats: int) -> dict:
+    """first_step_s: seconds of the warm-up call; step_s: median seconds of ``step`` after it (CUDA events on a GPU,
+    with fresh peak-memory statistics). The warm-up includes one-off work (kernel compiles, the backends' checks,
+    cuDNN's algorithm search, the backward thread's cuBLAS handle), whose memory on a GPU is first_step_peak_gib /
+    first_step_reserved_gib."""
     import torch
 
     begin = time.perf_counter()
     step()
     if device == "cuda":
         torch.cuda.synchronize()
-    warm_up = time.perf_counter() - begin
+    result = {"first_step_s": time.perf_counter() - begin}
     if device == "cuda":
+        result.update(first_step_peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
+                      first_step_reserved_gib=torch.cuda.max_memory_reserved() / 2 ** 30)
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
@@ -126,7 +132,7 @@ def timed(step, device: str, repeats: int) -> tuple[float, float]:
             begin = time.perf_counter()
             step()
             times.append(time.perf_counter() - begin)
-    return warm_up, statistics.median(times)
+    return result | {"step_s": statistics.median(times)}
 
 
 def memory(device: str) -> dict:
@@ -175,8 +181,7 @@ def network(name: str, backend: str | None, config: dict, device: str, iteration
     def step():
         losses.append(amp_training_step(model, optimizer, scaler, x, target, device, clip=12))
 
-    first_seconds, seconds = timed(step, device, repeats=iterations)
-    row = {"model": name, "backend": backend, "first_step_s": first_seconds, "step_s": seconds, **memory(device),
+    row = {"model": name, "backend": backend, **timed(step, device, repeats=iterations), **memory(device),
            "params": sum(p.numel() for p in model.parameters()), "losses_finite": all(map(math.isfinite, losses)),
            "first_loss": losses[0], "last_loss": losses[-1]}
     if name != "vanilla":
@@ -250,23 +255,25 @@ def memory_row(preset: str, config: dict, device: str, batch: int | None, planne
         amp_training_step(model, optimizer, scaler, x, target, device)
 
     try:
-        row["step_s"] = timed(step, device, repeats=iterations)[1]
+        row.update(timed(step, device, repeats=iterations))
     except torch.cuda.OutOfMemoryError as e:
         row["out_of_memory"] = str(e).splitlines()[0]
         return row
     if device == "cuda":
         row.update(peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
                    reserved_gib=torch.cuda.max_memory_reserved() / 2 ** 30)
-        row["prediction_error"] = row["predicted_gib"] / row["peak_gib"] - 1
+        # against the larger of the first step's peak and the later steps': a training must fit both
+        row["prediction_error"] = row["predicted_gib"] / max(row["peak_gib"], row["first_step_peak_gib"]) - 1
     return row
 
 
 def worker(args) -> dict:
+    import torch
+
     config = json.loads(Path(args.plan).read_text())
     patch = config["patch_size"]
+    torch.backends.cudnn.benchmark = args.device == "cuda"  # as nnU-Net's nnUNetv2_train sets it on a GPU
     if args.worker == "info":  # here, not in the parent: a CUDA context there would shrink the children's free memory
-        import torch
-
         return {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                 "backends": scan_backends(args.device)}
     if args.worker == "agreement":
@@ -396,7 +403,8 @@ def print_tables(report: dict) -> None:
         print(f"| {row['model']} | {row['backend'] or '-'} | {row['first_step_s']:.1f} s | "
               f"{row['step_s'] * 1e3:.1f} ms | {peak(row)} | {row['losses_finite']} | {row['first_loss']:.3f} -> "
               f"{row['last_loss']:.3f} | {diff} |")
-    print("\n| CIPA memory | GPU | backend | batch (planned) | checkpointing | AMP step | peak allocated / reserved | "
+    print("\n| CIPA memory | GPU | backend | batch (planned) | checkpointing | AMP step | peak allocated / reserved "
+          "(first step) | "
           "predicted | error |\n|---|---|---|---|---|---:|---:|---:|---:|")
     for row in report["memory"]:
         if "error" in row:
@@ -404,7 +412,8 @@ def print_tables(report: dict) -> None:
             continue
         gpu = f"{row['gpu_gib']:g} GB (emulated)" if row["gpu_gib"] else "this one"
         step = "OOM" if "out_of_memory" in row else f"{row['step_s'] * 1e3:.0f} ms"
-        measured = f"{row['peak_gib']:.2f} / {row['reserved_gib']:.2f} GiB" if "peak_gib" in row else "-"
+        measured = (f"{row['peak_gib']:.2f} / {row['reserved_gib']:.2f} GiB ({row['first_step_peak_gib']:.2f} / "
+                    f"{row['first_step_reserved_gib']:.2f})" if "peak_gib" in row else "-")
         error = f"{row['prediction_error']:+.1%}" if "prediction_error" in row else "-"
         print(f"| {row['preset']} | {gpu} | {row['backend']} | {row['batch']} ({row['planned_batch']}) | "
               f"{'on' if row['checkpointing'] else 'off'} | {step} | {measured} | {row['predicted_gib']:.2f} GiB | "
