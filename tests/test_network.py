@@ -332,14 +332,19 @@ def test_autocast_dtype_fixes_the_precision_whatever_the_caller():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_forward_matches_cpu_and_fp16_autocast_training_is_finite():
     """CIPA-micro on the GPU with the default backend (cuda with mamba-ssm, else triton or torch): float32 logits
-    equal the CPU's (TF32 convolutions off), and fp16 autocast steps with a GradScaler keep the loss and weights
-    finite."""
+    equal the CPU's (TF32 convolutions and matmuls off, whatever the environment sets), and fp16 autocast steps with
+    a GradScaler keep the loss and weights finite."""
     torch.manual_seed(0)
     net = CIPA(2, (96, 96), preset="micro", deep_supervision=True)
     x = torch.rand(2, 2, 96, 96)
-    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        expected = net.eval()(x)[0]
-        got = net.cuda()(x.cuda())[0].cpu()
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            expected = net.eval()(x)[0]
+            got = net.cuda()(x.cuda())[0].cpu()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
     net.train()
     before = [p.detach().clone() for p in net.parameters()]

@@ -62,6 +62,20 @@ def test_choose_batch_size_caps_the_planned_batch_by_free_memory(monkeypatch):
     assert choose_batch_size(12, torch.device("cpu"), "micro", (512, 512), 0, "cpu", torch.float32, False).chosen == 12
 
 
+def test_ddp_gradient_buckets_are_part_of_the_training_state(monkeypatch):
+    """Under DDP every float32 gradient also sits in an all-reduce bucket: 4 more bytes per parameter, which can
+    cost a sample where the memory is tight."""
+    monkeypatch.delenv(BATCH_SIZE_ENV_VAR, raising=False)
+    parameters = 5 * 10 ** 7  # DDP's buckets: 200 MB, a CIPA-micro sample at 512 x 512 under fp16
+    assert training_state_bytes(parameters, distributed=True) - training_state_bytes(parameters) == 4 * parameters
+    per_sample = activation_bytes_per_sample("micro", (512, 512), "cuda", torch.float16, False)
+    free = int((training_state_bytes(parameters) + 3.1 * per_sample) / 0.9)
+    single, ddp = (choose_batch_size(12, torch.device("cuda"), "micro", (512, 512), parameters, "cuda", torch.float16,
+                                     False, free_bytes=free, device_name="Test GPU", distributed=distributed)
+                   for distributed in (False, True))
+    assert (single.chosen, ddp.chosen) == (3, 2) and "DDP buckets" in ddp.reason and "DDP" not in single.reason
+
+
 def test_batch_size_env_override_wins_and_is_checked(monkeypatch):
     monkeypatch.setenv(BATCH_SIZE_ENV_VAR, "5")
     choice = choose_batch_size(12, torch.device("cuda"), "tiny", (512, 512), 10 ** 6, "cuda", torch.float16, False,
@@ -371,6 +385,12 @@ def test_out_of_memory_that_cannot_be_retried_stops_with_the_fix(setting, why, n
     assert "Tried to allocate 9.00 GiB" in str(raised.value) and "nnUNet_CIPA_batch_size" in str(raised.value)
     assert "nnUNetTrainerCIPA_checkpointing" in str(raised.value)
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))
+
+
+def test_unknown_scan_backend_stops_with_its_message(nnunet_paths, monkeypatch):
+    monkeypatch.setenv("NNUNETV2_CIPA_SCAN_BACKEND", "bogus")
+    with pytest.raises(SystemExit, match="nnUNetTrainerCIPA_debug: .*bogus"):
+        make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths).initialize()
 
 
 def test_checkpointing_env_var_turns_it_on(nnunet_paths, monkeypatch):

@@ -245,10 +245,11 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
             return self.network_autocast
         return torch.float16 if self.device.type == "cuda" else torch.float32
 
-    def _config(self, read, *args):
-        """A user setting read by ``read(*args)``; a bad value stops with its message instead of a traceback."""
+    def _config(self, read, *args, **kwargs):
+        """A user setting read by ``read(*args, **kwargs)``; a bad value stops with its message instead of a
+        traceback."""
         try:
-            return read(*args)
+            return read(*args, **kwargs)
         except ValueError as e:
             raise SystemExit(f"{self.__class__.__name__}: {e}") from e
 
@@ -266,6 +267,8 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         None on other devices."""
         if self.device.type != "cuda":
             return None
+        if self.is_ddp:  # NCCL sets up its buffers on the GPU at the first collective: before reading what is free
+            reduce_across_processes(0, dist.ReduceOp.SUM, self.device)
         free = torch.cuda.mem_get_info(self.device)[0]
         return reduce_across_processes(free, dist.ReduceOp.MIN, self.device) if self.is_ddp else free
 
@@ -275,8 +278,9 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         network = self._meta_network()
         choice = self._config(choose_batch_size, planned, self.device, self.cipa_preset,
                               self.configuration_manager.patch_size, sum(p.numel() for p in network.parameters()),
-                              resolve_backend(None, self.device), self.training_autocast_dtype(),
-                              self.checkpointing_enabled(), network.min_training_batch, self._free_device_bytes())
+                              self._config(resolve_backend, None, self.device), self.training_autocast_dtype(),
+                              self.checkpointing_enabled(), network.min_training_batch, self._free_device_bytes(),
+                              distributed=self.is_ddp)
         self.print_to_log_file(choice.log_line())
         if self.is_ddp and self.device.type == "cuda":
             self.print_to_log_file(f"DDP: every one of the {dist.get_world_size()} processes plans with the least "

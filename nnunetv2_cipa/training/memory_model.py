@@ -1,7 +1,7 @@
 """How many CIPA training samples fit on a GPU: a memory model measured by benchmarks/bench_memory.py.
 
 A training step needs, besides the activations, the training state: float32 weights, their gradients and AdamW's two
-moments (16 bytes per parameter). The activations kept for backward, plus the transient buffers of backward, grow
+moments (16 bytes per parameter), under DDP also the gradient buckets (4 more). The activations kept for backward, plus the transient buffers of backward, grow
 linearly with the batch and with the pixels of the patch, so one coefficient per (preset, scan path, activation
 width, checkpointing) gives the per-sample bytes: ``ACTIVATION_BYTES_PER_PIXEL[...] * H * W``.
 - scan path: the ``cpu`` and ``triton`` backends read the map in place in every scan order, keeping the inputs and
@@ -26,6 +26,7 @@ import torch
 BATCH_SIZE_ENV_VAR = "nnUNet_CIPA_batch_size"
 USABLE_FRACTION = 0.9
 TRAINING_STATE_BYTES_PER_PARAMETER = 16  # float32 weight + gradient + AdamW exp_avg + exp_avg_sq
+DDP_BUCKET_BYTES_PER_PARAMETER = 4  # DDP copies every float32 gradient into its all-reduce buckets
 SCAN_PATHS = {"cpu": "in_place", "triton": "in_place", "torch": "gathered", "cuda": "gathered", "reference": "gathered"}
 TORCH_SCAN_WORKSPACE_BYTES_CUDA = 6 * (1 << 26) * 4  # ~6 live channel blocks of 2**26 float32 state elements
 GIB = 2 ** 30
@@ -77,9 +78,9 @@ def activation_bytes_per_sample(preset: str, patch_size, backend: str, dtype, ch
     return int(ACTIVATION_BYTES_PER_PIXEL[key] * math.prod(int(s) for s in patch_size))
 
 
-def training_state_bytes(parameters: int) -> int:
-    """Weights, gradients and AdamW moments of ``parameters`` float32 parameters."""
-    return TRAINING_STATE_BYTES_PER_PARAMETER * parameters
+def training_state_bytes(parameters: int, distributed: bool = False) -> int:
+    """Weights, gradients and AdamW moments of ``parameters`` float32 parameters (and DDP's gradient buckets)."""
+    return (TRAINING_STATE_BYTES_PER_PARAMETER + DDP_BUCKET_BYTES_PER_PARAMETER * distributed) * parameters
 
 
 def scan_workspace_bytes(backend: str, device_type: str) -> int:
@@ -87,15 +88,17 @@ def scan_workspace_bytes(backend: str, device_type: str) -> int:
     return TORCH_SCAN_WORKSPACE_BYTES_CUDA if backend == "torch" and device_type == "cuda" else 0
 
 
-def training_peak_bytes(batch: int, parameters: int, per_sample_bytes: int, workspace_bytes: int = 0) -> int:
+def training_peak_bytes(batch: int, parameters: int, per_sample_bytes: int, workspace_bytes: int = 0,
+                        distributed: bool = False) -> int:
     """Predicted device memory of a training step of ``batch`` samples: training state, scan workspace, activations."""
-    return training_state_bytes(parameters) + workspace_bytes + batch * per_sample_bytes
+    return training_state_bytes(parameters, distributed) + workspace_bytes + batch * per_sample_bytes
 
 
-def fitting_batch_size(free_bytes: int, parameters: int, per_sample_bytes: int, workspace_bytes: int = 0) -> int:
+def fitting_batch_size(free_bytes: int, parameters: int, per_sample_bytes: int, workspace_bytes: int = 0,
+                       distributed: bool = False) -> int:
     """Samples that fit in USABLE_FRACTION of ``free_bytes`` next to the training state (0 if not even one)."""
-    budget = USABLE_FRACTION * free_bytes - training_peak_bytes(0, parameters, per_sample_bytes, workspace_bytes)
-    return max(0, int(budget // per_sample_bytes))
+    fixed = training_peak_bytes(0, parameters, per_sample_bytes, workspace_bytes, distributed)
+    return max(0, int((USABLE_FRACTION * free_bytes - fixed) // per_sample_bytes))
 
 
 @dataclass(frozen=True)
@@ -123,10 +126,11 @@ def batch_size_override() -> int | None:
 
 def choose_batch_size(planned: int, device: torch.device, preset: str, patch_size, parameters: int, backend: str,
                       dtype, checkpointing: bool, min_batch: int = 1, free_bytes: int | None = None,
-                      device_name: str | None = None) -> BatchSizeChoice:
+                      device_name: str | None = None, distributed: bool = False) -> BatchSizeChoice:
     """The batch size for training CIPA ``preset`` on ``device``: env override, else the planned batch on a CPU,
     else min(planned, what fits in the free GPU memory), at least ``min_batch`` (the network's smallest trainable
-    batch). ``free_bytes``/``device_name`` default to torch.cuda.mem_get_info / get_device_name (tests pass them)."""
+    batch). ``free_bytes``/``device_name`` default to torch.cuda.mem_get_info / get_device_name (tests pass them);
+    ``distributed``: one process of a DDP training."""
     override = batch_size_override()
     if override is not None:
         return BatchSizeChoice(planned, override, f"set by {BATCH_SIZE_ENV_VAR}")
@@ -138,14 +142,14 @@ def choose_batch_size(planned: int, device: torch.device, preset: str, patch_siz
         device_name = torch.cuda.get_device_name(device)
     per_sample = activation_bytes_per_sample(preset, patch_size, backend, dtype, checkpointing)
     workspace = scan_workspace_bytes(backend, device.type)
-    fits = fitting_batch_size(free_bytes, parameters, per_sample, workspace)
+    fits = fitting_batch_size(free_bytes, parameters, per_sample, workspace, distributed)
     chosen = max(min_batch, min(planned, fits))
     width = "16-bit" if activation_bytes(dtype) == 2 else "float32"
     reason = (f"{free_bytes / GIB:.1f} GiB free on {device_name}; memory model for CIPA-{preset} at "
               f"{'x'.join(str(int(s)) for s in patch_size)}, {backend} scan, {width} activations"
               f"{', activation checkpointing' if checkpointing else ''}: {per_sample / GIB:.2f} GiB per sample + "
-              f"{training_peak_bytes(0, parameters, per_sample, workspace) / GIB:.2f} GiB weights/gradients/AdamW"
-              f"{'/scan workspace' if workspace else ''}, {USABLE_FRACTION:.0%} of the free memory usable -> "
+              f"{training_peak_bytes(0, parameters, per_sample, workspace, distributed) / GIB:.2f} GiB "
+              f"weights/gradients/AdamW{'/DDP buckets' if distributed else ''}{'/scan workspace' if workspace else ''}, {USABLE_FRACTION:.0%} of the free memory usable -> "
               f"{fits} fit")
     if fits < chosen:
         reason += ("; even one sample may not fit: enable activation checkpointing (nnUNetTrainerCIPA_checkpointing "
