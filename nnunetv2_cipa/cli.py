@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         if args.command not in STAGED_OUTPUT_COMMANDS:
             raise
-        print(f"nnunetv2_cipa {args.command}: interrupted ({e or 'SIGINT'}); no partial output was left",
+        print(f"nnunetv2_cipa {args.command}: interrupted ({str(e) or 'SIGINT'}); no partial output was left",
               file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
 

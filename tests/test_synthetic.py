@@ -169,7 +169,9 @@ def test_cli_synth_checks_the_figure_path_before_writing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_terminated_synth_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("signum, code, why", [(signal.SIGTERM, 143, "terminated by signal 15"),
+                                               (signal.SIGINT, 130, "SIGINT")])
+def test_a_terminated_synth_leaves_nothing(tmp_path, signum, code, why):
     process = subprocess.Popen([sys.executable, "-m", "nnunetv2_cipa.cli", "synth", str(tmp_path / "d"),
                                 "--patients", "400", "--slices", "8", "--size", "64"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -177,7 +179,7 @@ def test_a_terminated_synth_leaves_nothing(tmp_path):
     while not any(p.name.startswith(".d.tmp-") and any(p.iterdir()) for p in tmp_path.iterdir()):
         assert time.monotonic() < deadline and process.poll() is None
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 143 and "synth: interrupted (terminated by signal 15); no partial output" in err
+    assert process.returncode == code and f"synth: interrupted ({why}); no partial output" in err
     assert list(tmp_path.iterdir()) == []
