@@ -83,15 +83,24 @@ def collect_report() -> list[tuple[str, str, bool]]:
 
     rows += [path_variable_row(name) for name in PATH_VARIABLES]
 
-    try:
-        from nnunetv2_cipa.trainer_discovery import find_trainer_class
-
-        cls = find_trainer_class("nnUNetTrainerCIPA")
-        rows.append(("nnUNetTrainerCIPA", f"discoverable ({cls.__module__}); for the CLI: "
-                                          "export nnUNet_extTrainer=$(nnunetv2_cipa ext-path)", True))
-    except Exception as e:
-        rows.append(("nnUNetTrainerCIPA", f"NOT discoverable: {type(e).__name__}: {e}", False))
+    rows.append(trainer_row())
     return rows
+
+
+def trainer_row() -> tuple[str, str, bool]:
+    """Whether ``nnUNetv2_train -tr nnUNetTrainerCIPA`` finds the trainer: nnU-Net looks in nnUNet_extTrainer, so
+    the class resolving in this process (which registers the folder) is not enough."""
+    from nnunetv2_cipa.trainer_discovery import ENV_VAR, ext_trainer_path, find_trainer_class
+
+    exported = str(ext_trainer_path()) in os.environ.get(ENV_VAR, "").split(os.pathsep)
+    try:
+        cls = find_trainer_class("nnUNetTrainerCIPA")
+    except Exception as e:
+        return "nnUNetTrainerCIPA", f"NOT discoverable: {type(e).__name__}: {e}", False
+    if not exported:
+        return ("nnUNetTrainerCIPA", f"installed ({cls.__module__}), but nnU-Net's CLI will not find it: "
+                                     f"export {ENV_VAR}=$(nnunetv2_cipa ext-path)", False)
+    return "nnUNetTrainerCIPA", f"discoverable by nnU-Net's CLI ({cls.__module__})", True
 
 
 def path_variable_row(name: str) -> tuple[str, str, bool]:

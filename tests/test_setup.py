@@ -73,6 +73,16 @@ def test_ext_path_and_doctor_commands(tmp_path):
                      "nnUNet_raw", "nnUNetTrainerCIPA"):
         assert expected in result.stdout
     assert "discoverable" in result.stdout and "NOT discoverable" not in result.stdout
+    assert result.returncode == 0
+
+
+def test_doctor_fails_when_the_cli_cannot_find_the_trainers(tmp_path):
+    """Without nnUNet_extTrainer the classes resolve in-process, but nnUNetv2_train -tr nnUNetTrainerCIPA fails."""
+    env = {k: v for k, v in nnunet_env(tmp_path).items() if k != "nnUNet_extTrainer"}
+    result = run_cli(["nnunetv2_cipa", "doctor"], env, check=False)
+    assert result.returncode == 1
+    assert "! nnUNetTrainerCIPA" in result.stdout
+    assert "export nnUNet_extTrainer=$(nnunetv2_cipa ext-path)" in result.stdout
 
 
 def test_wheel_ships_the_trainer_folder(tmp_path):
