@@ -44,6 +44,8 @@ def _cmd_convert(args) -> int:
                              num_processes=args.np, overwrite=args.overwrite, normalization=args.normalization,
                              high_bit_depth=args.high_bit_depth, val_list=args.val_list)
     print(format_summary(report))
+    for warning in report.warnings:
+        print(f"nnunetv2_cipa convert: warning: {warning}", file=sys.stderr)
     return 0
 
 

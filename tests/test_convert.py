@@ -80,6 +80,32 @@ def check_output(out: Path, source: Path, folds: int = 5, train: list[str] | Non
         assert {c.split("_")[0] for c in fold["train"]}.isdisjoint(c.split("_")[0] for c in fold["val"])
 
 
+def test_reconverting_a_planned_dataset_says_what_is_stale(source, raw, tmp_path, monkeypatch, capsys):
+    """Once planned (nnU-Net's copy of the folds in nnUNet_preprocessed) and trained (nnUNet_results), a new
+    conversion warns when the slices changed (re-preprocess) or only the folds (trained models are stale), and says
+    nothing when it reproduces the same folds."""
+    preprocessed, results = tmp_path / "pre", tmp_path / "results"
+    monkeypatch.setenv("nnUNet_preprocessed", str(preprocessed))
+    monkeypatch.setenv("nnUNet_results", str(results))
+    assert convert_pclt20k(source, 321, num_processes=1).warnings == []  # not planned yet
+    (preprocessed / DATASET).mkdir(parents=True)
+    shutil.copy(raw / DATASET / "splits_final.json", preprocessed / DATASET)
+    assert convert_pclt20k(source, 321, num_processes=1, overwrite=True).warnings == []  # the same folds again
+    (results / DATASET / "nnUNetTrainerCIPA__nnUNetPlans__2d").mkdir(parents=True)
+    assert main(["convert", str(source), "-d", "321", "-np", "1", "--folds", "3", "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {preprocessed / DATASET / 'splits_final.json'} now holds the new folds" in err
+    assert (f"warning: models in {results / DATASET} (nnUNetTrainerCIPA__nnUNetPlans__2d) were trained on the "
+            "earlier folds") in err
+    train = listed(source, "train.txt")
+    (source / "train.txt").write_text("".join(f"{c}\n" for c in train if c.split("_")[0] != train[0].split("_")[0]))
+    warnings = convert_pclt20k(source, 321, num_processes=1, folds=3, overwrite=True).warnings
+    assert warnings[0] == (f"{preprocessed / DATASET} holds nnU-Net's plan and preprocessed data of an earlier "
+                           "conversion (0 training slices added, 3 removed): run `nnUNetv2_plan_and_preprocess -d 321` "
+                           "again before training")
+    assert len(warnings) == 2 and "were trained on the earlier folds" in warnings[1]
+
+
 def test_api_output_and_nnunet_integrity(source, raw, tmp_path, monkeypatch):
     preprocessed = tmp_path / "pre"
     (preprocessed / DATASET).mkdir(parents=True)

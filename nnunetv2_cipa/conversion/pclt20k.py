@@ -40,7 +40,8 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 @dataclass
 class ConversionReport:
     """What a conversion wrote: the dataset folder, slice IDs per split, tumour slices, image sizes, the 8-bit scale
-    of each modality, and notes (lists read, slices merged, leftovers of interrupted runs cleaned up)."""
+    of each modality, notes (lists read, slices merged, leftovers of interrupted runs cleaned up) and warnings (what
+    nnU-Net's folders still hold of an earlier conversion, and what to do about it)."""
     folder: Path
     train_ids: list[str]
     test_ids: list[str]
@@ -49,6 +50,7 @@ class ConversionReport:
     folds: int
     scales: dict[str, ModalityScale]
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def patient_folds(case_ids: list[str], folds: int, seed: int) -> list[dict[str, list[str]]]:
@@ -137,6 +139,44 @@ def write_planned_splits(path: Path | None, splits: list[dict], target: Path) ->
     except InputError as e:
         raise InputError(f"{e}; {target} was converted, but nnU-Net would train on the old folds: copy its "
                          f"splits_final.json to {path}") from None
+
+
+def read_planned_splits(path: Path | None) -> list[dict] | None:
+    """The folds nnU-Net trains with now (``preprocessed_splits_file``), before the conversion replaces them; None
+    when there are none or they cannot be read."""
+    try:
+        return json.loads(path.read_text()) if path is not None and path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _cases(splits: list[dict] | None) -> set[str]:
+    return {case for fold in splits or [] for part in ("train", "val") for case in fold.get(part, [])}
+
+
+def planned_dataset_warnings(dataset_id: int, target: Path, splits_file: Path | None, earlier: list[dict] | None,
+                             splits: list[dict]) -> list[str]:
+    """What a conversion of an already planned dataset leaves behind in nnU-Net's folders: preprocessed data of
+    other cases (training would fail on the missing ones), and trained models whose folds changed."""
+    if splits_file is None or earlier == splits:
+        return []
+    added, removed = len(_cases(splits) - _cases(earlier)), len(_cases(earlier) - _cases(splits))
+    warnings = []
+    if earlier is None or added or removed:
+        change = "" if earlier is None else f" ({added} training slices added, {removed} removed)"
+        warnings.append(f"{splits_file.parent} holds nnU-Net's plan and preprocessed data of an earlier conversion"
+                        f"{change}: run `nnUNetv2_plan_and_preprocess -d {dataset_id}` again before training")
+    else:
+        warnings.append(f"{splits_file} now holds the new folds (the slices are the same; their assignment to folds "
+                        "changed)")
+    results = Path(os.environ["nnUNet_results"]) / target.name if os.environ.get("nnUNet_results") else None
+    trained = sorted(p.name for p in results.iterdir() if p.is_dir()) if results is not None and results.is_dir() \
+        else []
+    if trained:
+        warnings.append(f"models in {results} ({', '.join(trained)}) were trained on the earlier folds: train them "
+                        "again before comparing or ensembling (`nnunetv2_cipa compare` refuses folds whose "
+                        "validation cases differ)")
+    return warnings
 
 
 def source_problems(problems: list[str]) -> InputError:
@@ -229,6 +269,7 @@ def convert_pclt20k(source, dataset_id: int, name: str = "PCLT20K", folds: int =
                              f"half done ({e.strerror or e})") from e
         check_dataset_id(dataset_id, target, overwrite)
         planned_splits = preprocessed_splits_file(target)
+        earlier_splits = read_planned_splits(planned_splits)
         lists = read_source_lists(source, val_list)
         slices, missing = locate_files(source, lists)
         splits = None if lists.problems else patient_folds(lists.train, folds, seed)
@@ -249,7 +290,9 @@ def convert_pclt20k(source, dataset_id: int, name: str = "PCLT20K", folds: int =
     return ConversionReport(folder=target, train_ids=lists.train, test_ids=lists.test,
                             tumour_slices={r.slice_id for r in results if r.has_tumour},
                             sizes=sorted({f"{r.shape[1]}x{r.shape[0]}" for r in results}), folds=folds, scales=scales,
-                            notes=notes + lists.notes)
+                            notes=notes + lists.notes,
+                            warnings=planned_dataset_warnings(dataset_id, target, planned_splits, earlier_splits,
+                                                              splits))
 
 
 def format_summary(report: ConversionReport) -> str:
