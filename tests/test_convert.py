@@ -160,9 +160,9 @@ def _break_missing(src, kind):
     return path.name
 
 
-def _break_size(src):
-    Image.fromarray(np.zeros((32, 48), np.uint8)).save(src / "P0002" / "P0002_001_PET.png")
-    return "P0002_001_PET.png"
+def _break_size(src, slice_id="P0002_001"):
+    Image.fromarray(np.zeros((32, 48), np.uint8)).save(src / slice_id[:5] / f"{slice_id}_PET.png")
+    return f"{slice_id}_PET.png: 48x32, but the CT and mask of {slice_id} are 48x48"
 
 
 def _break_mask_values(src, patient="P0003", slice_no="002"):
@@ -263,6 +263,21 @@ def test_bad_input_rejected_without_leftovers(source, raw, case, num_processes):
     assert expected in str(error.value)
     assert not raw.exists() or list(raw.iterdir()) == []
     assert tree_hash(source) == before
+
+
+def test_a_modality_at_another_resolution_throughout_is_summed_up(source, raw):
+    """PET stored at another size in every slice of two patients: each slice named, plus one line for the pattern;
+    a CT that differs in one slice only gets no summary line."""
+    expected = [_break_size(source, f"P000{p}_00{s}") for p in (1, 2) for s in range(3)]
+    Image.fromarray(np.zeros((48, 40), np.uint8)).save(source / "P0003" / "P0003_000_CT.png")
+    with pytest.raises(InputError) as error:
+        convert_pclt20k(source, 321, num_processes=1)
+    message = str(error.value)
+    assert all(e in message for e in expected)
+    assert "P0003_000_CT.png: 40x48, but the PET and mask of P0003_000 are 48x48" in message
+    assert message.count("slices have") == 1
+    assert message.endswith("- 6 slices have PET 48x32, CT and mask 48x48: nnU-Net needs CT, PET and mask of a slice "
+                            "on one pixel grid; resample the odd one onto the CT grid before converting")
 
 
 def test_every_bad_file_reported_in_one_run_through_the_script(source, raw):

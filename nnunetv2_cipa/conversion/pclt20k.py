@@ -26,7 +26,7 @@ from tqdm import tqdm
 from nnunetv2_cipa.cases import patient_of
 from nnunetv2_cipa.conversion import BIT_DEPTH_POLICIES, VAL_LIST_POLICIES
 from nnunetv2_cipa.conversion.slices import (ModalityScale, SliceResult, SliceTask, WriteError, convert_slice,
-                                             decide_scales, scale_tasks, write_scaled)
+                                             decide_scales, scale_tasks, size_mismatch_summary, write_scaled)
 from nnunetv2_cipa.conversion.source import locate_files, read_source_lists
 from nnunetv2_cipa.conversion.staging import DatasetLock, recover_interrupted, stop_point, worker_init
 from nnunetv2_cipa.errors import InputError
@@ -216,7 +216,7 @@ def _convert_slices(slices: dict[str, dict[str, Path]], test_ids: set[str], work
     for folder in {t.images_dir for t in tasks.values()} | {t.labels_dir for t in tasks.values()}:
         folder.mkdir()
     results = _run_pool(convert_slice, list(tasks.values()), num_processes, "converting slices", "converting")
-    problems = problems + [p for r in results for p in r.problems]
+    problems = problems + [p for r in results for p in r.problems] + size_mismatch_summary(results)
     scales, scale_problems = decide_scales(tasks, [r for r in results if not r.problems], high_bit_depth)
     problems += scale_problems
     deferred = [] if problems else scale_tasks(tasks, results, scales)

@@ -11,6 +11,7 @@ right by the same number of bits, from the modality's dataset-wide bit depth (th
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,10 +43,12 @@ class WriteError(InputError):
 
 @dataclass
 class SliceResult:
-    """What the pass over one slice found: problems (then nothing else is set), the (H, W) size, whether the mask
-    has tumour, and the maximum of each 16-bit modality file (those are written later, see ``ScaleTask``)."""
+    """What the pass over one slice found: problems (then nothing else is set; ``size_mismatch`` describes a size
+    problem as "PET 256x256, CT and mask 512x512", shared by slices with the same one), the (H, W) size, whether the
+    mask has tumour, and the maximum of each 16-bit modality file (those are written later, see ``ScaleTask``)."""
     slice_id: str
     problems: list[str] = field(default_factory=list)
+    size_mismatch: str | None = None
     shape: tuple[int, int] | None = None
     has_tumour: bool = False
     high_bit_maxima: dict[str, int] = field(default_factory=dict)
@@ -76,6 +79,30 @@ def _mask_problem(path: Path, mask: np.ndarray) -> str | None:
         (", or 0/65535 in a 16-bit file)" if len(allowed) > 2 else ")")
 
 
+def _size(shape: tuple[int, ...]) -> str:
+    return f"{shape[1]}x{shape[0]}"
+
+
+def _size_problem(task: SliceTask, shapes: dict[str, tuple[int, ...]]) -> tuple[str, str]:
+    """(problem, mismatch) for a slice whose CT, PET and mask differ in size: the problem names the file whose size
+    differs from the other two (the slice's folder when all three differ)."""
+    common, count = Counter(shapes.values()).most_common(1)[0]
+    if count == 2:
+        odd = next(kind for kind, shape in shapes.items() if shape != common)
+        others = " and ".join(kind for kind in shapes if kind != odd)
+        return (f"{task.files[odd]}: {_size(shapes[odd])}, but the {others} of {task.slice_id} are {_size(common)}",
+                f"{odd} {_size(shapes[odd])}, {others} {_size(common)}")
+    mismatch = ", ".join(f"{kind} {_size(shape)}" for kind, shape in shapes.items())
+    return f"{task.files['mask'].parent}: CT, PET and mask of {task.slice_id} differ in size: {mismatch}", mismatch
+
+
+def size_mismatch_summary(results: list[SliceResult]) -> list[str]:
+    """One line per size mismatch that several slices share (a modality stored at another resolution throughout)."""
+    counts = Counter(r.size_mismatch for r in results if r.size_mismatch)
+    return [f"{n} slices have {mismatch}: nnU-Net needs CT, PET and mask of a slice on one pixel grid; resample the "
+            "odd one onto the CT grid before converting" for mismatch, n in counts.most_common() if n > 1]
+
+
 def convert_slice(task: SliceTask) -> SliceResult:
     """Read and check one slice; write its 8-bit CT / PET (16-bit ones are left for ``write_scaled``) and its 0/1
     label. Every problem of the source becomes a message in the result, naming the file; a file that cannot be
@@ -91,8 +118,8 @@ def convert_slice(task: SliceTask) -> SliceResult:
         return result
     shapes = {kind: a.shape for kind, a in arrays.items()}
     if len(set(shapes.values())) != 1:
-        result.problems.append(f"{task.files['mask']}: size mismatch between CT, PET and mask of {task.slice_id}: "
-                               + ", ".join(f"{task.files[k].name} {s[1]}x{s[0]}" for k, s in shapes.items()))
+        problem, result.size_mismatch = _size_problem(task, shapes)
+        result.problems.append(problem)
         return result
     problem = _mask_problem(task.files["mask"], arrays["mask"])
     if problem:
