@@ -265,6 +265,16 @@ def test_bad_input_rejected_without_leftovers(source, raw, case, num_processes):
     assert tree_hash(source) == before
 
 
+def test_patient_folders_no_list_names_are_reported(source, raw):
+    train = listed(source, "train.txt")
+    (source / "train.txt").write_text("".join(f"{c}\n" for c in train if not c.startswith("P0001_")))
+    (source / "notes").mkdir()  # a folder without images is no patient
+    report = convert_pclt20k(source, 321, num_processes=1)
+    assert (f"note: 1 patient folder(s) in {source} hold slices that no list names, not converted: P0001"
+            in format_summary(report))
+    assert not any(c.startswith("P0001_") for c in report.train_ids)
+
+
 def test_a_modality_at_another_resolution_throughout_is_summed_up(source, raw):
     """PET stored at another size in every slice of two patients: each slice named, plus one line for the pattern;
     a CT that differs in one slice only gets no summary line."""

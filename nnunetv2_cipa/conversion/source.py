@@ -154,7 +154,22 @@ def read_source_lists(root: Path, val_list: str = "refuse") -> SourceLists:
     if shared:
         lists.problems.append(f"{lists.files['test']}: patient(s) {', '.join(shared[:5])} also appear in the "
                               "training lists; the test set must be patient-disjoint")
+    unlisted = unlisted_patient_folders(root, names, {patient_of(i) for split in ids.values() for i in split})
+    if unlisted and lists.files["train"] is not None:
+        lists.notes.append(f"{len(unlisted)} patient folder(s) in {root} hold slices that no list names, not "
+                           f"converted: {', '.join(unlisted[:5])}{', ...' if len(unlisted) > 5 else ''}")
     return lists
+
+
+def unlisted_patient_folders(root: Path, names: list[str], listed_patients: set[str]) -> list[str]:
+    """The folders among ``names`` that hold a CT image (``*_CT.png``) but are no listed patient's, sorted."""
+    def holds_slices(folder: Path) -> bool:
+        try:
+            return any(name.endswith("_CT.png") for name in os.listdir(folder))
+        except OSError:  # not a folder, or unreadable: nothing to convert there either way
+            return False
+
+    return sorted(name for name in names if name not in listed_patients and holds_slices(root / name))
 
 
 def locate_files(root: Path, lists: SourceLists) -> tuple[dict[str, dict[str, Path]], list[str]]:
