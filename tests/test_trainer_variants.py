@@ -387,6 +387,17 @@ def test_out_of_memory_that_cannot_be_retried_stops_with_the_fix(setting, why, n
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))
 
 
+def test_cuda_device_without_cuda_stops_with_the_fix(nnunet_paths, monkeypatch):
+    """nnUNetv2_train without -device cpu on a machine whose torch has no CUDA: one clear message before anything
+    (the scan backend's fallback warnings included) is set up."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    trainer = make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths)
+    trainer.device = torch.device("cuda", 0)
+    with pytest.raises(SystemExit, match="sees no CUDA GPU: pass -device cpu to nnUNetv2_train"):
+        trainer.initialize()
+    assert not trainer.was_initialized
+
+
 def test_unknown_scan_backend_stops_with_its_message(nnunet_paths, monkeypatch):
     monkeypatch.setenv("NNUNETV2_CIPA_SCAN_BACKEND", "bogus")
     with pytest.raises(SystemExit, match="nnUNetTrainerCIPA_debug: .*bogus"):

@@ -344,6 +344,10 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
     # ---- set-up and logging ----------------------------------------------------------------------------------
 
     def initialize(self):
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"{self.__class__.__name__}: nnU-Net trains on the GPU unless told otherwise, but torch "
+                             f"{torch.__version__} sees no CUDA GPU: pass -device cpu to nnUNetv2_train, or install "
+                             "a CUDA build of torch")
         if self._do_i_compile():
             self.print_to_log_file(use_static_shape_compile())
         super().initialize()
