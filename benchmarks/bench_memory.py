@@ -7,7 +7,8 @@ the libraries cancel out. Peak = VmHWM after a warm-up step and a reset of the h
 minus the resident memory before the step; glibc is told to return every freed block of 64 KiB or more to the
 system (MALLOC_MMAP_THRESHOLD_=65536), so the resident memory follows the live tensors.
 16-bit rows run under CPU bfloat16 autocast, whose lower-precision op list (matmul, convolution, linear) matches
-CUDA's fp16 autocast: the same tensors are stored in 2 bytes. ``--checkpointing on`` sets the network's
+CUDA's fp16 autocast, with LayerNorm run in float32 as CUDA's autocast runs it (its float32 list; CPU autocast
+would leave it in bfloat16, 2 bytes where CUDA saves 4): the same tensors are stored as on a GPU. ``--checkpointing on`` sets the network's
 ``activation_checkpointing``. Scan backends: ``cpu`` reads the map in place; ``cpu-gathered`` runs the numba kernel
 behind the gathered path that the ``cuda`` (mamba-ssm) and ``torch`` backends take (the four scan orders copied and
 kept for backward, plus the kernel's chunk states), at CPU speed; ``torch`` is the pure-PyTorch scan itself (slow).
@@ -64,12 +65,32 @@ def use_gathered_cpu_scan() -> None:
     backends.BACKENDS["cpu"] = dataclasses.replace(backends.BACKENDS["cpu"], directional_scan=None)
 
 
+def float32_layer_norms_under_autocast() -> None:
+    """Make LayerNorm run in float32 under CPU autocast, as CUDA's autocast runs it: CIPA's one op on CUDA's
+    float32 list that CPU autocast leaves in bfloat16 (the others it calls, exp and softplus, run inside the
+    selective scan, in float32 either way)."""
+    import torch
+    import torch.nn.functional as F
+
+    layer_norm = F.layer_norm
+
+    def cuda_autocast_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+        if torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return layer_norm(x.float(), normalized_shape, weight, bias, eps)
+        return layer_norm(x, normalized_shape, weight, bias, eps)
+
+    F.layer_norm = cuda_autocast_layer_norm
+
+
 def worker(cell: dict) -> dict:
     """Peak working memory of one training step, measured in this (fresh) process."""
     import torch
 
     if cell["backend"] == "cpu-gathered":
         use_gathered_cpu_scan()
+    if cell["dtype"] == "bfloat16":
+        float32_layer_norms_under_autocast()
 
     torch.manual_seed(0)
     size, batch = cell["size"], cell["batch"]

@@ -28,3 +28,23 @@ def test_memory_model_predicts_micro_within_25_percent(tmp_path):
         assert row["per_sample_bytes"] > 0
         assert abs(row["prediction_error"]) < 0.25, row
     assert "| 24 GB | 4 / 5 | 12 / 12 | 3 / 4 |" in result.stdout  # the GPU table of docs/usage.md
+
+
+def test_16_bit_rows_run_layer_norm_in_float32_as_cuda_autocast_does(monkeypatch):
+    """CUDA's autocast runs layer_norm in float32 (and the LayerNorm saves its input in 4 bytes), CPU's leaves it in
+    bfloat16: the benchmark's 16-bit rows take CUDA's policy, outside autocast nothing changes."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from bench_memory import float32_layer_norms_under_autocast
+
+    monkeypatch.setattr(F, "layer_norm", F.layer_norm)  # restored after the test
+    norm, x = torch.nn.LayerNorm(8), torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm(x.bfloat16()).dtype == torch.bfloat16
+        float32_layer_norms_under_autocast()
+        y = norm(x.bfloat16())
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, F.layer_norm(x.bfloat16().float(), (8,), norm.weight, norm.bias))
+    torch.testing.assert_close(norm(x), F.layer_norm(x, (8,), norm.weight, norm.bias), rtol=0, atol=0)
