@@ -101,13 +101,14 @@ def test_memory_model_rejects_unknown_inputs():
 def test_every_preset_has_a_gpu_memory_model(preset, backend):
     """Every preset can choose its batch on a GPU with either compiled kernel (gathered scan orders for cuda, in
     place for triton): both activation widths, with and without checkpointing; checkpointing always saves memory,
-    16-bit never costs more."""
+    16-bit saves some without it and costs at most 7% more with it (CIPA-micro, gathered: where only the stages'
+    inputs are kept, autocast's 16-bit copies and the float32 LayerNorm inputs outweigh what 2 bytes save)."""
     per_sample = {(dtype, ckpt): activation_bytes_per_sample(preset, (512, 512), backend, dtype, ckpt)
                   for dtype in (torch.float32, torch.float16) for ckpt in (False, True)}
     for dtype in (torch.float32, torch.float16):
         assert per_sample[dtype, True] < per_sample[dtype, False]
-    for ckpt in (False, True):
-        assert per_sample[torch.float16, ckpt] <= per_sample[torch.float32, ckpt] * 1.01
+    assert per_sample[torch.float16, False] < per_sample[torch.float32, False]
+    assert per_sample[torch.float16, True] <= per_sample[torch.float32, True] * 1.07
 
 
 def test_trainer_applies_the_choice_to_batch_and_oversampling(nnunet_paths, monkeypatch):
@@ -487,6 +488,6 @@ def test_documented_gpu_batches():
     assert {gib: table[gib, "cuda"] for gib, _ in table} == {
         16: (2, 8, 2), 24: (4, 12, 3), 40: (7, 12, 6), 48: (9, 12, 7), 80: (12, 12, 12), 141: (12, 12, 12)}
     assert {gib: table[gib, "triton"] for gib, _ in table} == {  # in place: no gathered copies kept
-        16: (3, 12, 3), 24: (5, 12, 4), 40: (10, 12, 8), 48: (12, 12, 9), 80: (12, 12, 12), 141: (12, 12, 12)}
+        16: (3, 12, 3), 24: (5, 12, 4), 40: (9, 12, 8), 48: (11, 12, 9), 80: (12, 12, 12), 141: (12, 12, 12)}
     documented = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
     assert all(line in documented for line in gpu_batch_table_lines(rows))
