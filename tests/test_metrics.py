@@ -161,8 +161,11 @@ def test_input_errors(tmp_path, folders):
     write_png(pred / "p9_000.png", np.zeros((8, 8)))
     with pytest.raises(InputError, match=r"p2_000.*p9_000"):
         evaluate_folders(gt, pred)
-    write_png(pred / "p2_000.png", np.zeros((8, 9)))
     (pred / "p9_000.png").unlink()
+    with pytest.raises(InputError, match=r"lacks 1 of the 3 cases .*p2_000\. To score one cross-validation fold, "
+                                         r"run `nnunetv2_cipa compare -f FOLD`"):
+        evaluate_folders(gt, pred)  # predictions of a subset of the cases
+    write_png(pred / "p2_000.png", np.zeros((8, 9)))
     with pytest.raises(InputError, match="size mismatch.*p2_000"):
         evaluate_folders(gt, pred)
     write_png(pred / "p2_000.png", np.full((8, 8), 255))

@@ -262,7 +262,13 @@ def evaluate_listed(gt: dict[str, Path], pred: dict[str, Path], gt_dir, pred_dir
     """``evaluate_folders`` for the ``list_label_pngs`` of ``gt_dir`` and ``pred_dir``."""
     if os.path.samefile(gt_dir, pred_dir):
         raise InputError(f"{pred_dir}: the prediction folder is the ground-truth folder {gt_dir}")
-    pairs = match_cases(gt, pred, gt_dir, pred_dir)
+    try:
+        pairs = match_cases(gt, pred, gt_dir, pred_dir)
+    except InputError as e:
+        if pred and set(pred) < set(gt):  # e.g. one fold's validation predictions against labelsTr
+            raise InputError(f"{e}. To score one cross-validation fold, run `nnunetv2_cipa compare -f FOLD`: it "
+                             "takes the fold's validation cases from splits_final.json") from None
+        raise
     result = evaluate_pairs(pairs, patient_sep=patient_sep, num_workers=num_workers)
     return {"gt_dir": str(gt_dir), "pred_dir": str(pred_dir), **result}
 
