@@ -38,13 +38,18 @@ def _reason(err: Exception) -> str:
     return f"{type(err).__name__}: {' '.join(text.split())}"
 
 
+def check_checkpoint_path(path: Path, what: str) -> None:
+    """InputError ("``what`` ``path``: ...") unless ``path`` is a file."""
+    if not path.is_file():
+        raise InputError(f"{what} {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
+
+
 def load_checkpoint_file(path: Path, what: str, mmap: bool = False):
     """The object saved in ``path``, its tensors on the CPU (memory-mapped with ``mmap``: only the tensors read are
     paged in). InputError ("``what`` ``path``: ...") when there is no
     such file, it is not a PyTorch checkpoint, or its pickle references anything but tensors, containers and
     configuration types."""
-    if not path.is_file():
-        raise InputError(f"{what} {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
+    check_checkpoint_path(path, what)
     try:
         with warnings.catch_warnings():  # torch's note on pickle protocols: the refusal below says what matters
             warnings.simplefilter("ignore", UserWarning)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from nnunetv2_cipa.checkpoint_file import load_checkpoint_file
+from nnunetv2_cipa.checkpoint_file import check_checkpoint_path, load_checkpoint_file
 from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.network import CIPA
 
@@ -29,12 +29,14 @@ STEM_KEY = "encoder.patch_embed.proj.weight"
 HEAD_KEY = "decoder.head.weight"
 AUX_HEADS_PREFIX = "decoder.aux_heads."
 DDP_PREFIX = "module."
+OFFICIAL_CHECKPOINT = "official checkpoint"  # how messages name the file
 # positions in the official CRM's ``channel_weights.mlp`` Sequential (position 2 is its GELU)
 _CRM_LAYERS = {"spatial_norm": 0, "embed": 1, "channel_ssm": 3, "token_norm": 4, "to_weight": 5}
 _DCIM_INTERACTION = {"ct_norm": "inner_norm1", "ct_ssm": "inner_attn", "pet_norm": "outer_norm1",
                      "pet_ssm": "outer_attn"}
 _DCIM_STEMS = {"ct_stem": "inner_convs", "pet_stem": "outer_convs"}  # official: flat (conv, BN, ReLU) triples
 _CHANNEL_ATTENTION = 3  # position of the channel attention in our CAB body and in the official ``conv_blk.cab``
+
 
 
 def official_key_prefixes(network: CIPA) -> list[tuple[str, str]]:
@@ -111,12 +113,17 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_official_checkpoint_path(path: str | Path) -> None:
+    """InputError naming ``path`` unless it is a file (before any other work on it)."""
+    check_checkpoint_path(Path(path), OFFICIAL_CHECKPOINT)
+
+
 def read_official_checkpoint(path: str | Path) -> OfficialCheckpoint:
     """Read ``path``: the official ``{"model": state_dict, "optimizer": ..., "args": Namespace, ...}``, a bare state
     dict, or either with ``module.``-prefixed keys, read by ``load_checkpoint_file`` (which allows the Namespace);
     InputError naming the file otherwise."""
     path = Path(path)
-    content = load_checkpoint_file(path, "official checkpoint")
+    content = load_checkpoint_file(path, OFFICIAL_CHECKPOINT)
     wrapped = isinstance(content, dict) and isinstance(content.get("model"), dict)
     state = content["model"] if wrapped else content
     if not isinstance(state, dict) or not state:

@@ -261,6 +261,8 @@ def test_import_writes_a_fold_the_predictor_loads(nnunet_folders, official_check
 
 
 def test_a_failed_import_leaves_nothing_behind(nnunet_folders, official_checkpoint, monkeypatch):
+    with pytest.raises(InputError, match=r"official checkpoint .*absent.pth: no such file"):  # before the plan
+        import_official(nnunet_folders / "absent.pth", "950", trainer="nnUNetTrainerCIPA")
     planned(nnunet_folders)
     results = nnunet_folders / "nnUNet_results"
     bad = nnunet_folders / "partial.pth"
