@@ -8,10 +8,11 @@ minus the resident memory before the step; glibc is told to return every freed b
 system (MALLOC_MMAP_THRESHOLD_=65536), so the resident memory follows the live tensors.
 16-bit rows run under CPU bfloat16 autocast, whose lower-precision op list (matmul, convolution, linear) matches
 CUDA's fp16 autocast, with LayerNorm run in float32 as CUDA's autocast runs it (its float32 list; CPU autocast
-would leave it in bfloat16, 2 bytes where CUDA saves 4): the same tensors are stored as on a GPU. ``--checkpointing on`` sets the network's
-``activation_checkpointing``. Scan backends: ``cpu`` reads the map in place; ``cpu-gathered`` runs the numba kernel
-behind the gathered path that the ``cuda`` (mamba-ssm) and ``torch`` backends take (the four scan orders copied and
-kept for backward, plus the kernel's chunk states), at CPU speed; ``torch`` is the pure-PyTorch scan itself (slow).
+would leave it in bfloat16, 2 bytes where CUDA saves 4): the same tensors are stored as on a GPU.
+``--checkpointing on`` sets the network's ``activation_checkpointing``. Scan backends: ``cpu`` reads the map in
+place; ``cpu-gathered`` runs the numba kernel behind the gathered path that the ``cuda`` (mamba-ssm) and ``torch``
+backends take (the four scan orders copied and kept for backward, plus the kernel's chunk states), at CPU speed;
+``torch`` is the pure-PyTorch scan itself (slow).
 Usage: python benchmarks/bench_memory.py [--models tiny micro vanilla] [--sizes 256 512] [--backends cpu cpu-gathered]
        [--dtypes float32 bfloat16] [--checkpointing off on] [--batches 1 2] [--json PATH]
        python benchmarks/bench_memory.py --gpu-table   (the batch the model gives CIPA-tiny on common GPUs)

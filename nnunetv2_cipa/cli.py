@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("demo", help="synthetic data -> nnU-Net -> CIPA vs vanilla nnU-Net -> report")
-    p.add_argument("--workdir", default="demo_workdir", help="folder for data, results and report (default demo_workdir)")
+    p.add_argument("--workdir", default="demo_workdir",
+                   help="folder for data, results and report (default demo_workdir)")
     p.add_argument("--quick", action="store_true", help="debug trainers, under 3 minutes on CPU")
     p.set_defaults(func=_cmd_demo)
 

@@ -38,7 +38,6 @@ _DCIM_STEMS = {"ct_stem": "inner_convs", "pet_stem": "outer_convs"}  # official:
 _CHANNEL_ATTENTION = 3  # position of the channel attention in our CAB body and in the official ``conv_blk.cab``
 
 
-
 def official_key_prefixes(network: CIPA) -> list[tuple[str, str]]:
     """(our prefix, official prefix) pairs for ``network``, longest first (the first match is the one to use)."""
     pairs = [("encoder.patch_embed.proj.", "backbone.vssm.patch_embed.0."),

@@ -170,8 +170,8 @@ def planned_dataset_warnings(dataset_id: int, target: Path, splits_file: Path | 
         warnings.append(f"{splits_file} now holds the new folds (the slices are the same; their assignment to folds "
                         "changed)")
     results = Path(os.environ["nnUNet_results"]) / target.name if os.environ.get("nnUNet_results") else None
-    trained = sorted(p.name for p in results.iterdir() if p.is_dir()) if results is not None and results.is_dir() \
-        else []
+    trained = sorted(p.name for p in results.iterdir() if p.is_dir() and p.name.count("__") == 2) \
+        if results is not None and results.is_dir() else []  # TRAINER__PLANS__CONFIGURATION folders
     if trained:
         warnings.append(f"models in {results} ({', '.join(trained)}) were trained on the earlier folds: train them "
                         "again before comparing or ensembling (`nnunetv2_cipa compare` refuses folds whose "

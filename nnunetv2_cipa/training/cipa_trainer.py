@@ -20,8 +20,9 @@ What differs from nnU-Net's default trainer, and why (docs/recipes.md compares e
   stop with a clear message at the first non-finite loss, micro-batches when accumulating, and activation
   checkpointing when ``activation_checkpointing`` or env ``nnUNet_CIPA_checkpointing=1``. A step that runs out of
   GPU memory (torch's out-of-memory error, or cuBLAS / cuDNN failing to allocate) is retried in micro-batches of half
-  the size (``oom_backoff``; not under DDP), so a memory model that is off costs speed, not the training. ``network_autocast`` (bf16 / float32 variants) fixes the network's own
-  precision in training, validation and prediction alike.
+  the size (``oom_backoff``; not under DDP), so a memory model that is off costs speed, not the training.
+  ``network_autocast`` (bf16 / float32 variants) fixes the network's own precision in training, validation and
+  prediction alike.
 - torch.compile: off unless ``nnUNet_compile`` is set to true (and, as in nnU-Net, never on CPU); then with static
   shapes (``compile_settings``), the selective scans running eagerly between compiled graphs.
 - the scan backend, torch / CUDA / mamba-ssm versions and the GPU go into the training log.

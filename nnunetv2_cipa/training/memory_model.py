@@ -1,9 +1,10 @@
 """How many CIPA training samples fit on a GPU: a memory model measured by benchmarks/bench_memory.py.
 
 A training step needs, besides the activations, the training state: float32 weights, their gradients and AdamW's two
-moments (16 bytes per parameter), under DDP also the gradient buckets (4 more). The activations kept for backward, plus the transient buffers of backward, grow
-linearly with the batch and with the pixels of the patch, so one coefficient per (preset, scan path, activation
-width, checkpointing) gives the per-sample bytes: ``ACTIVATION_BYTES_PER_PIXEL[...] * H * W``.
+moments (16 bytes per parameter), under DDP also the gradient buckets (4 more). The activations kept for backward,
+plus the transient buffers of backward, grow linearly with the batch and with the pixels of the patch, so one
+coefficient per (preset, scan path, activation width, checkpointing) gives the per-sample bytes:
+``ACTIVATION_BYTES_PER_PIXEL[...] * H * W``.
 - scan path: the ``cpu`` and ``triton`` backends read the map in place in every scan order, keeping the inputs and
   a state per 32 steps ("in_place"); ``torch``, ``cuda`` (mamba-ssm) and ``reference`` gather the four scan orders
   into copies that are kept for backward ("gathered");
@@ -150,7 +151,8 @@ def choose_batch_size(planned: int, device: torch.device, preset: str, patch_siz
               f"{'x'.join(str(int(s)) for s in patch_size)}, {backend} scan, {width} activations"
               f"{', activation checkpointing' if checkpointing else ''}: {per_sample / GIB:.2f} GiB per sample + "
               f"{training_peak_bytes(0, parameters, per_sample, workspace, distributed) / GIB:.2f} GiB "
-              f"weights/gradients/AdamW{'/DDP buckets' if distributed else ''}{'/scan workspace' if workspace else ''}, {USABLE_FRACTION:.0%} of the free memory usable -> "
+              f"weights/gradients/AdamW{'/DDP buckets' if distributed else ''}"
+              f"{'/scan workspace' if workspace else ''}, {USABLE_FRACTION:.0%} of the free memory usable -> "
               f"{fits} fit")
     if fits < chosen:
         reason += ("; even one sample may not fit: enable activation checkpointing (nnUNetTrainerCIPA_checkpointing "
