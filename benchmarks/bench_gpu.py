@@ -219,6 +219,7 @@ def memory_row(preset: str, config: dict, device: str, batch: int | None, planne
 
     from nnunetv2_cipa.network import CIPA
     from nnunetv2_cipa.ops.backends import resolve_backend
+    from nnunetv2_cipa.training.cipa_trainer import out_of_memory_text
     from nnunetv2_cipa.training.memory_model import (activation_bytes_per_sample, choose_batch_size,
                                                      scan_workspace_bytes, training_peak_bytes)
 
@@ -256,8 +257,10 @@ def memory_row(preset: str, config: dict, device: str, batch: int | None, planne
 
     try:
         row.update(timed(step, device, repeats=iterations))
-    except torch.cuda.OutOfMemoryError as e:
-        row["out_of_memory"] = str(e).splitlines()[0]
+    except RuntimeError as e:  # the allocator's out-of-memory error, or cuBLAS / cuDNN failing to allocate
+        row["out_of_memory"] = out_of_memory_text(e)
+        if row["out_of_memory"] is None:
+            raise
         return row
     if device == "cuda":
         row.update(peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,

@@ -59,7 +59,7 @@ def _cmd_evaluate(args) -> int:
     if output.suffix.lower() == ".png":
         raise InputError(f"{output}: the metrics are JSON; a .png output could overwrite, or later be read as, a "
                          "label PNG: choose a .json file")
-    result = evaluate_listed(gt, pred, args.gt_dir, args.pred_dir, patient_sep=args.patient_sep)
+    result = evaluate_listed(gt, pred, args.gt_dir, args.pred_dir, patient_sep=args.patient_sep, chill=args.chill)
     write_text_atomically(output, json.dumps(result, indent=2, allow_nan=False))
     print(format_summary(result))
     print(f"metrics written to {output}")
@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pred_dir")
     p.add_argument("-o", dest="output", help="output JSON (default PRED_DIR/metrics_cipa.json)")
     p.add_argument("--patient-sep", default="_", help="separator after the patient ID in case names (default _)")
+    p.add_argument("--chill", action="store_true",
+                   help="score only the cases PRED_DIR holds (e.g. one fold's validation predictions against "
+                        "labelsTr), as nnUNetv2_evaluate_folder --chill")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("compare", help="compare trainers on nnU-Net cross-validation (and test) predictions")

@@ -92,12 +92,13 @@ def trainer_row() -> tuple[str, str, bool]:
     the class resolving in this process (which registers the folder) is not enough."""
     from nnunetv2_cipa.trainer_discovery import ENV_VAR, ext_trainer_path, find_trainer_class
 
-    exported = str(ext_trainer_path()) in os.environ.get(ENV_VAR, "").split(os.pathsep)
+    exported = [Path(p).resolve() for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]  # before register()
     try:
+        folder = ext_trainer_path()
         cls = find_trainer_class("nnUNetTrainerCIPA")
     except Exception as e:
         return "nnUNetTrainerCIPA", f"NOT discoverable: {type(e).__name__}: {e}", False
-    if not exported:
+    if folder not in exported:
         return ("nnUNetTrainerCIPA", f"installed ({cls.__module__}), but nnU-Net's CLI will not find it: "
                                      f"export {ENV_VAR}=$(nnunetv2_cipa ext-path)", False)
     return "nnUNetTrainerCIPA", f"discoverable by nnU-Net's CLI ({cls.__module__})", True

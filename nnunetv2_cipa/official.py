@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from nnunetv2_cipa.checkpoint_file import check_checkpoint_path, load_checkpoint_file
+from nnunetv2_cipa.checkpoint_file import load_checkpoint_file
 from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.network import CIPA
 
@@ -110,11 +110,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def check_official_checkpoint_path(path: str | Path) -> None:
-    """InputError naming ``path`` unless it is a file (before any other work on it)."""
-    check_checkpoint_path(Path(path), OFFICIAL_CHECKPOINT)
 
 
 def read_official_checkpoint(path: str | Path) -> OfficialCheckpoint:

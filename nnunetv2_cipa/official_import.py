@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
+from nnunetv2_cipa.checkpoint_file import check_checkpoint_path
 from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.network import CIPA, OFFICIAL_INPUT_SCALE_SHIFT
-from nnunetv2_cipa.official import (AUX_HEADS_PREFIX, OfficialCheckpoint, OfficialWeights,
-                                    check_official_checkpoint_path, load_official_weights, read_official_checkpoint)
+from nnunetv2_cipa.official import (AUX_HEADS_PREFIX, OFFICIAL_CHECKPOINT, OfficialCheckpoint, OfficialWeights,
+                                    load_official_weights, read_official_checkpoint)
 from nnunetv2_cipa.paths import check_output_file, output_folder, replace_folder, required_folder, signals_held
 
 OFFICIAL_PATCH_SIZE = (512, 512)       # the official CRM is tied to 512x512 inputs
@@ -124,7 +125,7 @@ def import_official(checkpoint: str | Path, dataset: str | int, trainer: str | N
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
     fold = _parse_fold(fold)
-    check_official_checkpoint_path(checkpoint)
+    check_checkpoint_path(Path(checkpoint), OFFICIAL_CHECKPOINT)  # before the plan: a missing file is named first
     preprocessed_root = required_folder("nnUNet_preprocessed")
     required_folder("nnUNet_results")
     try:

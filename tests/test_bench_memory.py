@@ -36,15 +36,20 @@ def test_16_bit_rows_run_layer_norm_in_float32_as_cuda_autocast_does(monkeypatch
     import torch
     import torch.nn.functional as F
 
-    sys.path.insert(0, str(SCRIPT.parent))
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
     from bench_memory import float32_layer_norms_under_autocast
 
-    monkeypatch.setattr(F, "layer_norm", F.layer_norm)  # restored after the test
+    layer_norm = F.layer_norm
+    monkeypatch.setattr(F, "layer_norm", layer_norm)  # restored after the test
     norm, x = torch.nn.LayerNorm(8), torch.randn(4, 8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+    half = x.bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert norm(x.bfloat16()).dtype == torch.bfloat16
+        assert norm(half).dtype == torch.bfloat16
         float32_layer_norms_under_autocast()
-        y = norm(x.bfloat16())
+        y = norm(half)
     assert y.dtype == torch.float32
-    torch.testing.assert_close(y, F.layer_norm(x.bfloat16().float(), (8,), norm.weight, norm.bias))
-    torch.testing.assert_close(norm(x), F.layer_norm(x, (8,), norm.weight, norm.bias), rtol=0, atol=0)
+    torch.testing.assert_close(y, layer_norm(half.float(), (8,), norm.weight, norm.bias), rtol=0, atol=0)
+    assert norm(half).dtype == torch.bfloat16  # outside autocast: no cast, as before
+    torch.testing.assert_close(norm(half), layer_norm(half, (8,), norm.weight, norm.bias), rtol=0, atol=0)

@@ -95,15 +95,25 @@ def test_reconverting_a_planned_dataset_says_what_is_stale(source, raw, tmp_path
     assert main(["convert", str(source), "-d", "321", "-np", "1", "--folds", "3", "--overwrite"]) == 0
     err = capsys.readouterr().err
     assert f"warning: {preprocessed / DATASET / 'splits_final.json'} now holds the new folds" in err
-    assert (f"warning: models in {results / DATASET} (nnUNetTrainerCIPA__nnUNetPlans__2d) were trained on the "
-            "earlier folds") in err
+    assert (f"warning: models in {results / DATASET} (nnUNetTrainerCIPA__nnUNetPlans__2d) were trained before this "
+            "conversion") in err
     train = listed(source, "train.txt")
     (source / "train.txt").write_text("".join(f"{c}\n" for c in train if c.split("_")[0] != train[0].split("_")[0]))
     warnings = convert_pclt20k(source, 321, num_processes=1, folds=3, overwrite=True).warnings
     assert warnings[0] == (f"{preprocessed / DATASET} holds nnU-Net's plan and preprocessed data of an earlier "
                            "conversion (0 training slices added, 3 removed): run `nnUNetv2_plan_and_preprocess -d 321` "
                            "again before training")
-    assert len(warnings) == 2 and "were trained on the earlier folds" in warnings[1]
+    assert len(warnings) == 2 and "were trained before this conversion" in warnings[1]
+    # the same slices and folds, but another normalisation than the one nnU-Net preprocessed with
+    shutil.copy(raw / DATASET / "splits_final.json", preprocessed / DATASET)
+    shutil.copy(raw / DATASET / "dataset.json", preprocessed / DATASET)
+    (preprocessed / DATASET / "splits_final.json").write_text("[1]")  # unreadable folds: nothing can be told apart
+    assert "holds nnU-Net's plan" in convert_pclt20k(source, 321, num_processes=1, folds=3, overwrite=True).warnings[0]
+    shutil.copy(raw / DATASET / "splits_final.json", preprocessed / DATASET)
+    assert convert_pclt20k(source, 321, num_processes=1, folds=3, overwrite=True).warnings == []
+    warnings = convert_pclt20k(source, 321, num_processes=1, folds=3, overwrite=True, normalization="ct").warnings
+    assert warnings[0].startswith(f"{preprocessed / DATASET} holds nnU-Net's plan and preprocessed data of an earlier "
+                                  "conversion (dataset.json's channel_names changed)")
 
 
 def test_api_output_and_nnunet_integrity(source, raw, tmp_path, monkeypatch):
@@ -287,7 +297,7 @@ def test_a_modality_at_another_resolution_throughout_is_summed_up(source, raw):
     assert "P0003_000_CT.png: 40x48, but the PET and mask of P0003_000 are 48x48" in message
     assert message.count("slices have") == 1
     assert message.endswith("- 6 slices have PET 48x32, CT and mask 48x48: nnU-Net needs CT, PET and mask of a slice "
-                            "on one pixel grid; resample the odd one onto the CT grid before converting")
+                            "on one pixel grid; resample the PET onto the CT and mask grid before converting")
 
 
 def test_every_bad_file_reported_in_one_run_through_the_script(source, raw):

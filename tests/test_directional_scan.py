@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import pytest
 import torch
 
+from nnunetv2_cipa.ops import backends
 from nnunetv2_cipa.ops.backends import available_backends
 from nnunetv2_cipa.ops.directional_scan import directional_scan
 from nnunetv2_cipa.ops.reference_scan import directional_reference
@@ -48,9 +50,15 @@ def with_grads(fn, inputs):
                          [(b, False) for b in BACKENDS] + ([("cpu", True)] if "cpu" in BACKENDS else []))
 @pytest.mark.parametrize("dtype, tol, softplus", [(torch.float64, 1e-9, True), (torch.float64, 1e-9, False),
                                                    (torch.float32, 1e-4, True)])
-def test_matches_the_per_direction_loop(backend, gather, dtype, tol, softplus):
+def test_matches_the_per_direction_loop(backend, gather, dtype, tol, softplus, monkeypatch):
     """d = 20 (the cpu kernel pads to 32 lanes), L = 70 (three kernel chunks), 3 random orders; the cpu kernel also
-    through gathered copies (``gather=True``)."""
+    through gathered copies (``gather=True``: its in-place kernel must not run)."""
+    if gather:
+        def in_place_called(*args):
+            raise AssertionError("gather=True ran the in-place directional kernel")
+
+        monkeypatch.setitem(backends.BACKENDS, backend,
+                            dataclasses.replace(backends.BACKENDS[backend], directional_scan=in_place_called))
     inputs, positions = make_inputs(dtype=dtype)
     u, delta, A, B, C, D, bias = inputs
     y_ref, g_ref = with_grads(lambda: loop_over_directions(*inputs, positions, softplus), inputs)

@@ -16,8 +16,9 @@ from scipy import ndimage
 
 from conftest import write_decompression_bomb_png
 from nnunetv2_cipa.errors import InputError
-from nnunetv2_cipa.evaluation.metrics import (NOTES, evaluate_folders, format_number, format_summary, hd95,
-                                              hd95_paper_rule, slice_metrics, unmatched_component_area)
+from nnunetv2_cipa.evaluation.metrics import (NOTES, evaluate_folders, evaluate_listed, format_number, format_summary,
+                                              hd95, hd95_paper_rule, list_label_pngs, slice_metrics,
+                                              unmatched_component_area)
 
 
 def brute_force_border(mask: np.ndarray) -> np.ndarray:
@@ -162,9 +163,10 @@ def test_input_errors(tmp_path, folders):
     with pytest.raises(InputError, match=r"p2_000.*p9_000"):
         evaluate_folders(gt, pred)
     (pred / "p9_000.png").unlink()
-    with pytest.raises(InputError, match=r"lacks 1 of the 3 cases .*p2_000\. To score one cross-validation fold, "
-                                         r"run `nnunetv2_cipa compare -f FOLD`"):
+    with pytest.raises(InputError, match=r"lacks 1 of the 3 cases .*p2_000; pass --chill to score only the cases"):
         evaluate_folders(gt, pred)  # predictions of a subset of the cases
+    subset = evaluate_listed(list_label_pngs(gt), list_label_pngs(pred), gt, pred, chill=True)
+    assert subset["cipa_protocol"]["n_slices"] == 2 and "p2_000" not in subset["per_case"]
     write_png(pred / "p2_000.png", np.zeros((8, 9)))
     with pytest.raises(InputError, match="size mismatch.*p2_000"):
         evaluate_folders(gt, pred)

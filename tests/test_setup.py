@@ -73,7 +73,22 @@ def test_ext_path_and_doctor_commands(tmp_path):
                      "nnUNet_raw", "nnUNetTrainerCIPA"):
         assert expected in result.stdout
     assert "discoverable" in result.stdout and "NOT discoverable" not in result.stdout
-    assert result.returncode == 0
+
+
+def test_doctor_trainer_row_reads_the_exported_folder_as_nnunet_does(monkeypatch):
+    """A trailing slash still names the folder; a broken install is a problem row, not a traceback."""
+    from nnunetv2_cipa import doctor, trainer_discovery
+
+    monkeypatch.setenv("nnUNet_extTrainer", f"{ext_trainer_path()}/")
+    assert doctor.trainer_row()[2] is True
+
+    def not_installed():
+        raise RuntimeError("nnunetv2_cipa.ext_trainers is not installed; reinstall nnunetv2-cipa")
+
+    monkeypatch.setattr(trainer_discovery, "ext_trainer_path", not_installed)
+    _, value, ok = doctor.trainer_row()
+    assert not ok and value == ("NOT discoverable: RuntimeError: nnunetv2_cipa.ext_trainers is not installed; "
+                                "reinstall nnunetv2-cipa")
 
 
 def test_doctor_fails_when_the_cli_cannot_find_the_trainers(tmp_path):

@@ -66,7 +66,7 @@ def test_ddp_gradient_buckets_are_part_of_the_training_state(monkeypatch):
     """Under DDP every float32 gradient also sits in an all-reduce bucket: 4 more bytes per parameter, which can
     cost a sample where the memory is tight."""
     monkeypatch.delenv(BATCH_SIZE_ENV_VAR, raising=False)
-    parameters = 5 * 10 ** 7  # DDP's buckets: 200 MB, a CIPA-micro sample at 512 x 512 under fp16
+    parameters = 5 * 10 ** 7  # DDP's buckets: 200 MB, most of a CIPA-micro sample at 512 x 512 under fp16 (237 MB)
     assert training_state_bytes(parameters, distributed=True) - training_state_bytes(parameters) == 4 * parameters
     per_sample = activation_bytes_per_sample("micro", (512, 512), "cuda", torch.float16, False)
     free = int((training_state_bytes(parameters) + 3.1 * per_sample) / 0.9)

@@ -141,40 +141,62 @@ def write_planned_splits(path: Path | None, splits: list[dict], target: Path) ->
                          f"splits_final.json to {path}") from None
 
 
-def read_planned_splits(path: Path | None) -> list[dict] | None:
-    """The folds nnU-Net trains with now (``preprocessed_splits_file``), before the conversion replaces them; None
-    when there are none or they cannot be read."""
+# what nnU-Net's preprocessing reads from dataset.json: when one of these changes, the preprocessed data is stale
+PREPROCESSING_KEYS = ("channel_names", "labels", "file_ending", "overwrite_image_reader_writer", "source_bit_depth")
+
+
+def _read_json(path: Path | None):
+    """The JSON content of ``path``, or None when there is no such file or it cannot be read."""
     try:
         return json.loads(path.read_text()) if path is not None and path.is_file() else None
     except (OSError, ValueError):
         return None
 
 
-def _cases(splits: list[dict] | None) -> set[str]:
-    return {case for fold in splits or [] for part in ("train", "val") for case in fold.get(part, [])}
+def read_planned_splits(path: Path | None) -> list[dict] | None:
+    """The folds nnU-Net trains with now (``preprocessed_splits_file``), before the conversion replaces them; None
+    when there are none or they are not nnU-Net's list of {"train": [...], "val": [...]}."""
+    splits = _read_json(path)
+    valid = isinstance(splits, list) and all(
+        isinstance(fold, dict) and all(isinstance(fold.get(part), list) for part in ("train", "val"))
+        for fold in splits)
+    return splits if valid else None
+
+
+def _split_cases(splits: list[dict] | None) -> set[str]:
+    return {str(case) for fold in splits or [] for part in ("train", "val") for case in fold[part]}
 
 
 def planned_dataset_warnings(dataset_id: int, target: Path, splits_file: Path | None, earlier: list[dict] | None,
                              splits: list[dict]) -> list[str]:
-    """What a conversion of an already planned dataset leaves behind in nnU-Net's folders: preprocessed data of
-    other cases (training would fail on the missing ones), and trained models whose folds changed."""
-    if splits_file is None or earlier == splits:
+    """What a conversion of an already planned dataset (``splits_file``: nnU-Net's copy of the folds, read as
+    ``earlier`` before) leaves stale in nnU-Net's folders: preprocessed data of other slices or settings (training
+    would fail on missing files, or train on the old normalisation), and trained models of other folds. The
+    images themselves are not compared."""
+    if splits_file is None:
         return []
-    added, removed = len(_cases(splits) - _cases(earlier)), len(_cases(earlier) - _cases(splits))
+    reasons = []
+    if earlier is not None:
+        before, now = _split_cases(earlier), _split_cases(splits)
+        added, removed = len(now - before), len(before - now)
+        reasons += [f"{added} training slices added, {removed} removed"] if added or removed else []
+    planned, converted = (_read_json(folder / "dataset.json") or {} for folder in (splits_file.parent, target))
+    changed = [key for key in PREPROCESSING_KEYS if planned.get(key) != converted.get(key)]
+    reasons += [f"dataset.json's {', '.join(changed)} changed"] if planned and changed else []
     warnings = []
-    if earlier is None or added or removed:
-        change = "" if earlier is None else f" ({added} training slices added, {removed} removed)"
+    if reasons or earlier is None:
+        because = f" ({'; '.join(reasons)})" if reasons else ""
         warnings.append(f"{splits_file.parent} holds nnU-Net's plan and preprocessed data of an earlier conversion"
-                        f"{change}: run `nnUNetv2_plan_and_preprocess -d {dataset_id}` again before training")
-    else:
+                        f"{because}: run `nnUNetv2_plan_and_preprocess -d {dataset_id}` again before training")
+    elif earlier != splits:
         warnings.append(f"{splits_file} now holds the new folds (the slices are the same; their assignment to folds "
                         "changed)")
     results = Path(os.environ["nnUNet_results"]) / target.name if os.environ.get("nnUNet_results") else None
     trained = sorted(p.name for p in results.iterdir() if p.is_dir() and p.name.count("__") == 2) \
-        if results is not None and results.is_dir() else []  # TRAINER__PLANS__CONFIGURATION folders
+        if warnings and results is not None and results.is_dir() else []  # TRAINER__PLANS__CONFIGURATION folders
     if trained:
-        warnings.append(f"models in {results} ({', '.join(trained)}) were trained on the earlier folds: train them "
-                        "again before comparing or ensembling (`nnunetv2_cipa compare` refuses folds whose "
+        warnings.append(f"models in {results} ({', '.join(trained)}) were trained before this conversion: train "
+                        "them again before comparing or ensembling (`nnunetv2_cipa compare` refuses folds whose "
                         "validation cases differ)")
     return warnings
 

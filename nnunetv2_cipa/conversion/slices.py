@@ -44,11 +44,12 @@ class WriteError(InputError):
 @dataclass
 class SliceResult:
     """What the pass over one slice found: problems (then nothing else is set; ``size_mismatch`` describes a size
-    problem as "PET 256x256, CT and mask 512x512", shared by slices with the same one), the (H, W) size, whether the
-    mask has tumour, and the maximum of each 16-bit modality file (those are written later, see ``ScaleTask``)."""
+    problem and its fix, e.g. ("PET 256x256, CT and mask 512x512", "resample the PET onto the CT and mask grid"),
+    shared by slices with the same one), the (H, W) size, whether the mask has tumour, and the maximum of each 16-bit
+    modality file (those are written later, see ``ScaleTask``)."""
     slice_id: str
     problems: list[str] = field(default_factory=list)
-    size_mismatch: str | None = None
+    size_mismatch: tuple[str, str] | None = None
     shape: tuple[int, int] | None = None
     has_tumour: bool = False
     high_bit_maxima: dict[str, int] = field(default_factory=dict)
@@ -83,24 +84,25 @@ def _size(shape: tuple[int, ...]) -> str:
     return f"{shape[1]}x{shape[0]}"
 
 
-def _size_problem(task: SliceTask, shapes: dict[str, tuple[int, ...]]) -> tuple[str, str]:
-    """(problem, mismatch) for a slice whose CT, PET and mask differ in size: the problem names the file whose size
-    differs from the other two (the slice's folder when all three differ)."""
+def _size_problem(task: SliceTask, shapes: dict[str, tuple[int, ...]]) -> tuple[str, tuple[str, str]]:
+    """(problem, (mismatch, fix)) for a slice whose CT, PET and mask differ in size: the problem names the file whose
+    size differs from the other two (the slice's folder when all three differ)."""
     common, count = Counter(shapes.values()).most_common(1)[0]
     if count == 2:
         odd = next(kind for kind, shape in shapes.items() if shape != common)
         others = " and ".join(kind for kind in shapes if kind != odd)
         return (f"{task.files[odd]}: {_size(shapes[odd])}, but the {others} of {task.slice_id} are {_size(common)}",
-                f"{odd} {_size(shapes[odd])}, {others} {_size(common)}")
+                (f"{odd} {_size(shapes[odd])}, {others} {_size(common)}", f"resample the {odd} onto the {others} grid"))
     mismatch = ", ".join(f"{kind} {_size(shape)}" for kind, shape in shapes.items())
-    return f"{task.files['mask'].parent}: CT, PET and mask of {task.slice_id} differ in size: {mismatch}", mismatch
+    return (f"{task.files['mask'].parent}: CT, PET and mask of {task.slice_id} differ in size: {mismatch}",
+            (mismatch, "resample them onto one grid"))
 
 
 def size_mismatch_summary(results: list[SliceResult]) -> list[str]:
     """One line per size mismatch that several slices share (a modality stored at another resolution throughout)."""
     counts = Counter(r.size_mismatch for r in results if r.size_mismatch)
-    return [f"{n} slices have {mismatch}: nnU-Net needs CT, PET and mask of a slice on one pixel grid; resample the "
-            "odd one onto the CT grid before converting" for mismatch, n in counts.most_common() if n > 1]
+    return [f"{n} slices have {mismatch}: nnU-Net needs CT, PET and mask of a slice on one pixel grid; {fix} before "
+            "converting" for (mismatch, fix), n in counts.most_common() if n > 1]
 
 
 def convert_slice(task: SliceTask) -> SliceResult:

@@ -258,16 +258,19 @@ def evaluate_folders(gt_dir, pred_dir, patient_sep: str = "_", num_workers: int 
 
 
 def evaluate_listed(gt: dict[str, Path], pred: dict[str, Path], gt_dir, pred_dir, patient_sep: str = "_",
-                    num_workers: int | None = None) -> dict:
-    """``evaluate_folders`` for the ``list_label_pngs`` of ``gt_dir`` and ``pred_dir``."""
+                    num_workers: int | None = None, chill: bool = False) -> dict:
+    """``evaluate_folders`` for the ``list_label_pngs`` of ``gt_dir`` and ``pred_dir``; ``chill``: only the cases
+    ``pred`` holds (as nnU-Net's ``--chill``), e.g. one fold's validation predictions against labelsTr."""
     if os.path.samefile(gt_dir, pred_dir):
         raise InputError(f"{pred_dir}: the prediction folder is the ground-truth folder {gt_dir}")
+    if chill:
+        gt = {case: path for case, path in gt.items() if case in pred}
     try:
         pairs = match_cases(gt, pred, gt_dir, pred_dir)
     except InputError as e:
-        if pred and set(pred) < set(gt):  # e.g. one fold's validation predictions against labelsTr
-            raise InputError(f"{e}. To score one cross-validation fold, run `nnunetv2_cipa compare -f FOLD`: it "
-                             "takes the fold's validation cases from splits_final.json") from None
+        if pred and set(pred) < set(gt):
+            raise InputError(f"{e}; pass --chill to score only the cases {pred_dir} holds (e.g. one fold's "
+                             "validation predictions against labelsTr)") from None
         raise
     result = evaluate_pairs(pairs, patient_sep=patient_sep, num_workers=num_workers)
     return {"gt_dir": str(gt_dir), "pred_dir": str(pred_dir), **result}

@@ -82,7 +82,8 @@ def activation_bytes_per_sample(preset: str, patch_size, backend: str, dtype, ch
 
 def training_state_bytes(parameters: int, distributed: bool = False) -> int:
     """Weights, gradients and AdamW moments of ``parameters`` float32 parameters (and DDP's gradient buckets)."""
-    return (TRAINING_STATE_BYTES_PER_PARAMETER + DDP_BUCKET_BYTES_PER_PARAMETER * distributed) * parameters
+    per_parameter = TRAINING_STATE_BYTES_PER_PARAMETER + (DDP_BUCKET_BYTES_PER_PARAMETER if distributed else 0)
+    return per_parameter * parameters
 
 
 def scan_workspace_bytes(backend: str, device_type: str) -> int:
