@@ -172,9 +172,12 @@ def test_cli_synth_checks_the_figure_path_before_writing(tmp_path):
 @pytest.mark.parametrize("signum, code, why", [(signal.SIGTERM, 143, "terminated by signal 15"),
                                                (signal.SIGINT, 130, "SIGINT")])
 def test_a_terminated_synth_leaves_nothing(tmp_path, signum, code, why):
+    # tests started in the background by a non-interactive shell (as CI may start them) ignore SIGINT, and a child
+    # inherits that: give the CLI the disposition it has under a terminal
     process = subprocess.Popen([sys.executable, "-m", "nnunetv2_cipa.cli", "synth", str(tmp_path / "d"),
                                 "--patients", "400", "--slices", "8", "--size", "64"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not any(p.name.startswith(".d.tmp-") and any(p.iterdir()) for p in tmp_path.iterdir()):
         assert time.monotonic() < deadline and process.poll() is None
