@@ -339,6 +339,8 @@ def main() -> None:
 
     import torch  # never initialises CUDA in this process: the workers measure the GPU's free memory
 
+    from nnunetv2_cipa.ops.backends import BACKENDS
+
     info = sub("info")
     if "error" in info:
         sys.exit("bench_gpu: could not query the device and its scan backends (see above)")
@@ -369,8 +371,6 @@ def main() -> None:
             row["max_logit_diff_vs_" + cipa[0]["backend"]] = float((torch.load(row["logits_file"]) - reference)
                                                                    .abs().max())
     save("network", network_rows)
-    from nnunetv2_cipa.ops.backends import BACKENDS
-
     save("scan", {b: sub("scan", b) for b in backends}
          | {f"{b} (gathered)": sub("scan-gathered", b) for b in backends if BACKENDS[b].directional_scan})
     print_tables(report)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from nnunetv2_cipa.cases import patient_of
+from nnunetv2_cipa.cases import is_nnunet_splits, patient_of
 from nnunetv2_cipa.conversion import BIT_DEPTH_POLICIES, VAL_LIST_POLICIES
 from nnunetv2_cipa.conversion.slices import (ModalityScale, SliceResult, SliceTask, WriteError, convert_slice,
                                              decide_scales, scale_tasks, size_mismatch_summary, write_scaled)
@@ -157,14 +157,11 @@ def read_planned_splits(path: Path | None) -> list[dict] | None:
     """The folds nnU-Net trains with now (``preprocessed_splits_file``), before the conversion replaces them; None
     when there are none or they are not nnU-Net's list of {"train": [...], "val": [...]}."""
     splits = _read_json(path)
-    valid = isinstance(splits, list) and all(
-        isinstance(fold, dict) and all(isinstance(fold.get(part), list) for part in ("train", "val"))
-        for fold in splits)
-    return splits if valid else None
+    return splits if is_nnunet_splits(splits) else None
 
 
-def _split_cases(splits: list[dict] | None) -> set[str]:
-    return {str(case) for fold in splits or [] for part in ("train", "val") for case in fold[part]}
+def _split_cases(splits: list[dict]) -> set[str]:
+    return {str(case) for fold in splits for part in ("train", "val") for case in fold[part]}
 
 
 def planned_dataset_warnings(dataset_id: int, target: Path, splits_file: Path | None, earlier: list[dict] | None,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunetv2_cipa.cases import patient_of
+from nnunetv2_cipa.cases import is_nnunet_splits, patient_of
 from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.evaluation.costs import model_costs
 from nnunetv2_cipa.evaluation.figures import plot_dice_distribution, plot_examples
@@ -56,7 +56,7 @@ def read_splits(name: str, raw_dir: Path) -> tuple[Path, list[dict]]:
         splits = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise InputError(f"{path}: unreadable splits file ({e})") from e
-    if not isinstance(splits, list) or not all(isinstance(s, dict) and isinstance(s.get("val"), list) for s in splits):
+    if not is_nnunet_splits(splits):
         raise InputError(f"{path}: not an nnU-Net splits file (a list of {{'train': [...], 'val': [...]}})")
     return path, splits
 
