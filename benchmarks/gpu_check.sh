@@ -52,7 +52,7 @@ PYEOF
 }
 gpu_tests() {
     "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_selective_scan.py tests/test_directional_scan.py \
-        tests/test_triton_scan.py tests/test_network.py
+        tests/test_triton_scan.py tests/test_network.py tests/test_trainer_variants.py
     # the kernels' softplus compiled for this GPU (approximate exp), against torch's
     "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_scan.py -k softplus
 }

@@ -229,6 +229,14 @@ def test_precision_variants_build_and_step(name, dtype, nnunet_paths):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_finite_flag_reads_the_loss_it_was_made_from(device):
+    values = [0.25, float("nan"), float("inf"), -float("inf"), 3e38]
+    flags = [cipa_trainer.FiniteFlag(torch.tensor(value, device=device)) for value in values]
+    assert [flag.result() for flag in flags] == [True, False, False, False, True]
+
+
 def test_non_finite_loss_stops_before_the_weights_change(nnunet_paths):
     trainer = make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths)
     trainer.initialize()

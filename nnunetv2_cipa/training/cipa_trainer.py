@@ -122,6 +122,25 @@ def out_of_memory_text(error: RuntimeError) -> str | None:
     return None
 
 
+class FiniteFlag:
+    """Whether a loss is finite, copied to the host without waiting: ``result()`` waits only for the kernels queued
+    before the copy (on a GPU the forward pass, while the backward queued after it keeps running)."""
+
+    def __init__(self, loss: torch.Tensor):
+        finite = torch.isfinite(loss)
+        self._event = None
+        if finite.device.type == "cuda":
+            finite = finite.to("cpu", non_blocking=True)  # into pinned memory
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._finite = finite
+
+    def result(self) -> bool:
+        if self._event is not None:
+            self._event.synchronize()
+        return bool(self._finite)
+
+
 def scan_backend_log_line(device: torch.device) -> str:
     """One training-log line: the scan backend in use on ``device`` and the versions and GPU behind it."""
     r = scan_backend_report(device)
@@ -431,18 +450,19 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
             chunk_target = [t[part] for t in target] if isinstance(target, list) else target[part]
             yield data[part], chunk_target, (part.stop - part.start) / n
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss):
+    def _check_finite(self, loss: torch.Tensor, finite: FiniteFlag) -> None:
+        """Raise FloatingPointError when the step's ``loss`` is not finite (``finite``: its FiniteFlag)."""
+        if not finite.result():
             lr = self.optimizer.param_groups[0]["lr"]
             raise FloatingPointError(
                 f"{self.__class__.__name__}: the training loss is {loss.item()} at epoch {self.current_epoch}, "
                 f"iteration {self.iteration_in_epoch} (lr {lr:.3g}); training stopped before this step changed the "
                 f"weights. Try the bf16 or float32 variant (nnUNetTrainerCIPA_bf16, _noAMP) or a lower learning rate")
 
-    def _accumulate_gradients(self, data: torch.Tensor, target) -> torch.Tensor:
+    def _accumulate_gradients(self, data: torch.Tensor, target) -> tuple[torch.Tensor, FiniteFlag]:
         """Forward and backward of the batch in micro-batches; the gradients of the batch loss are left in .grad
         (scaled by the GradScaler when there is one). Under DDP only the last micro-batch's backward all-reduces
-        them. Returns the loss."""
+        them. Returns the loss and its FiniteFlag."""
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         chunks = list(self._micro_batches(data, target))
@@ -451,9 +471,11 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
             with self.network.no_sync() if local else contextlib.nullcontext():
                 with self._step_autocast():
                     loss = self.loss(self.network(data_part), target_part) * weight
+                total += loss.detach()
+                if index == len(chunks) - 1:  # copied to the host while the GPU runs the last backward
+                    finite = FiniteFlag(total)
                 (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
-            total += loss.detach()
-        return total
+        return total, finite
 
     def _back_off(self, batch_size: int, error: str) -> None:
         """After an out-of-memory ``error`` in a step of ``batch_size`` samples: halve the micro-batch, or raise
@@ -491,14 +513,14 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
             else target.to(self.device, non_blocking=True)
         while True:
             try:
-                total = self._accumulate_gradients(data, target)
+                total, finite = self._accumulate_gradients(data, target)
                 break
             except RuntimeError as e:  # torch.OutOfMemoryError is one
                 error = out_of_memory_text(e)  # only the text: its frames hold the failed step's tensors
                 if error is None:
                     raise
             self._back_off(data.shape[0], error)
-        self._check_finite(total)  # once per step: reading the loss waits for the GPU
+        self._check_finite(total, finite)  # waits for the forward pass only: the backward is queued already
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
         if self.grad_clip_norm is not None:
