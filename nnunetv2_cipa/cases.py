@@ -12,7 +12,9 @@ def patient_of(case_id: str, sep: str = PATIENT_SEP) -> str:
 
 
 def is_nnunet_splits(content) -> bool:
-    """Whether ``content`` (a parsed splits_final.json) is nnU-Net's list of folds {"train": [...], "val": [...]}."""
+    """Whether ``content`` (a parsed splits_final.json) is nnU-Net's list of folds {"train": [...], "val": [...]}
+    of case names."""
     return isinstance(content, list) and all(
-        isinstance(fold, dict) and all(isinstance(fold.get(part), list) for part in ("train", "val"))
+        isinstance(fold, dict) and all(isinstance(fold.get(part), list) and all(isinstance(c, str) for c in fold[part])
+                                       for part in ("train", "val"))
         for fold in content)

@@ -27,7 +27,8 @@ from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.network import CIPA, OFFICIAL_INPUT_SCALE_SHIFT
 from nnunetv2_cipa.official import (AUX_HEADS_PREFIX, OFFICIAL_CHECKPOINT, OfficialCheckpoint, OfficialWeights,
                                     load_official_weights, read_official_checkpoint)
-from nnunetv2_cipa.paths import check_output_file, output_folder, replace_folder, required_folder, signals_held
+from nnunetv2_cipa.paths import (check_output_file, output_folder, read_json, replace_folder, required_folder,
+                                 signals_held)
 
 OFFICIAL_PATCH_SIZE = (512, 512)       # the official CRM is tied to 512x512 inputs
 OFFICIAL_CHANNEL_ROLES = {"0": "CT", "1": "PET"}
@@ -43,7 +44,17 @@ NOT_IN_OFFICIAL_MODEL = "not in the official model, unused at inference"
 def check_official_plan(plans: dict, dataset_json: dict, configuration: str, plans_file: Path):
     """(PlansManager, ConfigurationManager of ``configuration``) if it can run the official model: a 512x512 2D
     patch, two input channels (_0000 = CT, _0001 = PET) both normalised by rgb_to_0_1, background + one label;
-    InputError naming ``plans_file`` otherwise."""
+    InputError naming ``plans_file`` otherwise (also when nnU-Net cannot read the plans or dataset.json)."""
+    try:
+        return _check_official_plan(plans, dataset_json, configuration, plans_file)
+    except InputError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as e:
+        raise InputError(f"{plans_file}: nnU-Net cannot read these plans (with dataset.json) for configuration "
+                         f"{configuration!r} ({type(e).__name__}: {e}); re-run nnUNetv2_plan_and_preprocess") from e
+
+
+def _check_official_plan(plans: dict, dataset_json: dict, configuration: str, plans_file: Path):
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -120,7 +131,6 @@ def import_official(checkpoint: str | Path, dataset: str | int, trainer: str | N
     an unsuitable plan, a checkpoint that does not fit the trainer's network exactly, and an existing fold unless
     ``overwrite``.
     """
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
@@ -137,7 +147,8 @@ def import_official(checkpoint: str | Path, dataset: str | int, trainer: str | N
     for path in (plans_file, dataset_file):
         if not path.is_file():
             raise InputError(f"{path}: no such file; run nnUNetv2_plan_and_preprocess -d {dataset} -c 2d first")
-    plans_dict, dataset_json = load_json(str(plans_file)), load_json(str(dataset_file))
+    plans_dict, dataset_json = read_json(plans_file, "an nnU-Net plans file", dict), \
+        read_json(dataset_file, "an nnU-Net dataset.json", dict)
     plans_manager, config = check_official_plan(plans_dict, dataset_json, configuration, plans_file)
     trainer = trainer or default_trainer()
     trainer_class = _find_trainer(trainer)
@@ -148,7 +159,7 @@ def import_official(checkpoint: str | Path, dataset: str | int, trainer: str | N
     check_output_file(fold_dir / CHECKPOINT_FILE)  # a writable place, before the checkpoint is read
     for name, content in (("plans.json", plans_dict), ("dataset.json", dataset_json)):
         existing = model_dir / name
-        if existing.is_file() and not overwrite and load_json(str(existing)) != json.loads(json.dumps(content)):
+        if existing.is_file() and not overwrite and read_json(existing, f"an nnU-Net {name}") != json.loads(json.dumps(content)):
             raise InputError(f"{existing} differs from the one {preprocessed} gives (the folds there were made "
                              "with other plans or data); pass --overwrite to replace it")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
 import os
 import shutil
 import signal
@@ -74,6 +75,19 @@ def check_output_file(path: str | os.PathLike) -> Path:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise InputError(f"{path}: cannot write the output file: {ancestor} is not writable")
     return path
+
+
+def read_json(path: Path, what: str, expected: type | None = None):
+    """The parsed JSON file ``path`` (``what`` it should be, with its article, for messages); InputError naming the
+    file when it cannot be read, is not JSON or (``expected``) not of that type."""
+    try:
+        content = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{path}: not readable as {what} ({e})") from e
+    if expected is not None and not isinstance(content, expected):
+        raise InputError(f"{path}: not {what} (a JSON {expected.__name__} expected, found "
+                         f"{type(content).__name__})")
+    return content
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:

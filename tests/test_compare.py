@@ -146,6 +146,15 @@ def test_missing_fold_is_a_clear_error(nnunet_env):
         compare_trainers(DATASET, ("nnUNetTrainerA", "nnUNetTrainerC"), nnunet_env / "report", folds=(0,))
 
 
+@pytest.mark.parametrize("content", [[], [{"train": [], "val": [1, 2]}], [{"train": [], "val": [None, "p00_001"]}],
+                                     [{"train": [], "val": [["p00_001"]]}]])
+def test_a_malformed_splits_file_is_named(nnunet_env, content):
+    (nnunet_env / "raw" / DATASET / "splits_final.json").write_text(json.dumps(content))
+    expected = "defines no folds" if content == [] else "not an nnU-Net splits file .* of case names"
+    with pytest.raises(InputError, match=f"splits_final.json.*{expected}"):
+        compare_trainers(DATASET, TRAINERS, nnunet_env / "report", folds=(0,))
+
+
 @pytest.mark.parametrize("case", ["fold_lacks_a_case", "fold_holds_an_extra_case", "unequal_test_folders"])
 def test_every_trainer_is_scored_on_the_same_cases(nnunet_env, case):
     """A fold folder must hold exactly its fold's validation cases (splits_final.json) and a test folder exactly the
@@ -262,6 +271,13 @@ def test_unreadable_checkpoints_become_cost_notes(nnunet_env):
     assert cost["parameters"] is None and cost["epoch_time_s"] is None
     assert any("fold_0/checkpoint_final.pth: not a PyTorch checkpoint" in n for n in cost["notes"])
     assert any("fold_1/checkpoint_final.pth: not an nnU-Net checkpoint" in n for n in cost["notes"])
+    weights = {"w": torch.ones(3)}
+    for fold, odd in enumerate([{"network_weights": {"a": 1}}, {"network_weights": weights, "logging": [1, 2]},
+                                {"network_weights": weights, "logging": {"epoch_start_timestamps": ["x"]}}]):
+        torch.save(odd, model / f"fold_{fold % 2}" / "checkpoint_final.pth")
+        cost = compare_trainers(DATASET, TRAINERS, nnunet_env / "report", folds=(fold % 2,))["costs"][TRAINERS[0]]
+        assert cost["parameters"] is None and len(cost["notes"]) == 1
+        assert "not an nnU-Net checkpoint" in cost["notes"][0] if fold == 0 else "'logging' is not" in cost["notes"][0]
 
 
 def test_test_predictions_must_be_each_trainers_own_folder(nnunet_env):

@@ -5,6 +5,7 @@ CLI on 512x512 slices, prediction parity with the official forward pass and fine
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -313,6 +314,21 @@ def test_cli_reports_a_bad_plan_without_traceback(nnunet_folders, official_check
     err = capsys.readouterr().err
     assert err.startswith("nnunetv2_cipa import-official: error: ") and "patch size 256x256" in err
     assert not (nnunet_folders / "nnUNet_results" / DATASET).exists()
+
+
+@pytest.mark.parametrize("plans_text, message", [
+    ('{"configurations": {"2d', "not readable as an nnU-Net plans file"),
+    ("[]", "not an nnU-Net plans file .*found list"),
+    ("{}", "nnU-Net cannot read these plans .*KeyError"),
+])
+def test_cli_reports_a_broken_plans_file_without_traceback(nnunet_folders, official_checkpoint, capsys, plans_text,
+                                                           message):
+    _, _, plans_file = planned(nnunet_folders)
+    plans_file.write_text(plans_text)
+    assert cli.main(["import-official", str(official_checkpoint), "-d", "950", "-tr", "nnUNetTrainerCIPA"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(f"^nnunetv2_cipa import-official: error: .*nnUNetPlans.json: {message}", err), err
+    assert "Traceback" not in err and not (nnunet_folders / "nnUNet_results" / DATASET).exists()
 
 
 OFFICIAL_ID = "952"

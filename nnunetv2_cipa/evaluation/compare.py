@@ -24,7 +24,7 @@ from nnunetv2_cipa.evaluation.metrics import (CasePair, abbreviated, cover_probl
                                               list_label_pngs)
 from nnunetv2_cipa.evaluation.report import render_report
 from nnunetv2_cipa.evaluation.statistics import holm_adjusted, paired_wilcoxon
-from nnunetv2_cipa.paths import StagedFolder, check_output_file, required_folder, write_text_atomically
+from nnunetv2_cipa.paths import StagedFolder, check_output_file, read_json, required_folder, write_text_atomically
 from nnunetv2_cipa.png_io import read_gray_png, read_label_png
 
 
@@ -52,12 +52,10 @@ def read_splits(name: str, raw_dir: Path) -> tuple[Path, list[dict]]:
     if path is None:
         raise InputError(f"dataset {name}: no splits_final.json in {' or '.join(map(str, candidates))}; the "
                          "validation cases of each fold cannot be known")
-    try:
-        splits = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"{path}: unreadable splits file ({e})") from e
+    splits = read_json(path, "a splits file")
     if not is_nnunet_splits(splits):
-        raise InputError(f"{path}: not an nnU-Net splits file (a list of {{'train': [...], 'val': [...]}})")
+        raise InputError(f"{path}: not an nnU-Net splits file (a list of {{'train': [...], 'val': [...]}} of case "
+                         "names)")
     return path, splits
 
 
@@ -67,7 +65,8 @@ def validation_case_set(splits_file: Path, splits: list[dict], folds: tuple[int,
     fold_cases, seen = {}, {}
     for fold in folds:
         if not 0 <= fold < len(splits):
-            raise InputError(f"fold {fold}: {splits_file} defines folds 0..{len(splits) - 1} (-f)")
+            defined = f"folds 0..{len(splits) - 1}" if splits else "no folds"
+            raise InputError(f"fold {fold}: {splits_file} defines {defined} (-f)")
         for case in splits[fold]["val"]:
             if case in seen:
                 raise InputError(f"{splits_file}: case {case} is a validation case of folds {seen[case]} and {fold}")

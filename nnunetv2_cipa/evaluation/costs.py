@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from numbers import Real
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from nnunetv2_cipa.checkpoint_file import load_checkpoint_file
 from nnunetv2_cipa.errors import InputError
@@ -13,6 +15,7 @@ from nnunetv2_cipa.errors import InputError
 # checkpoint holds the log only up to its epoch, so it comes last
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+TIMESTAMP_KEYS = ("epoch_start_timestamps", "epoch_end_timestamps")
 
 
 def find_checkpoint(fold_dir: Path) -> Path | None:
@@ -24,8 +27,14 @@ def load_checkpoint(path: Path) -> dict:
     """An nnU-Net checkpoint dict, memory-mapped (only the tensors read are paged in); InputError naming the file
     when it is not one."""
     state = load_checkpoint_file(path, "checkpoint", mmap=True)
-    if not isinstance(state, dict) or not isinstance(state.get("network_weights"), dict):
+    weights = state.get("network_weights") if isinstance(state, dict) else None
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise InputError(f"checkpoint {path}: not an nnU-Net checkpoint (no 'network_weights' state dict)")
+    logging = state.get("logging") or {}
+    if not isinstance(logging, dict) or not all(
+            isinstance(logging.get(key, []), list) and all(isinstance(t, Real) for t in logging.get(key, []))
+            for key in TIMESTAMP_KEYS):
+        raise InputError(f"checkpoint {path}: its 'logging' is not nnU-Net's training log (epoch timestamps)")
     return state
 
 
@@ -39,8 +48,8 @@ def count_parameters(weights: dict) -> int:
 
 def epoch_times(logging: dict) -> list[float]:
     """Seconds per epoch from nnU-Net's logger state (checkpoint["logging"]): end minus start timestamp."""
-    return [float(end - start) for start, end in zip(logging.get("epoch_start_timestamps", []),
-                                                     logging.get("epoch_end_timestamps", []))]
+    starts, ends = (logging.get(key, []) for key in TIMESTAMP_KEYS)
+    return [float(end - start) for start, end in zip(starts, ends)]
 
 
 def model_costs(model_dir: Path, folds: tuple[int, ...]) -> dict:
