@@ -61,6 +61,8 @@ def _cmd_evaluate(args) -> int:
                          "label PNG: choose a .json file")
     result = evaluate_listed(gt, pred, args.gt_dir, args.pred_dir, patient_sep=args.patient_sep, chill=args.chill)
     write_text_atomically(output, json.dumps(result, indent=2, allow_nan=False))
+    for warning in result["warnings"]:
+        print(f"nnunetv2_cipa evaluate WARNING: {warning}", file=sys.stderr)
     print(format_summary(result))
     print(f"metrics written to {output}")
     return 0

@@ -289,6 +289,13 @@ def test_test_predictions_must_be_each_trainers_own_folder(nnunet_env):
     assert not (nnunet_env / "report").exists()
 
 
+def test_a_patient_separator_that_no_case_holds_is_reported(nnunet_env):
+    report = compare_trainers(DATASET, TRAINERS, nnunet_env / "report", folds=(0, 1), patient_sep="-")
+    assert report["warnings"][0].startswith("the patient separator '-' occurs in no case name (e.g. 'p")
+    assert "the patient separator '-'" in (nnunet_env / "report" / "report.md").read_text()
+    assert report["splits"]["cross-validation"]["n_patients"] == report["splits"]["cross-validation"]["n_cases"]
+
+
 def test_folds_not_split_by_patient_are_reported(nnunet_env):
     """p00_001 moves from fold 0's validation set to fold 1's: p00 is validated in two folds and trained on in both."""
     raw, results = nnunet_env / "raw" / DATASET, nnunet_env / "results" / DATASET

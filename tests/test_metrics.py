@@ -201,7 +201,11 @@ def test_evaluate_cli(tmp_path, folders):
     assert result["cipa_protocol"]["dice"] == pytest.approx(24 / 36)
     assert set(result["per_patient"]) == {"p1", "p2"}
     assert result["notes"] == NOTES and "CIPA protocol" in NOTES and "Per patient" in NOTES
-    assert "IoU" in done.stdout
+    assert "IoU" in done.stdout and result["warnings"] == [] and "WARNING" not in done.stderr
+
+    done = run_cli(gt, pred, "-o", out, "--patient-sep", "#")  # names p1_000...: '#' matches nothing
+    assert done.returncode == 0 and set(json.loads(out.read_text())["per_patient"]) == {"p1_000", "p1_001", "p2_000"}
+    assert "evaluate WARNING: the patient separator '#' occurs in no case name (e.g. 'p1_000')" in done.stderr
 
     (pred / "p2_000.png").unlink()
     done = run_cli(gt, pred, "-o", out)

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from nnunetv2_cipa.cases import patient_of
+from nnunetv2_cipa.cases import patient_of, patient_separator_warning
 from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.png_io import read_label_png
 
@@ -193,7 +193,8 @@ def json_safe(value):
 
 
 def evaluate_pairs(pairs: dict[str, CasePair], patient_sep: str = "_", num_workers: int | None = None) -> dict:
-    """Metrics of {case: (gt_png, pred_png)}: "cipa_protocol", "per_case", "per_patient", "summary", "notes".
+    """Metrics of {case: (gt_png, pred_png)}: "cipa_protocol", "per_case", "per_patient", "summary", "notes",
+    "warnings" (e.g. a ``patient_sep`` that no case name holds).
 
     NaN values are already replaced by None (valid JSON)."""
     if not patient_sep:
@@ -222,7 +223,8 @@ def evaluate_pairs(pairs: dict[str, CasePair], patient_sep: str = "_", num_worke
                 n_slices_pred_empty=sum(c["tp"] + c["fp"] == 0 for c in results))
     return json_safe({"cipa_protocol": cipa, "n_patients": len(per_patient), "patient_sep": patient_sep,
                       "summary": summarize_patients(per_patient), "per_patient": per_patient,
-                      "per_case": per_case, "notes": NOTES})
+                      "per_case": per_case, "notes": NOTES,
+                      "warnings": [w for w in [patient_separator_warning(cases, patient_sep)] if w]})
 
 
 def abbreviated(names: list[str], shown: int = 5) -> str:
