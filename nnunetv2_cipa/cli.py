@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from nnunetv2_cipa.errors import InputError
+from nnunetv2_cipa.errors import InputError, StageFailed
 
 
 def _cmd_doctor(args) -> int:
@@ -111,10 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--patients", type=int, default=20, help="training patients (default 20)")
     p.add_argument("--slices", type=int, default=8, help="slices per patient (default 8)")
-    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels, 32 to 4096 (default 128)")
     p.add_argument("--test-patients", type=int, default=4, help="test patients (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated data (default 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty OUT_DIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an OUT_DIR that synth wrote before (one holding synthetic.json)")
     p.add_argument("--example-figure", metavar="PNG", help="also draw CT, PET, mask and objects of three example "
                    "slices (same --seed and --size) into PNG; the defaults give docs/figures/synthetic_example.png")
     p.set_defaults(func=_cmd_synth)
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
         with sigterm_as_interrupt():  # SIGTERM unwinds like Ctrl-C: the staging folders are removed on the way out
             return args.func(args)
-    except InputError as e:
+    except (InputError, StageFailed) as e:
         print(f"nnunetv2_cipa {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:

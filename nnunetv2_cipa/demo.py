@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nnunetv2_cipa.paths import cli_environment
+from nnunetv2_cipa.errors import StageFailed
+from nnunetv2_cipa.paths import cli_environment, output_folder
 
 DATASET_ID = 990
 DATASET_SHORT_NAME = "PCLT20Ksynthetic"
@@ -44,9 +45,8 @@ class DemoRunner:
     """Runs the stages, echoing progress, with one log file per stage."""
 
     def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.logs = workdir / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
+        self.workdir = output_folder(workdir, "work directory")
+        self.logs = output_folder(workdir / "logs", "log folder")
         self.env = cli_environment(workdir)
         self.start = time.time()
         self.step = 0
@@ -65,7 +65,7 @@ class DemoRunner:
                     print("    " + line.strip(), flush=True)
         if process.returncode != 0:
             tail = "".join(log_file.read_text().splitlines(keepends=True)[-25:])
-            raise RuntimeError(f"demo stage '{title}' failed (exit {process.returncode}); log: {log_file}\n{tail}")
+            raise StageFailed(f"demo stage '{title}' failed (exit {process.returncode}); log: {log_file}\n{tail}")
         print(f"    done; log: {log_file}", flush=True)
 
 

@@ -7,11 +7,13 @@ The task is multi-modal by construction:
 The mask marks only tumours. PET is blurred, noisy and slightly mis-registered against CT and mask.
 
 Layout written (as the official CIPA loader expects): ``<out>/<patient>/<patient>_<slice:03d>_{CT,PET,mask}.png``
-(8-bit grayscale, mask 0/255) plus ``train.txt`` / ``test.txt`` with patient-disjoint slice IDs.
+(8-bit grayscale, mask 0/255) plus ``train.txt`` / ``test.txt`` with patient-disjoint slice IDs, and
+``synthetic.json`` (the summary; it also marks the folder as synth's, the only kind that overwrite replaces).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +25,9 @@ from scipy.ndimage import gaussian_filter, shift
 from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.paths import StagedFolder, check_output_file
 from nnunetv2_cipa.png_io import write_png
+
+SUMMARY_FILE = "synthetic.json"
+MAX_SIZE = 4096  # pixels per side
 
 # 8-bit intensities of the (already windowed) CT and of the (already SUV-clipped) PET.
 CT_LUNG, CT_FAT, CT_SOFT, CT_NODULE, CT_HEART, CT_BONE, CT_VESSEL = 14, 72, 104, 128, 118, 232, 112
@@ -277,15 +282,21 @@ def generate_pclt20k_like(out_dir, patients: int = 20, slices: int = 8, size: in
                           overwrite: bool = False) -> dict:
     """Write ``patients`` training and ``test_patients`` test patients of ``slices`` slices each, ``size`` x ``size``
     pixels, into ``out_dir`` in the PCLT20K layout. Returns a JSON-serialisable summary."""
-    for name, value, low in (("patients", patients, 1), ("slices", slices, 1), ("size", size, 32),
-                             ("test_patients", test_patients, 0), ("num_processes", num_processes, 1)):
-        if int(value) != value or value < low:
-            raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+    for name, value, low, high in (("patients", patients, 1, None), ("slices", slices, 1, None),
+                                   ("size", size, 32, MAX_SIZE), ("test_patients", test_patients, 0, None),
+                                   ("num_processes", num_processes, 1, None)):
+        if int(value) != value or value < low or (high is not None and value > high):
+            raise InputError(f"{name} must be an integer >= {low}{f' and <= {high}' if high else ''}, got {value!r}")
     if not 0.0 <= tumor_free_fraction < 1.0:
         raise InputError(f"tumor_free_fraction must be in [0, 1), got {tumor_free_fraction!r}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
-        raise InputError(f"{out_dir}: exists and is not an empty folder (overwrite replaces its contents)")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not overwrite:
+            raise InputError(f"{out_dir}: exists and is not an empty folder (overwrite replaces a dataset synth "
+                             "wrote)")
+        if not (out_dir / SUMMARY_FILE).is_file():
+            raise InputError(f"{out_dir}: holds no {SUMMARY_FILE}, so synth did not write it; overwrite replaces "
+                             "only a dataset synth wrote: choose a new or empty folder")
     StagedFolder.check_replaceable(out_dir, "output folder")
     dataset = StagedFolder(out_dir)
     try:
@@ -293,16 +304,21 @@ def generate_pclt20k_like(out_dir, patients: int = 20, slices: int = 8, size: in
             results = _write_patients(folder, patients + test_patients, seed, slices, size, tumor_free_fraction,
                                       num_processes)
             splits = {"train": results[:patients], "test": results[patients:]}
-            summary: dict = {"out_dir": str(out_dir), "size": size, "seed": seed, "slices_per_patient": slices}
+            summary: dict = {"out_dir": str(out_dir), "size": size, "seed": seed, "slices_per_patient": slices,
+                             "tumor_free_fraction": tumor_free_fraction}
             for split, rows in splits.items():
                 (folder / f"{split}.txt").write_text(
                     "".join(f"{r['patient']}_{z:03d}\n" for r in rows for z in range(slices)))
                 summary[split] = {"patients": len(rows), "slices": len(rows) * slices,
                                   "tumor_slices": sum(r["tumor_slices"] for r in rows)}
+            summary["tumor_slice_fraction"] = round(sum(r["tumor_slices"] for r in results) /
+                                                    (len(results) * slices), 4)
+            summary["slices_with"] = {k: sum(r["slices_with"][k] for r in results) for k in results[0]["slices_with"]}
+            # without out_dir: the same seed and options give the same bytes wherever they are written
+            (folder / SUMMARY_FILE).write_text(json.dumps({k: v for k, v in summary.items() if k != "out_dir"},
+                                                          indent=2))
     except OSError as e:
         raise InputError(f"{out_dir}: cannot write the synthetic dataset ({e.strerror or e})") from e
-    summary["tumor_slice_fraction"] = round(sum(r["tumor_slices"] for r in results) / (len(results) * slices), 4)
-    summary["slices_with"] = {k: sum(r["slices_with"][k] for r in results) for k in results[0]["slices_with"]}
     if dataset.notes:
         summary["notes"] = dataset.notes
     return summary

@@ -13,8 +13,6 @@ from conftest import run_cli
 from nnunetv2_cipa.evaluation.figures import DICE_DPI, EXAMPLES_DPI, dice_figure_inches, examples_figure_inches
 from nnunetv2_cipa.evaluation.metrics import format_number
 
-pytestmark = pytest.mark.slow
-
 TRAINERS = ("nnUNetTrainerCIPA_debug", "nnUNetTrainerVanilla_debug")
 PROTOCOL_COLUMNS = ("iou", "dice", "balanced_accuracy", "hd95_px", "hd95_px_paper_rule")
 
@@ -31,6 +29,23 @@ def assert_png(path, inches: tuple[float, float], dpi: int) -> None:
         image.verify()
 
 
+def test_a_demo_that_cannot_run_says_why_without_traceback(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    done = run_cli(["nnunetv2_cipa", "demo", "--workdir", str(tmp_path / "a_file")], dict(os.environ), check=False)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"nnunetv2_cipa demo: error: {tmp_path / 'a_file'}: work directory exists and is "
+                                  "not a folder")
+    (tmp_path / "work" / "PCLT20K_synthetic").mkdir(parents=True)  # not synth's: the synth stage refuses it
+    (tmp_path / "work" / "PCLT20K_synthetic" / "mine.txt").write_text("keep")
+    done = run_cli(["nnunetv2_cipa", "demo", "--quick", "--workdir", str(tmp_path / "work")], dict(os.environ),
+                   check=False)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "nnunetv2_cipa demo: error: demo stage 'Generating a synthetic PCLT20K-like dataset' failed (exit 1)" \
+        in done.stderr and "holds no synthetic.json" in done.stderr
+    assert (tmp_path / "work" / "PCLT20K_synthetic" / "mine.txt").read_text() == "keep"
+
+
+@pytest.mark.slow
 def test_demo_quick(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
     result = run_cli(["nnunetv2_cipa", "demo", "--quick", "--workdir", str(tmp_path / "demo")], env, timeout=900)

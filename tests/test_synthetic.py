@@ -27,8 +27,8 @@ def test_layout_and_summary(tmp_path):
     summary = generate_pclt20k_like(tmp_path / "data", patients=3, slices=4, size=64, test_patients=2, seed=1)
     root = tmp_path / "data"
     assert json.loads(json.dumps(summary)) == summary
-    assert sorted(p.name for p in root.iterdir()) == ["P0001", "P0002", "P0003", "P0004", "P0005", "test.txt",
-                                                      "train.txt"]
+    assert sorted(p.name for p in root.iterdir()) == ["P0001", "P0002", "P0003", "P0004", "P0005", "synthetic.json",
+                                                      "test.txt", "train.txt"]
     written = {}
     for split in ("train", "test"):
         ids = (root / f"{split}.txt").read_text().splitlines()
@@ -155,9 +155,21 @@ def test_overwrite_replaces_a_previous_dataset_as_a_whole(tmp_path):
     summary = generate_pclt20k_like(out, patients=1, slices=2, size=32, test_patients=1, seed=2, overwrite=True)
     patients = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert len(patients) == 2 and summary["train"]["slices"] == 2 and "notes" not in summary
-    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["test.txt", "train.txt"]
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["synthetic.json", "test.txt", "train.txt"]
+    assert json.loads((out / "synthetic.json").read_text()) == {k: v for k, v in summary.items() if k != "out_dir"}
     assert (out / "train.txt").read_text().split() == [f"{patients[0]}_000", f"{patients[0]}_001"]
     assert [p.name for p in tmp_path.iterdir()] == ["d"]  # no staging folder left
+
+
+def test_overwrite_refuses_a_folder_synth_did_not_write(tmp_path):
+    (tmp_path / "data" / "P0001").mkdir(parents=True)
+    (tmp_path / "data" / "notes.txt").write_text("keep")
+    with pytest.raises(InputError, match="data: holds no synthetic.json, so synth did not write it"):
+        generate_pclt20k_like(tmp_path / "data", patients=1, slices=1, size=32, test_patients=0, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["P0001", "notes.txt"]
+    with pytest.raises(InputError, match="size must be an integer >= 32 and <= 4096, got 100000"):
+        generate_pclt20k_like(tmp_path / "new", patients=1, slices=1, size=100_000, test_patients=0)
+    assert not (tmp_path / "new").exists()
 
 
 def test_cli_synth_checks_the_figure_path_before_writing(tmp_path):
