@@ -14,9 +14,7 @@ import contextlib
 import io
 import json
 import os
-import re
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
@@ -27,8 +25,8 @@ from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.network import CIPA, OFFICIAL_INPUT_SCALE_SHIFT
 from nnunetv2_cipa.official import (AUX_HEADS_PREFIX, OFFICIAL_CHECKPOINT, OfficialCheckpoint, OfficialWeights,
                                     load_official_weights, read_official_checkpoint)
-from nnunetv2_cipa.paths import (check_output_file, output_folder, read_json, replace_folder, required_folder,
-                                 signals_held)
+from nnunetv2_cipa.paths import (check_output_file, output_folder, read_json, remove_dead_stagings, replace_folder,
+                                 required_folder, signals_held, staging_owner)
 
 OFFICIAL_PATCH_SIZE = (512, 512)       # the official CRM is tied to 512x512 inputs
 OFFICIAL_CHANNEL_ROLES = {"0": "CT", "1": "PET"}
@@ -36,7 +34,7 @@ DEFAULT_TRAINERS = ("nnUNetTrainerCIPA_paper", "nnUNetTrainerCIPA")  # the first
 MIRROR_AXES_2D = (0, 1)
 CHECKPOINT_FILE = "checkpoint_final.pth"
 REPORT_FILE = "official_import.json"
-STAGING_PREFIX = ".import-official-"  # + _staging_owner() + "-" + token
+STAGING_PREFIX = ".import-official-"  # + paths.staging_owner() + "_" + token
 MODEL_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
 NOT_IN_OFFICIAL_MODEL = "not in the official model, unused at inference"
 
@@ -232,8 +230,8 @@ def _publish(model_dir: Path, fold_name: str, state: dict, report: dict, model_j
     from batchgenerators.utilities.file_and_folder_operations import save_json
 
     parent = output_folder(model_dir.parent, "dataset results folder")
-    _remove_dead_stagings(parent)
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{_staging_owner()}-", dir=parent))
+    remove_dead_stagings(parent, STAGING_PREFIX)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{staging_owner()}_", dir=parent))
     try:
         new_model, new_fold = staging / model_dir.name, staging / model_dir.name / fold_name
         new_fold.mkdir(parents=True)
@@ -265,36 +263,6 @@ def _publish(model_dir: Path, fold_name: str, state: dict, report: dict, model_j
                          "left") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _host_tag() -> str:
-    """This host's name with anything but letters and digits as ``_``."""
-    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())
-
-
-def _staging_owner(pid: int | None = None) -> str:
-    """``<pid>_<host>`` of a staging folder's name."""
-    return f"{os.getpid() if pid is None else pid}_{_host_tag()}"
-
-
-def _remove_dead_stagings(parent: Path) -> None:
-    """Remove the staging folders in ``parent`` of imports on this host whose process is gone (killed with
-    SIGKILL); those of other hosts sharing the folder are left alone."""
-    ours = re.compile(rf"{re.escape(STAGING_PREFIX)}(\d+)_{_host_tag()}-")
-    for entry in parent.glob(f"{STAGING_PREFIX}*"):
-        match = ours.match(entry.name)
-        if match and not _process_exists(int(match.group(1))):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    return True
 
 
 def format_report(report: dict) -> str:

@@ -7,10 +7,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -111,11 +114,44 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def staging_folder(parent: Path, name: str) -> Path:
-    """A new hidden ``.NAME.tmp-<token>`` folder in ``parent`` (where a folder NAME is to appear), with the
-    permissions of a folder made by mkdir; InputError naming ``parent`` if it cannot be made."""
+def _host_tag() -> str:
+    """This host's name with anything but letters and digits as ``_``."""
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())
+
+
+def staging_owner(pid: int | None = None) -> str:
+    """``<pid>_<host>``: the process (this one by default) that a staging folder's name says it belongs to."""
+    return f"{os.getpid() if pid is None else pid}_{_host_tag()}"
+
+
+def _process_exists(pid: int) -> bool:
     try:
-        folder = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def remove_dead_stagings(parent: Path, prefix: str) -> None:
+    """Remove the staging folders ``<prefix><staging_owner>_<token>`` in ``parent`` of processes on this host that
+    are gone (killed with SIGKILL: nothing else leaves one); those of live processes and other hosts stay."""
+    ours = re.compile(rf"{re.escape(prefix)}(\d+)_{_host_tag()}_")
+    for entry in parent.glob(f"{glob.escape(prefix)}*"):
+        match = ours.match(entry.name)
+        if match and not _process_exists(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def staging_folder(parent: Path, name: str) -> Path:
+    """A new hidden ``.NAME.tmp-<staging_owner>_<token>`` folder in ``parent`` (where a folder NAME is to appear),
+    with the permissions of a folder made by mkdir, after removing those of killed processes; InputError naming
+    ``parent`` if it cannot be made."""
+    prefix = f".{name}.tmp-"
+    remove_dead_stagings(parent, prefix)
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{staging_owner()}_", dir=parent))
     except OSError as e:
         raise InputError(f"{parent}: cannot create a folder there ({e.strerror or e})") from e
     umask = os.umask(0o022)

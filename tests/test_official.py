@@ -20,8 +20,9 @@ from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.network import CIPA
 from nnunetv2_cipa.official import (AUX_HEADS_PREFIX, HEAD_KEY, STEM_KEY, load_official_weights, network_tensors,
                                     official_names, read_official_checkpoint)
-from nnunetv2_cipa.official_import import (CHECKPOINT_FILE, NOT_IN_OFFICIAL_MODEL, REPORT_FILE, _staging_owner,
+from nnunetv2_cipa.official_import import (CHECKPOINT_FILE, NOT_IN_OFFICIAL_MODEL, REPORT_FILE,
                                            check_official_plan, default_trainer, import_official)
+from nnunetv2_cipa.paths import staging_owner
 from conftest import nnunet_env, run_cli
 from official_fixture import fake_official_state, official_file_content, official_key_table, reference_network
 
@@ -248,16 +249,16 @@ def test_import_writes_a_fold_the_predictor_loads(nnunet_folders, official_check
     assert (fold_dir / CHECKPOINT_FILE).stat().st_mtime_ns == mtime
     # the staging folder of an import killed with SIGKILL is removed by the next import; a live process's is kept
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    owners = [_staging_owner(int(dead.stdout)), _staging_owner(), f"{dead.stdout.strip()}_otherhost"]
+    owners = [staging_owner(int(dead.stdout)), staging_owner(), f"{dead.stdout.strip()}_otherhost"]
     for owner in owners:
-        (nnunet_folders / "nnUNet_results" / DATASET / f".import-official-{owner}-token" / "fold_all").mkdir(
+        (nnunet_folders / "nnUNet_results" / DATASET / f".import-official-{owner}_token" / "fold_all").mkdir(
             parents=True)
     report = import_official(official_checkpoint, DATASET, trainer=trainer, overwrite=True, tta=True)
     assert report["inference_allowed_mirroring_axes"] == [0, 1] and report["mirroring"].startswith("on")
     assert torch.load(fold_dir / CHECKPOINT_FILE, weights_only=False)["inference_allowed_mirroring_axes"] == (0, 1)
     assert sorted(p.name for p in model_dir.iterdir()) == ["dataset.json", "dataset_fingerprint.json", "fold_all",
                                                            "plans.json"]
-    assert sorted(leftovers(nnunet_folders / "nnUNet_results")) == sorted(f".import-official-{o}-token"
+    assert sorted(leftovers(nnunet_folders / "nnUNet_results")) == sorted(f".import-official-{o}_token"
                                                                           for o in owners[1:])
 
 

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from nnunetv2_cipa.errors import InputError
+from nnunetv2_cipa.paths import staging_owner
 from nnunetv2_cipa.synthetic import generate_patient, generate_pclt20k_like
 
 
@@ -159,6 +160,17 @@ def test_overwrite_replaces_a_previous_dataset_as_a_whole(tmp_path):
     assert json.loads((out / "synthetic.json").read_text()) == {k: v for k, v in summary.items() if k != "out_dir"}
     assert (out / "train.txt").read_text().split() == [f"{patients[0]}_000", f"{patients[0]}_001"]
     assert [p.name for p in tmp_path.iterdir()] == ["d"]  # no staging folder left
+
+
+def test_the_staging_folders_of_killed_runs_are_removed_by_the_next(tmp_path):
+    """A SIGKILLed synth (or compare, or convert) leaves its hidden staging folder; the next run writing the same
+    folder removes those of dead processes on this host, never a live process's or another host's."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    owners = [staging_owner(int(dead.stdout)), staging_owner(), f"{dead.stdout.strip()}_otherhost"]
+    for owner in owners:
+        (tmp_path / f".d.tmp-{owner}_token" / "P0001").mkdir(parents=True)
+    generate_pclt20k_like(tmp_path / "d", patients=1, slices=1, size=32, test_patients=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["d", *(f".d.tmp-{o}_token" for o in owners[1:])])
 
 
 def test_overwrite_refuses_a_folder_synth_did_not_write(tmp_path):
