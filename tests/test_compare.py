@@ -280,6 +280,15 @@ def test_unreadable_checkpoints_become_cost_notes(nnunet_env):
         assert "not an nnU-Net checkpoint" in cost["notes"][0] if fold == 0 else "'logging' is not" in cost["notes"][0]
 
 
+def test_an_unreadable_image_skips_the_example_figure_not_the_comparison(nnunet_env):
+    for image in (nnunet_env / "raw" / DATASET / "imagesTr").glob("*_0000.png"):
+        image.write_bytes(b"not a png")
+    report = compare_trainers(DATASET, TRAINERS, nnunet_env / "report", folds=(0, 1))
+    note = report["splits"]["cross-validation"]["figures"]["examples"]["note"]
+    assert note.startswith("example figure skipped: ") and "_0000.png" in note
+    assert f"Example figure: {note}" in (nnunet_env / "report" / "report.md").read_text()
+
+
 def test_test_predictions_must_be_each_trainers_own_folder(nnunet_env):
     labels, own = nnunet_env / "raw" / DATASET / "labelsTs", nnunet_env / f"test_{TRAINERS[0]}"
     with pytest.raises(InputError, match=f"{TRAINERS[1]}: the test prediction folder .* is the ground-truth folder"):

@@ -160,7 +160,10 @@ def _split_examples(split: str, trainers: list[str], results: dict[str, dict], p
         missing = [str(p) for p in images if not p.is_file()]
         if missing:
             return {"note": f"example figure skipped: missing image(s) {', '.join(missing)}", "patients": picks}
-        ct, pet = (read_gray_png(p)[0].astype(float) for p in images)
+        try:
+            ct, pet = (read_gray_png(p)[0].astype(float) for p in images)
+        except InputError as e:  # the figure is auxiliary: the scores stand
+            return {"note": f"example figure skipped: {e}", "patients": picks}
         rows.append({"label": f"{label} (patient {patient})", "case": case, "ct": ct, "pet": pet,
                      "gt": read_label_png(gt[case]), "preds": {t: read_label_png(preds[t][case]) for t in trainers},
                      "dice": {t: results[t]["per_case"][case]["dice"] for t in trainers}})
