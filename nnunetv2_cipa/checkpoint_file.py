@@ -31,11 +31,21 @@ def _is_configuration_global(name: str) -> bool:
     return name in CONFIGURATION_GLOBALS or name.startswith(CONFIGURATION_MODULE_PREFIXES)
 
 
+# torch.load's advice around the cause of a weights_only refusal: to retry with weights_only=False (running the
+# pickle), to allow-list the class, to read the documentation
+_LOAD_ADVICE = re.compile(r"Weights only load failed\..*?trusted source\.|Please use "
+                          r"`torch\.serialization\.add_safe_globals.*|Check the documentation of torch\.load.*",
+                          re.DOTALL)
+
+
 def _reason(err: Exception) -> str:
-    """The cause in a torch.load error, without torch's advice to retry with weights_only=False."""
-    found = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", str(err), re.DOTALL)
-    text = found.group(1) if found else str(err)
-    return f"{type(err).__name__}: {' '.join(text.split())}"
+    """The cause in a torch.load error, without torch's advice (to retry with weights_only=False, ...)."""
+    text = str(err).split("WeightsUnpickler error:", 1)[-1]
+    return f"{type(err).__name__}: {' '.join(_LOAD_ADVICE.sub(' ', text).split())}"
+
+
+def _refused_a_global(err: Exception) -> bool:
+    return "unsupported global" in str(err).lower()
 
 
 def check_checkpoint_path(path: Path, what: str) -> None:
@@ -61,6 +71,11 @@ def load_checkpoint_file(path: Path, what: str, mmap: bool = False):
     try:
         references = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception as err:  # not a torch.save zip file
+        if _refused_a_global(refused):  # a pickle weights_only could read: the legacy (torch < 1.6) format
+            raise InputError(f"{what} {path}: not loaded, a checkpoint in torch's legacy (< 1.6) format whose "
+                             f"pickle references a class or function ({_reason(refused)}); its references cannot be "
+                             "listed without running it: if you trust it, save it again with a current torch: "
+                             "torch.save(torch.load(old, weights_only=False), new)") from err
         raise InputError(f"{what} {path}: not a PyTorch checkpoint ({_reason(refused)})") from err
     others = sorted(name for name in references if not _is_configuration_global(name))
     if not references or others:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 
 import numpy as np
@@ -133,3 +134,22 @@ def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
     with pytest.raises(InputError, match=r"evil.pth: not loaded, it references builtins.exec"):
         load_vmamba_checkpoint(net, tmp_path / "evil.pth")
     assert not marker.exists()
+
+
+def test_legacy_format_checkpoints_that_reference_classes_are_named_as_such(tmp_path):
+    """torch < 1.6's format: weights_only reads it, but its references cannot be listed; a configuration class or
+    code is refused with what it references and how to re-save it, and torch's advice to load it unchecked is not
+    passed on."""
+    net = CIPA(1, (64, 64), preset="micro")
+    marker = tmp_path / "ran.txt"
+    for name, extra, named in (("namespace", argparse.Namespace(epochs=300), "argparse.Namespace"),
+                               ("evil", _RunsCode(marker), "GLOBAL exec")):
+        torch.save({"model": official_state_dict(net.encoder), "config": extra}, tmp_path / f"{name}.pth",
+                   _use_new_zipfile_serialization=False)
+        with pytest.raises(InputError, match=rf"{name}.pth: not loaded, a checkpoint in torch's legacy \(< 1.6\) "
+                                             rf"format .*{named}") as error:
+            load_vmamba_checkpoint(net, tmp_path / f"{name}.pth")
+        assert "Re-running" not in str(error.value) and "add_safe_globals" not in str(error.value)
+    assert not marker.exists()
+    torch.save({"model": official_state_dict(net.encoder)}, tmp_path / "plain.pth", _use_new_zipfile_serialization=False)
+    assert load_vmamba_checkpoint(net, tmp_path / "plain.pth").loaded
