@@ -157,7 +157,8 @@ def import_official(checkpoint: str | Path, dataset: str | int, trainer: str | N
     check_output_file(fold_dir / CHECKPOINT_FILE)  # a writable place, before the checkpoint is read
     for name, content in (("plans.json", plans_dict), ("dataset.json", dataset_json)):
         existing = model_dir / name
-        if existing.is_file() and not overwrite and read_json(existing, f"an nnU-Net {name}") != json.loads(json.dumps(content)):
+        if existing.is_file() and not overwrite \
+                and read_json(existing, f"an nnU-Net {name}") != json.loads(json.dumps(content)):
             raise InputError(f"{existing} differs from the one {preprocessed} gives (the folds there were made "
                              "with other plans or data); pass --overwrite to replace it")
 

@@ -151,5 +151,6 @@ def test_legacy_format_checkpoints_that_reference_classes_are_named_as_such(tmp_
             load_vmamba_checkpoint(net, tmp_path / f"{name}.pth")
         assert "Re-running" not in str(error.value) and "add_safe_globals" not in str(error.value)
     assert not marker.exists()
-    torch.save({"model": official_state_dict(net.encoder)}, tmp_path / "plain.pth", _use_new_zipfile_serialization=False)
+    torch.save({"model": official_state_dict(net.encoder)}, tmp_path / "plain.pth",
+               _use_new_zipfile_serialization=False)
     assert load_vmamba_checkpoint(net, tmp_path / "plain.pth").loaded
