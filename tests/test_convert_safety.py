@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import shutil
 import signal
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from nnunetv2_cipa.conversion.pclt20k import convert_pclt20k
+from nnunetv2_cipa.conversion.pclt20k import PENDING_SPLITS_FILE, convert_pclt20k
 from nnunetv2_cipa.conversion.staging import STOP_AT_ENV
 from nnunetv2_cipa.errors import InputError
 from test_convert import DATASET, check_output, tree_hash
@@ -261,3 +262,25 @@ def test_sigterm_during_the_swap_still_updates_the_planned_splits(source, raw, t
     check_output(raw / DATASET, source, folds=5)
     assert (preprocessed / DATASET / "splits_final.json").read_bytes() == (raw / DATASET / "splits_final.json"
                                                                            ).read_bytes()
+
+
+def test_killed_between_the_swap_and_the_planned_splits_the_next_run_writes_them(source, raw, tmp_path,
+                                                                                 monkeypatch):
+    """SIGKILL right after the new dataset took the name, before the planned copy of its folds was written: the
+    dataset keeps a marker, and the next conversion of the ID (even one refused) writes the copy first."""
+    preprocessed = tmp_path / "pre"
+    (preprocessed / DATASET).mkdir(parents=True)
+    monkeypatch.setenv("nnUNet_preprocessed", str(preprocessed))
+    convert_pclt20k(source, 321, folds=3)
+    assert not (raw / DATASET / PENDING_SPLITS_FILE).exists()
+    process = start_stopped(convert_command(source, "--overwrite"), raw, "swap")
+    process.kill()
+    process.communicate(timeout=60)
+    planned, converted = preprocessed / DATASET / "splits_final.json", raw / DATASET / "splits_final.json"
+    assert len(json.loads(planned.read_text())) == 3 and len(json.loads(converted.read_text())) == 5
+    assert (raw / DATASET / PENDING_SPLITS_FILE).read_text() == str(planned)
+    with pytest.raises(InputError, match="already exists"):
+        convert_pclt20k(source, 321)
+    assert planned.read_bytes() == converted.read_bytes()
+    assert not (raw / DATASET / PENDING_SPLITS_FILE).exists()
+    check_output(raw / DATASET, source, folds=5)

@@ -30,8 +30,8 @@ from nnunetv2_cipa.conversion.slices import (ModalityScale, SliceResult, SliceTa
 from nnunetv2_cipa.conversion.source import locate_files, read_source_lists
 from nnunetv2_cipa.conversion.staging import DatasetLock, recover_interrupted, stop_point, worker_init
 from nnunetv2_cipa.errors import InputError
-from nnunetv2_cipa.paths import (NNUNET_FOLDERS, StagedFolder, check_output_file, output_folder, required_folder,
-                                 sigterm_as_interrupt, write_text_atomically)
+from nnunetv2_cipa.paths import (NNUNET_FOLDERS, StagedFolder, check_output_file, output_folder, read_json,
+                                 required_folder, sigterm_as_interrupt, write_text_atomically)
 
 CHANNEL_NAMES = {"rgb": "rgb_to_0_1", "ct": "CT"}  # nnU-Net picks the normalisation from the (casefolded) name
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
@@ -121,6 +121,11 @@ def check_source_apart(source: Path, target: Path) -> None:
                          "ever read; set nnUNet_raw to a folder outside it")
 
 
+# in a converted dataset while the planned copy of its folds is not yet written: that copy's path (a conversion
+# killed between the swap and that write leaves it for the next one, which writes the copy)
+PENDING_SPLITS_FILE = ".planned_splits_pending"
+
+
 def preprocessed_splits_file(target: Path) -> Path | None:
     """``$nnUNet_preprocessed/<dataset>/splits_final.json`` if that dataset folder exists (the dataset was planned:
     nnU-Net trains with the folds there), checked writable; else None."""
@@ -131,7 +136,8 @@ def preprocessed_splits_file(target: Path) -> Path | None:
 
 
 def write_planned_splits(path: Path | None, splits: list[dict], target: Path) -> None:
-    """Write ``splits`` to ``preprocessed_splits_file``'s ``path`` (if any) once ``target`` holds the new dataset."""
+    """Write ``splits`` to ``preprocessed_splits_file``'s ``path`` (if any) once ``target`` holds the new dataset,
+    then remove ``target``'s PENDING_SPLITS_FILE."""
     if path is None:
         return
     try:
@@ -139,6 +145,19 @@ def write_planned_splits(path: Path | None, splits: list[dict], target: Path) ->
     except InputError as e:
         raise InputError(f"{e}; {target} was converted, but nnU-Net would train on the old folds: copy its "
                          f"splits_final.json to {path}") from None
+    (target / PENDING_SPLITS_FILE).unlink(missing_ok=True)
+
+
+def complete_planned_splits(target: Path) -> list[str]:
+    """Under the dataset's lock: when ``target`` still holds PENDING_SPLITS_FILE, the conversion that wrote it died
+    between the swap and the planned copy of its folds: copy them now. Returns a note saying so."""
+    pending = target / PENDING_SPLITS_FILE
+    if not pending.is_file():
+        return []
+    splits = read_json(target / "splits_final.json", "the dataset's folds", list)
+    path = Path(pending.read_text())
+    write_planned_splits(path, splits, target)
+    return [f"{path}: wrote the folds of {target} that an interrupted conversion left unwritten there"]
 
 
 # what nnU-Net's preprocessing reads from dataset.json: when one of these changes, the preprocessed data is stale
@@ -282,7 +301,7 @@ def convert_pclt20k(source, dataset_id: int, name: str = "PCLT20K", folds: int =
     output_folder(raw, "nnUNet_raw folder")
     with sigterm_as_interrupt(), DatasetLock(raw, dataset_id):
         try:
-            notes = recover_interrupted(raw, dataset_id)
+            notes = recover_interrupted(raw, dataset_id) + complete_planned_splits(target)
         except OSError as e:
             raise InputError(f"{e.filename or raw}: cannot complete the replacement an interrupted conversion left "
                              f"half done ({e.strerror or e})") from e
@@ -302,6 +321,8 @@ def convert_pclt20k(source, dataset_id: int, name: str = "PCLT20K", folds: int =
                                                   lists.problems + missing)
                 _write_metadata(work, source, name, normalization, len(lists.train), len(lists.test), splits,
                                 scales, high_bit_depth)
+                if planned_splits is not None:
+                    (work / PENDING_SPLITS_FILE).write_text(str(planned_splits))
         except WriteError as e:
             raise InputError(f"{raw}: cannot write the converted dataset there ({e}); nothing was written (the "
                              "source is not the problem)") from None
