@@ -11,15 +11,15 @@ def patient_of(case_id: str, sep: str = PATIENT_SEP) -> str:
     return case_id.split(sep, 1)[0]
 
 
-def patient_separator_warning(case_ids, sep: str = PATIENT_SEP) -> str | None:
+def patient_separator_warnings(case_ids, sep: str = PATIENT_SEP) -> list[str]:
     """A warning when ``sep`` occurs in none of several ``case_ids``: every slice would then be its own patient
-    (per-patient statistics silently per slice); None otherwise."""
+    (per-patient statistics silently per slice); none otherwise."""
     case_ids = list(case_ids)
     if len(case_ids) < 2 or any(sep in case for case in case_ids):
-        return None
-    return (f"the patient separator {sep!r} occurs in no case name (e.g. {case_ids[0]!r}): every slice counts as its "
+        return []
+    return [f"the patient separator {sep!r} occurs in no case name (e.g. {case_ids[0]!r}): every slice counts as its "
             "own patient, so the per-patient statistics are per slice; pass --patient-sep with the character that "
-            "follows the patient ID")
+            "follows the patient ID"]
 
 
 def is_nnunet_splits(content) -> bool:

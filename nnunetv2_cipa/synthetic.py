@@ -290,7 +290,9 @@ def generate_pclt20k_like(out_dir, patients: int = 20, slices: int = 8, size: in
     if not 0.0 <= tumor_free_fraction < 1.0:
         raise InputError(f"tumor_free_fraction must be in [0, 1), got {tumor_free_fraction!r}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: exists and is not a folder")
+    if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
             raise InputError(f"{out_dir}: exists and is not an empty folder (overwrite replaces a dataset synth "
                              "wrote)")

@@ -179,6 +179,9 @@ def test_overwrite_refuses_a_folder_synth_did_not_write(tmp_path):
     with pytest.raises(InputError, match="data: holds no synthetic.json, so synth did not write it"):
         generate_pclt20k_like(tmp_path / "data", patients=1, slices=1, size=32, test_patients=0, overwrite=True)
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["P0001", "notes.txt"]
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(InputError, match="a_file: exists and is not a folder"):
+        generate_pclt20k_like(tmp_path / "a_file", patients=1, slices=1, size=32, test_patients=0, overwrite=True)
     with pytest.raises(InputError, match="size must be an integer >= 32 and <= 4096, got 100000"):
         generate_pclt20k_like(tmp_path / "new", patients=1, slices=1, size=100_000, test_patients=0)
     assert not (tmp_path / "new").exists()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunetv2_cipa.cases import is_nnunet_splits, patient_of, patient_separator_warning
+from nnunetv2_cipa.cases import is_nnunet_splits, patient_of, patient_separator_warnings
 from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.evaluation.costs import model_costs
 from nnunetv2_cipa.evaluation.figures import plot_dice_distribution, plot_examples
@@ -276,9 +276,8 @@ def compare_trainers(dataset, trainers, report_dir, configuration: str = "2d", p
         raise InputError("every trainer must be scored on the same cases:\n  " + "\n  ".join(problems))
     cv_gt = {c: labels_tr[c] for c in sorted(cv_cases)}
 
-    warnings = [w for w in [patient_separator_warning([*cv_cases, *(labels_ts if test_predictions else [])],
-                                                      patient_sep)] if w]
-    warnings += patient_split_warnings(splits_file, splits, folds, patient_sep)
+    warnings = patient_separator_warnings([*cv_cases, *(labels_ts if test_predictions else [])], patient_sep) + \
+        patient_split_warnings(splits_file, splits, folds, patient_sep)
     splits_out = {"cross-validation": _score_split(trainers, cv_preds, cv_gt, raw_dir / "labelsTr", patient_sep)}
     if test_predictions is not None:
         splits_out["test"] = _score_split(trainers, test_preds, labels_ts, raw_dir / "labelsTs", patient_sep)

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from nnunetv2_cipa.cases import patient_of, patient_separator_warning
+from nnunetv2_cipa.cases import patient_of, patient_separator_warnings
 from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.png_io import read_label_png
 
@@ -224,7 +224,7 @@ def evaluate_pairs(pairs: dict[str, CasePair], patient_sep: str = "_", num_worke
     return json_safe({"cipa_protocol": cipa, "n_patients": len(per_patient), "patient_sep": patient_sep,
                       "summary": summarize_patients(per_patient), "per_patient": per_patient,
                       "per_case": per_case, "notes": NOTES,
-                      "warnings": [w for w in [patient_separator_warning(cases, patient_sep)] if w]})
+                      "warnings": patient_separator_warnings(cases, patient_sep)})
 
 
 def abbreviated(names: list[str], shown: int = 5) -> str:
