@@ -297,8 +297,9 @@ def generate_pclt20k_like(out_dir, patients: int = 20, slices: int = 8, size: in
             raise InputError(f"{out_dir}: exists and is not an empty folder (overwrite replaces a dataset synth "
                              "wrote)")
         if not (out_dir / SUMMARY_FILE).is_file():
-            raise InputError(f"{out_dir}: holds no {SUMMARY_FILE}, so synth did not write it; overwrite replaces "
-                             "only a dataset synth wrote: choose a new or empty folder")
+            raise InputError(f"{out_dir}: holds no {SUMMARY_FILE}, so this version of synth did not write it; "
+                             "overwrite replaces only a dataset synth wrote: choose a new or empty folder, or remove "
+                             "this one yourself")
     StagedFolder.check_replaceable(out_dir, "output folder")
     dataset = StagedFolder(out_dir)
     try:

@@ -176,7 +176,7 @@ def test_the_staging_folders_of_killed_runs_are_removed_by_the_next(tmp_path):
 def test_overwrite_refuses_a_folder_synth_did_not_write(tmp_path):
     (tmp_path / "data" / "P0001").mkdir(parents=True)
     (tmp_path / "data" / "notes.txt").write_text("keep")
-    with pytest.raises(InputError, match="data: holds no synthetic.json, so synth did not write it"):
+    with pytest.raises(InputError, match="data: holds no synthetic.json, so this version of synth did not write it"):
         generate_pclt20k_like(tmp_path / "data", patients=1, slices=1, size=32, test_patients=0, overwrite=True)
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["P0001", "notes.txt"]
     (tmp_path / "a_file").write_text("")
