@@ -410,3 +410,27 @@ def test_fine_tuning_starts_from_the_imported_weights(official_model, monkeypatc
     loaded = trainer.network.state_dict()
     assert loaded.keys() == imported.keys()
     assert all(torch.equal(loaded[k], imported[k]) for k in loaded)
+
+
+@pytest.mark.slow
+def test_nnunet_train_validates_an_imported_fold(official_model, monkeypatch):
+    """An imported fold holds weights, no training state: nnUNetv2_train --val validates it (nnU-Net alone fails on
+    the missing state), and loading it is a finished training (--c trains no further)."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    env, _ = official_model
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        monkeypatch.setenv(name, env[name])
+    report = imported_report(env)
+    fold_dir = Path(report["fold_folder"])
+    trainer = get_trainer_from_args(OFFICIAL_ID, "2d", "all", report["trainer"], device=torch.device("cpu"))
+    trainer.load_checkpoint(str(fold_dir / CHECKPOINT_FILE))
+    imported = torch.load(fold_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=False)["network_weights"]
+    loaded = trainer.network.state_dict()
+    assert all(torch.equal(loaded[k], imported[k]) for k in imported) and loaded.keys() == imported.keys()
+    assert trainer.current_epoch == trainer.num_epochs and trainer.inference_allowed_mirroring_axes is None
+
+    run_cli(["nnUNetv2_train", OFFICIAL_ID, "2d", "all", "-tr", report["trainer"], "-device", "cpu", "--val"],
+            dict(env, nnUNet_def_n_proc="1"))
+    summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
+    assert len(summary["metric_per_case"]) == 4 and summary["foreground_mean"]["Dice"] is not None

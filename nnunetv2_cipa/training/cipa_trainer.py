@@ -401,12 +401,30 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
             self.print_to_log_file(f"Loaded the ImageNet VMamba encoder from {path.parent}/{report.summary()}")
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """nnU-Net's, plus the weights-only folds that ``nnunetv2_cipa import-official`` writes (no training state):
+        loaded as a finished training, so ``--val`` validates it and ``--c`` trains no further."""
         self._restoring_checkpoint = True  # nnU-Net's load_checkpoint initializes an uninitialized trainer
         try:
-            super().load_checkpoint(filename_or_checkpoint)
+            # memory-mapped: only the weights-only fold's tensors are read here (nnU-Net reads a full checkpoint)
+            checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
+                torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False, mmap=True)
+            if "optimizer_state" in checkpoint:
+                super().load_checkpoint(filename_or_checkpoint)
+            else:
+                self._load_weights_only_fold(checkpoint)
         finally:
             self._restoring_checkpoint = False
         optimizer_steps_to_cpu(self.optimizer)
+
+    def _load_weights_only_fold(self, checkpoint: dict) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        unwrap(self.network).load_state_dict(checkpoint["network_weights"])
+        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
+                                                               self.inference_allowed_mirroring_axes)
+        self.current_epoch = self.num_epochs
+        self.print_to_log_file(f"Loaded a weights-only fold ({checkpoint.get('trainer_name')}): no training state, "
+                               "taken as a finished training")
 
     def on_train_start(self):
         if not self.was_initialized:
