@@ -81,6 +81,9 @@ def test_batch_size_env_override_wins_and_is_checked(monkeypatch):
     choice = choose_batch_size(12, torch.device("cuda"), "tiny", (512, 512), 10 ** 6, "cuda", torch.float16, False,
                                free_bytes=GIB, device_name="Test GPU")
     assert choice.chosen == 5 and BATCH_SIZE_ENV_VAR in choice.reason
+    monkeypatch.setenv(BATCH_SIZE_ENV_VAR, "1")
+    with pytest.raises(ValueError, match=f"{BATCH_SIZE_ENV_VAR}=1: CIPA-micro at 64x64 trains with at least 2"):
+        choose_batch_size(12, torch.device("cpu"), "micro", (64, 64), 0, "cpu", torch.float32, False, min_batch=2)
     monkeypatch.setenv(BATCH_SIZE_ENV_VAR, "zero")
     with pytest.raises(ValueError, match="positive integer"):
         choose_batch_size(12, torch.device("cpu"), "tiny", (512, 512), 0, "cpu", torch.float32, False)
