@@ -91,7 +91,9 @@ def test_reconverting_a_planned_dataset_says_what_is_stale(source, raw, tmp_path
     (preprocessed / DATASET).mkdir(parents=True)
     shutil.copy(raw / DATASET / "splits_final.json", preprocessed / DATASET)
     assert convert_pclt20k(source, 321, num_processes=1, overwrite=True).warnings == []  # the same folds again
-    (results / DATASET / "nnUNetTrainerCIPA__nnUNetPlans__2d").mkdir(parents=True)
+    (results / DATASET / "nnUNetTrainerVanilla__nnUNetPlans__2d").mkdir(parents=True)  # never trained: not named
+    (results / DATASET / "nnUNetTrainerCIPA__nnUNetPlans__2d" / "fold_0").mkdir(parents=True)
+    (results / DATASET / "nnUNetTrainerCIPA__nnUNetPlans__2d" / "fold_0" / "checkpoint_latest.pth").write_bytes(b"")
     assert main(["convert", str(source), "-d", "321", "-np", "1", "--folds", "3", "--overwrite"]) == 0
     err = capsys.readouterr().err
     assert f"warning: {preprocessed / DATASET / 'splits_final.json'} now holds the new folds" in err

@@ -208,8 +208,9 @@ def planned_dataset_warnings(dataset_id: int, target: Path, splits_file: Path | 
         warnings.append(f"{splits_file} now holds the new folds (the slices are the same; their assignment to folds "
                         "changed)")
     results = Path(os.environ["nnUNet_results"]) / target.name if os.environ.get("nnUNet_results") else None
-    trained = sorted(p.name for p in results.iterdir() if p.is_dir() and p.name.count("__") == 2) \
-        if warnings and results is not None and results.is_dir() else []  # TRAINER__PLANS__CONFIGURATION folders
+    trained = sorted(p.name for p in results.iterdir()  # TRAINER__PLANS__CONFIGURATION folders with a checkpoint
+                     if p.is_dir() and p.name.count("__") == 2 and any(p.glob("fold_*/checkpoint_*.pth"))) \
+        if warnings and results is not None and results.is_dir() else []
     if trained:
         warnings.append(f"models in {results} ({', '.join(trained)}) were trained before this conversion: train "
                         "them again before comparing or ensembling (`nnunetv2_cipa compare` refuses folds whose "
