@@ -116,16 +116,18 @@ def test_every_preset_has_a_gpu_memory_model(preset, backend):
 
 def test_trainer_applies_the_choice_to_batch_and_oversampling(nnunet_paths, monkeypatch):
     """A reduced batch keeps the planned batch's fraction of foreground samples; the log states both batches."""
-    trainer = make_trainer("nnUNetTrainerCIPA", nnunet_paths)
+    trainer = make_trainer("nnUNetTrainerCIPA", nnunet_paths, patch_size=(256, 256))  # trains at batch 1
     planned = trainer.configuration_manager.batch_size
     monkeypatch.setenv(BATCH_SIZE_ENV_VAR, "1")
+    with pytest.raises(SystemExit, match="CIPA-tiny at 64x64 trains with at least 2 samples per batch"):
+        make_trainer("nnUNetTrainerCIPA", nnunet_paths)._set_batch_size_and_oversample()
     trainer._set_batch_size_and_oversample()
     assert trainer.batch_size == 1 and trainer.probabilistic_oversampling
     assert trainer.oversample_foreground_percent == pytest.approx(oversampled_fraction(planned, 0.33))
     log = open(trainer.log_file).read()
     assert f"CIPA batch size: planned {planned}, using 1 (set by {BATCH_SIZE_ENV_VAR})" in log
 
-    accumulating = make_trainer("nnUNetTrainerCIPA_accumulate", nnunet_paths)
+    accumulating = make_trainer("nnUNetTrainerCIPA_accumulate", nnunet_paths, patch_size=(256, 256))
     accumulating._set_batch_size_and_oversample()
     assert accumulating.batch_size == planned and accumulating.micro_batch_size == 1
     assert not accumulating.probabilistic_oversampling
