@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import errno
 import glob
+import hashlib
 import json
 import os
 import re
@@ -114,14 +115,20 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def _host_tag() -> str:
-    """This host's name with anything but letters and digits as ``_``."""
-    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())
+@lru_cache(maxsize=1)
+def _pid_space_tag() -> str:
+    """12 hex digits naming this host and PID namespace (containers sharing a host name have their own PIDs): the
+    same for every process that can see this one's PID, and of a fixed width, so no other tag starts with it."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # not Linux
+        namespace = 0
+    return hashlib.sha1(f"{socket.gethostname()}/{namespace}".encode()).hexdigest()[:12]
 
 
 def staging_owner(pid: int | None = None) -> str:
-    """``<pid>_<host>``: the process (this one by default) that a staging folder's name says it belongs to."""
-    return f"{os.getpid() if pid is None else pid}_{_host_tag()}"
+    """``<pid>_<tag>``: the process (this one by default) that a staging folder's name says it belongs to."""
+    return f"{os.getpid() if pid is None else pid}_{_pid_space_tag()}"
 
 
 def _process_exists(pid: int) -> bool:
@@ -135,9 +142,10 @@ def _process_exists(pid: int) -> bool:
 
 
 def remove_dead_stagings(parent: Path, prefix: str) -> None:
-    """Remove the staging folders ``<prefix><staging_owner>_<token>`` in ``parent`` of processes on this host that
-    are gone (killed with SIGKILL: nothing else leaves one); those of live processes and other hosts stay."""
-    ours = re.compile(rf"{re.escape(prefix)}(\d+)_{_host_tag()}_")
+    """Remove the staging folders ``<prefix><staging_owner>_<token>`` in ``parent`` of processes on this host (and
+    PID namespace) that are gone (killed with SIGKILL: nothing else leaves one); those of live processes and of other
+    hosts or containers stay."""
+    ours = re.compile(rf"{re.escape(prefix)}(\d+)_{_pid_space_tag()}_")
     for entry in parent.glob(f"{glob.escape(prefix)}*"):
         match = ours.match(entry.name)
         if match and not _process_exists(int(match.group(1))):

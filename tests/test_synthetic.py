@@ -164,9 +164,11 @@ def test_overwrite_replaces_a_previous_dataset_as_a_whole(tmp_path):
 
 def test_the_staging_folders_of_killed_runs_are_removed_by_the_next(tmp_path):
     """A SIGKILLed synth (or compare, or convert) leaves its hidden staging folder; the next run writing the same
-    folder removes those of dead processes on this host, never a live process's or another host's."""
+    folder removes those of dead processes on this host, never a live process's or another host's (or container's)."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    owners = [staging_owner(int(dead.stdout)), staging_owner(), f"{dead.stdout.strip()}_otherhost"]
+    # a dead process here; a live one; dead PIDs of other hosts, one whose tag extends this host's
+    owners = [staging_owner(int(dead.stdout)), staging_owner(), f"{dead.stdout.strip()}_otherhost",
+              f"{staging_owner(int(dead.stdout))}1"]
     for owner in owners:
         (tmp_path / f".d.tmp-{owner}_token" / "P0001").mkdir(parents=True)
     generate_pclt20k_like(tmp_path / "d", patients=1, slices=1, size=32, test_patients=0)
