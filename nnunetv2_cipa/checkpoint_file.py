@@ -12,6 +12,7 @@ from __future__ import annotations
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -55,11 +56,12 @@ def check_checkpoint_path(path: Path, what: str) -> None:
 
 
 def load_checkpoint_file(path: Path, what: str, mmap: bool = False):
-    """The object saved in ``path``, its tensors on the CPU (memory-mapped with ``mmap``: only the tensors read are
-    paged in). InputError ("``what`` ``path``: ...") when there is no
+    """The object saved in ``path``, its tensors on the CPU (memory-mapped with ``mmap`` where the format allows:
+    only the tensors read are paged in). InputError ("``what`` ``path``: ...") when there is no
     such file, it is not a PyTorch checkpoint, or its pickle references anything but tensors, containers and
     configuration types."""
     check_checkpoint_path(path, what)
+    mmap = mmap and zipfile.is_zipfile(path)  # torch's legacy (< 1.6) format cannot be memory-mapped
     try:
         with warnings.catch_warnings():  # torch's note on pickle protocols: the refusal below says what matters
             warnings.simplefilter("ignore", UserWarning)

@@ -289,6 +289,15 @@ def test_an_unreadable_image_skips_the_example_figure_not_the_comparison(nnunet_
     assert f"Example figure: {note}" in (nnunet_env / "report" / "report.md").read_text()
 
 
+def test_costs_read_checkpoints_in_the_legacy_format(nnunet_env):
+    """torch's legacy (< 1.6) format cannot be memory-mapped: it is read whole, with the same costs."""
+    model = nnunet_env / "results" / DATASET / f"{TRAINERS[0]}__nnUNetPlans__2d"
+    checkpoint = model / "fold_0" / "checkpoint_final.pth"
+    torch.save(torch.load(checkpoint, weights_only=True), checkpoint, _use_new_zipfile_serialization=False)
+    cost = compare_trainers(DATASET, TRAINERS, nnunet_env / "report", folds=(0, 1))["costs"][TRAINERS[0]]
+    assert cost["parameters"] == 4 * 2 * 3 * 3 + 4 and cost["epoch_time_s"]["n_epochs"] == 4
+
+
 def test_test_predictions_must_be_each_trainers_own_folder(nnunet_env):
     labels, own = nnunet_env / "raw" / DATASET / "labelsTs", nnunet_env / f"test_{TRAINERS[0]}"
     with pytest.raises(InputError, match=f"{TRAINERS[1]}: the test prediction folder .* is the ground-truth folder"):
@@ -303,6 +312,7 @@ def test_a_patient_separator_that_no_case_holds_is_reported(nnunet_env):
     assert report["warnings"][0].startswith("the patient separator '-' occurs in no case name (e.g. 'p")
     assert "the patient separator '-'" in (nnunet_env / "report" / "report.md").read_text()
     assert report["splits"]["cross-validation"]["n_patients"] == report["splits"]["cross-validation"]["n_cases"]
+    assert "warnings" not in report["splits"]["cross-validation"]["results"][TRAINERS[0]]  # said once, above
 
 
 def test_folds_not_split_by_patient_are_reported(nnunet_env):

@@ -278,9 +278,21 @@ def test_killed_between_the_swap_and_the_planned_splits_the_next_run_writes_them
     process.communicate(timeout=60)
     planned, converted = preprocessed / DATASET / "splits_final.json", raw / DATASET / "splits_final.json"
     assert len(json.loads(planned.read_text())) == 3 and len(json.loads(converted.read_text())) == 5
-    assert (raw / DATASET / PENDING_SPLITS_FILE).read_text() == str(planned)
+    assert (raw / DATASET / PENDING_SPLITS_FILE).is_file()
     with pytest.raises(InputError, match="already exists"):
         convert_pclt20k(source, 321)
     assert planned.read_bytes() == converted.read_bytes()
     assert not (raw / DATASET / PENDING_SPLITS_FILE).exists()
     check_output(raw / DATASET, source, folds=5)
+
+    # a plan removed meanwhile (to plan again) is not recreated: the marker alone goes
+    (raw / DATASET / PENDING_SPLITS_FILE).touch()
+    shutil.rmtree(preprocessed / DATASET)
+    assert convert_pclt20k(source, 321, folds=5, overwrite=True).warnings == []
+    assert not (preprocessed / DATASET).exists() and not (raw / DATASET / PENDING_SPLITS_FILE).exists()
+    # a planned copy that cannot be written names the marker, so that the user can go on
+    (preprocessed / DATASET / "splits_final.json").mkdir(parents=True)
+    (raw / DATASET / PENDING_SPLITS_FILE).touch()
+    with pytest.raises(InputError, match=f"splits_final.json: output file is an existing folder .*{PENDING_SPLITS_FILE}"
+                                         " says an interrupted conversion left them unwritten; remove it"):
+        convert_pclt20k(source, 321, overwrite=True)

@@ -121,8 +121,8 @@ def check_source_apart(source: Path, target: Path) -> None:
                          "ever read; set nnUNet_raw to a folder outside it")
 
 
-# in a converted dataset while the planned copy of its folds is not yet written: that copy's path (a conversion
-# killed between the swap and that write leaves it for the next one, which writes the copy)
+# an empty file in a converted dataset while the planned copy of its folds is not yet written (a conversion killed
+# between the swap and that write leaves it for the next one, which writes the copy)
 PENDING_SPLITS_FILE = ".planned_splits_pending"
 
 
@@ -150,14 +150,21 @@ def write_planned_splits(path: Path | None, splits: list[dict], target: Path) ->
 
 def complete_planned_splits(target: Path) -> list[str]:
     """Under the dataset's lock: when ``target`` still holds PENDING_SPLITS_FILE, the conversion that wrote it died
-    between the swap and the planned copy of its folds: copy them now. Returns a note saying so."""
+    between the swap and the planned copy of its folds: copy them now (nothing when the dataset is no longer
+    planned). Returns a note saying so."""
     pending = target / PENDING_SPLITS_FILE
     if not pending.is_file():
         return []
-    splits = read_json(target / "splits_final.json", "the dataset's folds", list)
-    path = Path(pending.read_text())
-    write_planned_splits(path, splits, target)
-    return [f"{path}: wrote the folds of {target} that an interrupted conversion left unwritten there"]
+    try:
+        path = preprocessed_splits_file(target)
+        if path is not None:
+            write_planned_splits(path, read_json(target / "splits_final.json", "the dataset's folds", list), target)
+    except InputError as e:
+        raise InputError(f"{e} ({pending} says an interrupted conversion left them unwritten; remove it to go on "
+                         "without)") from None
+    pending.unlink(missing_ok=True)
+    return [] if path is None else \
+        [f"{path}: wrote the folds of {target} that an interrupted conversion left unwritten there"]
 
 
 # what nnU-Net's preprocessing reads from dataset.json: when one of these changes, the preprocessed data is stale
@@ -323,7 +330,7 @@ def convert_pclt20k(source, dataset_id: int, name: str = "PCLT20K", folds: int =
                 _write_metadata(work, source, name, normalization, len(lists.train), len(lists.test), splits,
                                 scales, high_bit_depth)
                 if planned_splits is not None:
-                    (work / PENDING_SPLITS_FILE).write_text(str(planned_splits))
+                    (work / PENDING_SPLITS_FILE).touch()
         except WriteError as e:
             raise InputError(f"{raw}: cannot write the converted dataset there ({e}); nothing was written (the "
                              "source is not the problem)") from None

@@ -276,8 +276,9 @@ def compare_trainers(dataset, trainers, report_dir, configuration: str = "2d", p
         raise InputError("every trainer must be scored on the same cases:\n  " + "\n  ".join(problems))
     cv_gt = {c: labels_tr[c] for c in sorted(cv_cases)}
 
-    warnings = patient_separator_warnings([*cv_cases, *(labels_ts if test_predictions else [])], patient_sep) + \
-        patient_split_warnings(splits_file, splits, folds, patient_sep)
+    scored = [*cv_cases, *(labels_ts if test_predictions is not None else [])]
+    warnings = patient_separator_warnings(scored, patient_sep) + patient_split_warnings(splits_file, splits, folds,
+                                                                                         patient_sep)
     splits_out = {"cross-validation": _score_split(trainers, cv_preds, cv_gt, raw_dir / "labelsTr", patient_sep)}
     if test_predictions is not None:
         splits_out["test"] = _score_split(trainers, test_preds, labels_ts, raw_dir / "labelsTs", patient_sep)

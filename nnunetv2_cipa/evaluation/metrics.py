@@ -193,8 +193,7 @@ def json_safe(value):
 
 
 def evaluate_pairs(pairs: dict[str, CasePair], patient_sep: str = "_", num_workers: int | None = None) -> dict:
-    """Metrics of {case: (gt_png, pred_png)}: "cipa_protocol", "per_case", "per_patient", "summary", "notes",
-    "warnings" (e.g. a ``patient_sep`` that no case name holds).
+    """Metrics of {case: (gt_png, pred_png)}: "cipa_protocol", "per_case", "per_patient", "summary", "notes".
 
     NaN values are already replaced by None (valid JSON)."""
     if not patient_sep:
@@ -223,8 +222,7 @@ def evaluate_pairs(pairs: dict[str, CasePair], patient_sep: str = "_", num_worke
                 n_slices_pred_empty=sum(c["tp"] + c["fp"] == 0 for c in results))
     return json_safe({"cipa_protocol": cipa, "n_patients": len(per_patient), "patient_sep": patient_sep,
                       "summary": summarize_patients(per_patient), "per_patient": per_patient,
-                      "per_case": per_case, "notes": NOTES,
-                      "warnings": patient_separator_warnings(cases, patient_sep)})
+                      "per_case": per_case, "notes": NOTES})
 
 
 def abbreviated(names: list[str], shown: int = 5) -> str:
@@ -261,8 +259,9 @@ def evaluate_folders(gt_dir, pred_dir, patient_sep: str = "_", num_workers: int 
 
 def evaluate_listed(gt: dict[str, Path], pred: dict[str, Path], gt_dir, pred_dir, patient_sep: str = "_",
                     num_workers: int | None = None, chill: bool = False) -> dict:
-    """``evaluate_folders`` for the ``list_label_pngs`` of ``gt_dir`` and ``pred_dir``; ``chill``: only the cases
-    ``pred`` holds (as nnU-Net's ``--chill``), e.g. one fold's validation predictions against labelsTr."""
+    """``evaluate_folders`` for the ``list_label_pngs`` of ``gt_dir`` and ``pred_dir``, with "warnings" (e.g. a
+    ``patient_sep`` that no case name holds); ``chill``: only the cases ``pred`` holds (as nnU-Net's ``--chill``),
+    e.g. one fold's validation predictions against labelsTr."""
     if os.path.samefile(gt_dir, pred_dir):
         raise InputError(f"{pred_dir}: the prediction folder is the ground-truth folder {gt_dir}")
     if chill:
@@ -275,7 +274,8 @@ def evaluate_listed(gt: dict[str, Path], pred: dict[str, Path], gt_dir, pred_dir
                              "validation predictions against labelsTr)") from None
         raise
     result = evaluate_pairs(pairs, patient_sep=patient_sep, num_workers=num_workers)
-    return {"gt_dir": str(gt_dir), "pred_dir": str(pred_dir), **result}
+    return {"gt_dir": str(gt_dir), "pred_dir": str(pred_dir), **result,
+            "warnings": patient_separator_warnings(pairs, patient_sep)}
 
 
 def format_number(value, digits: int = 4) -> str:

@@ -34,6 +34,7 @@ import contextlib
 import math
 import os
 import sys
+import zipfile
 
 import numpy as np
 import torch
@@ -130,9 +131,10 @@ class FiniteFlag:
         finite = torch.isfinite(loss)
         self._event = None
         if finite.device.type == "cuda":
+            stream = torch.cuda.current_stream(finite.device)  # where the loss and the copy are queued
             finite = finite.to("cpu", non_blocking=True)  # into pinned memory
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(stream)
         self._finite = finite
 
     def result(self) -> bool:
@@ -302,6 +304,11 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
                               self.checkpointing_enabled(), network.min_training_batch, self._free_device_bytes(),
                               distributed=self.is_ddp)
         self.print_to_log_file(choice.log_line())
+        if choice.chosen < network.min_training_batch and not self.accumulate_to_planned_batch:  # set by the env
+            raise SystemExit(f"{self.__class__.__name__}: {BATCH_SIZE_ENV_VAR}={choice.chosen}: "
+                             f"CIPA-{self.cipa_preset} at {'x'.join(map(str, self.configuration_manager.patch_size))} "
+                             f"trains with at least {network.min_training_batch} samples per batch (its DCIM BatchNorm "
+                             "sees one token per sample there)")
         if self.is_ddp and self.device.type == "cuda":
             self.print_to_log_file(f"DDP: every one of the {dist.get_world_size()} processes plans with the least "
                                    "free GPU memory among them")
@@ -407,7 +414,8 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         try:
             # memory-mapped: only the weights-only fold's tensors are read here (nnU-Net reads a full checkpoint)
             checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
-                torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False, mmap=True)
+                torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False,
+                           mmap=zipfile.is_zipfile(filename_or_checkpoint))  # not the legacy (< 1.6) format
             if "optimizer_state" in checkpoint:
                 super().load_checkpoint(filename_or_checkpoint)
             else:

@@ -135,10 +135,6 @@ def choose_batch_size(planned: int, device: torch.device, preset: str, patch_siz
     batch). ``free_bytes``/``device_name`` default to torch.cuda.mem_get_info / get_device_name (tests pass them);
     ``distributed``: one process of a DDP training."""
     override = batch_size_override()
-    if override is not None and override < min_batch:
-        raise ValueError(f"{BATCH_SIZE_ENV_VAR}={override}: CIPA-{preset} at "
-                         f"{'x'.join(str(int(s)) for s in patch_size)} trains with at least {min_batch} samples per "
-                         "batch (its DCIM BatchNorm sees one token per sample there)")
     if override is not None:
         return BatchSizeChoice(planned, override, f"set by {BATCH_SIZE_ENV_VAR}")
     if device.type != "cuda":
