@@ -434,3 +434,9 @@ def test_nnunet_train_validates_an_imported_fold(official_model, monkeypatch):
             dict(env, nnUNet_def_n_proc="1"))
     summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
     assert len(summary["metric_per_case"]) == 4 and summary["foreground_mean"]["Dice"] is not None
+
+    run_cli(["nnUNetv2_train", OFFICIAL_ID, "2d", "all", "-tr", report["trainer"], "-device", "cpu", "--c"],
+            dict(env, nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0"))
+    final = torch.load(fold_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == trainer.num_epochs and "optimizer_state" in final  # a full checkpoint now
+    assert all(torch.equal(final["network_weights"][k], imported[k]) for k in imported)
