@@ -49,6 +49,11 @@ def _refused_a_global(err: Exception) -> bool:
     return "unsupported global" in str(err).lower()
 
 
+def can_memory_map(path: Path) -> bool:
+    """Whether torch.load can memory-map ``path``: torch.save's zip format, not the legacy (< 1.6) one."""
+    return zipfile.is_zipfile(path)
+
+
 def check_checkpoint_path(path: Path, what: str) -> None:
     """InputError ("``what`` ``path``: ...") unless ``path`` is a file."""
     if not path.is_file():
@@ -61,7 +66,7 @@ def load_checkpoint_file(path: Path, what: str, mmap: bool = False):
     such file, it is not a PyTorch checkpoint, or its pickle references anything but tensors, containers and
     configuration types."""
     check_checkpoint_path(path, what)
-    mmap = mmap and zipfile.is_zipfile(path)  # torch's legacy (< 1.6) format cannot be memory-mapped
+    mmap = mmap and can_memory_map(path)
     try:
         with warnings.catch_warnings():  # torch's note on pickle protocols: the refusal below says what matters
             warnings.simplefilter("ignore", UserWarning)

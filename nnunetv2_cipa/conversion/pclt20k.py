@@ -174,8 +174,8 @@ PREPROCESSING_KEYS = ("channel_names", "labels", "file_ending", "overwrite_image
 def _read_json(path: Path | None):
     """The JSON content of ``path``, or None when there is no such file or it cannot be read."""
     try:
-        return json.loads(path.read_text()) if path is not None and path.is_file() else None
-    except (OSError, ValueError):
+        return read_json(path, "a JSON file") if path is not None and path.is_file() else None
+    except InputError:
         return None
 
 
@@ -187,7 +187,7 @@ def read_planned_splits(path: Path | None) -> list[dict] | None:
 
 
 def _split_cases(splits: list[dict]) -> set[str]:
-    return {str(case) for fold in splits for part in ("train", "val") for case in fold[part]}
+    return {case for fold in splits for part in ("train", "val") for case in fold[part]}
 
 
 def planned_dataset_warnings(dataset_id: int, target: Path, splits_file: Path | None, earlier: list[dict] | None,

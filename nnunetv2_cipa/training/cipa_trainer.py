@@ -34,7 +34,6 @@ import contextlib
 import math
 import os
 import sys
-import zipfile
 
 import numpy as np
 import torch
@@ -49,6 +48,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
+from nnunetv2_cipa.checkpoint_file import can_memory_map
 from nnunetv2_cipa.network import CIPA, OFFICIAL_INPUT_SCALE_SHIFT
 from nnunetv2_cipa.ops.backend_report import scan_backend_report
 from nnunetv2_cipa.ops.backends import resolve_backend
@@ -415,7 +415,7 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
             # memory-mapped: only the weights-only fold's tensors are read here (nnU-Net reads a full checkpoint)
             checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
                 torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False,
-                           mmap=zipfile.is_zipfile(filename_or_checkpoint))  # not the legacy (< 1.6) format
+                           mmap=can_memory_map(filename_or_checkpoint))
             if "optimizer_state" in checkpoint:
                 super().load_checkpoint(filename_or_checkpoint)
             else:
