@@ -12,9 +12,11 @@ would leave it in bfloat16, 2 bytes where CUDA saves 4): the same tensors are st
 ``--checkpointing on`` sets the network's ``activation_checkpointing``. Scan backends: ``cpu`` reads the map in
 place; ``cpu-gathered`` runs the numba kernel behind the gathered path that the ``cuda`` (mamba-ssm) and ``torch``
 backends take (the four scan orders copied and kept for backward, plus the kernel's chunk states), at CPU speed;
-``torch`` is the pure-PyTorch scan itself (slow).
+``torch`` is the pure-PyTorch scan itself (slow). ``--variants`` measures the trainer variants' networks too
+(``noCRM``, ``noDCIM``, ``noMamba``: the ablations, which the memory model gives the full network's coefficients).
 Usage: python benchmarks/bench_memory.py [--models tiny micro vanilla] [--sizes 256 512] [--backends cpu cpu-gathered]
-       [--dtypes float32 bfloat16] [--checkpointing off on] [--batches 1 2] [--json PATH]
+       [--dtypes float32 bfloat16] [--checkpointing off on] [--variants full noCRM noDCIM noMamba] [--batches 1 2]
+       [--json PATH]
        python benchmarks/bench_memory.py --gpu-table   (the batch the model gives CIPA-tiny on common GPUs)
 Prints markdown tables and writes benchmarks/results/bench_memory.json (or --json).
 """
@@ -40,10 +42,14 @@ CIPA_MODELS = ("tiny", "small", "base", "micro")
 GPU_MEMORY_GIB = (16, 24, 40, 48, 80, 141)  # common cards; free memory = this - CUDA_CONTEXT_GIB
 CUDA_CONTEXT_GIB = 0.6  # the CUDA context, cuBLAS / cuDNN handles: not free for tensors
 PLANNED_BATCH = 12  # nnU-Net's 2d plan for PCLT20K (512 x 512)
+# CIPA's constructor arguments of the ablation trainers (nnUNetTrainerCIPA_<name>)
+VARIANTS = {"full": {}, "noCRM": {"use_crm": False}, "noDCIM": {"use_dcim": False},
+            "noMamba": {"token_mixer": "memoryless"}}
 
 
-def build(model: str, size: int, vanilla_config: dict | None, checkpointing: bool):
-    """CIPA preset ``model`` (deep supervision on) or the planned PlainConvUNet for ``size`` x ``size``."""
+def build(model: str, size: int, vanilla_config: dict | None, checkpointing: bool, variant: str = "full"):
+    """CIPA preset ``model`` as ``variant`` (deep supervision on) or the planned PlainConvUNet for ``size`` x
+    ``size``."""
     if model == "vanilla":
         from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
@@ -52,7 +58,7 @@ def build(model: str, size: int, vanilla_config: dict | None, checkpointing: boo
                                       2, 2, allow_init=True, deep_supervision=True)
     from nnunetv2_cipa.network import CIPA
 
-    network = CIPA(2, (size, size), preset=model, deep_supervision=True)
+    network = CIPA(2, (size, size), preset=model, deep_supervision=True, **VARIANTS[variant])
     network.activation_checkpointing = checkpointing
     return network
 
@@ -95,7 +101,8 @@ def worker(cell: dict) -> dict:
 
     torch.manual_seed(0)
     size, batch = cell["size"], cell["batch"]
-    network = build(cell["model"], size, cell.get("vanilla_config"), cell["checkpointing"]).train()
+    network = build(cell["model"], size, cell.get("vanilla_config"), cell["checkpointing"],
+                    cell.get("variant", "full")).train()
     x = torch.rand(batch, 2, size, size)
     target = torch.randint(0, 2, (batch, size, size))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cell["dtype"] == "bfloat16")
@@ -126,8 +133,9 @@ def run_cell(cell: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure(models, sizes, backends, dtypes, checkpointing, batches) -> list[dict]:
-    """Every combination (vanilla: one backend, no checkpointing); per-sample bytes and the model's prediction."""
+def measure(models, sizes, backends, dtypes, checkpointing, batches, variants=("full",)) -> list[dict]:
+    """Every combination (vanilla: one backend, no checkpointing, no variants); per-sample bytes and the model's
+    prediction."""
     from nnunetv2_cipa.training.memory_model import activation_bytes_per_sample
 
     vanilla_configs = {}
@@ -137,10 +145,12 @@ def measure(models, sizes, backends, dtypes, checkpointing, batches) -> list[dic
                 vanilla_configs[size] = plan_vanilla(Path(tmp), size, cases=20)
     b1, b2 = batches
     rows = []
-    for model, size, backend, dtype, ckpt in product(models, sizes, backends, dtypes, checkpointing):
-        if model == "vanilla" and (backend != backends[0] or ckpt):
+    for model, size, backend, dtype, ckpt, variant in product(models, sizes, backends, dtypes, checkpointing,
+                                                              variants):
+        if model == "vanilla" and (backend != backends[0] or ckpt or variant != variants[0]):
             continue
-        cell = {"model": model, "size": size, "backend": backend, "dtype": dtype, "checkpointing": ckpt}
+        cell = {"model": model, "size": size, "backend": backend, "dtype": dtype, "checkpointing": ckpt,
+                "variant": "full" if model == "vanilla" else variant}
         if model == "vanilla":
             cell["vanilla_config"] = {"architecture": vanilla_configs[size]["architecture"]}
         peaks = [run_cell(dict(cell, batch=b)) for b in (b1, b2)]
@@ -152,14 +162,15 @@ def measure(models, sizes, backends, dtypes, checkpointing, batches) -> list[dic
         if model in CIPA_MODELS:
             try:
                 predicted = activation_bytes_per_sample(model, (size, size), backend.removesuffix("-gathered")
-                                                        if backend == "cpu" else "cuda", dtype, ckpt)
+                                                        if backend == "cpu" else "cuda", dtype, ckpt,
+                                                        VARIANTS[variant].get("token_mixer", "selective_scan"))
                 row.update(predicted_bytes=predicted, prediction_error=predicted / per_sample - 1)
             except ValueError as e:  # no coefficient for this preset (yet)
                 row["prediction_note"] = str(e)
         if model == "vanilla":
             row["planned_batch_size"] = vanilla_configs[size]["batch_size"]
         rows.append(row)
-        print(f"measured {row['model']} {size} {backend} {dtype} ckpt={ckpt}: "
+        print(f"measured {row['model']} {row['variant']} {size} {backend} {dtype} ckpt={ckpt}: "
               f"{per_sample / 2 ** 30:.3f} GiB/sample", file=sys.stderr)
     return rows
 
@@ -169,7 +180,7 @@ def print_table(rows: list[dict]) -> None:
           "| model's prediction (GiB) | error |")
     print("|---|---|---|---|---|---:|---:|---:|---:|")
     for r in rows:
-        label = model_label(r["model"])
+        label = model_label(r["model"]) + ("" if r["variant"] == "full" else f" {r['variant']}")
         backend = "-" if r["model"] == "vanilla" else r["backend"]
         predicted = "-" if "predicted_bytes" not in r else f"{r['predicted_bytes'] / 2 ** 30:.3f}"
         error = "-" if "prediction_error" not in r else f"{r['prediction_error']:+.1%}"
@@ -234,6 +245,7 @@ def main() -> None:
                         choices=["cpu", "cpu-gathered", "torch"])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--variants", nargs="+", default=["full"], choices=list(VARIANTS))
     parser.add_argument("--batches", nargs=2, type=int, default=[1, 2], metavar=("B1", "B2"))
     parser.add_argument("--json", type=Path, default=RESULTS)
     parser.add_argument("--gpu-table", action="store_true", help="only print the GPU batch table of the memory model")
@@ -248,7 +260,7 @@ def main() -> None:
     if not args.batches[0] < args.batches[1]:
         parser.error("--batches needs B1 < B2")
     rows = measure(args.models, args.sizes, args.backends, args.dtypes, [c == "on" for c in args.checkpointing],
-                   args.batches)
+                   args.batches, args.variants)
     print(f"\nPer-sample training memory on CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} "
           f"cores), batches {args.batches[0]} and {args.batches[1]}\n")
     print_table(rows)

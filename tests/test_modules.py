@@ -12,6 +12,7 @@ from nnunetv2_cipa.modules.dcim import RegionGlobalInteraction, window_partition
 from nnunetv2_cipa.modules.ss2d import (SS1D, SS2D, MemorylessMixer, SelectiveScanMixer, cross_scan_positions,
                                         sequence_positions)
 from nnunetv2_cipa.ops.backends import available_backends
+from nnunetv2_cipa.ops.memoryless_mix import memoryless_mix
 from nnunetv2_cipa.ops.reference_scan import selective_scan_reference
 
 
@@ -112,6 +113,51 @@ def test_memoryless_mixer_is_the_scan_without_memory():
         ssm.A_logs.fill_(30.0)
         x = torch.randn(2, 5, 6, 8)
         torch.testing.assert_close(control(x), ssm(x), rtol=1e-4, atol=1e-5)
+
+
+def memoryless_mix_by_autograd(u, delta, bc, weight, d_sum, bias):
+    """The memoryless mix in autograd's own ops (the op's definition)."""
+    dt = F.softplus(delta + bias.view(delta.shape[0], 1, 1, -1))
+    return u * (d_sum + (dt * torch.einsum("blkn,kdn->kbld", bc, weight)).sum(0))
+
+
+def memoryless_mix_inputs(dtype=torch.float64, k=4, b=2, length=7, d=5, n=3):
+    torch.manual_seed(0)
+    shapes = [(b, length, d), (k, b, length, d), (b, length, k, n), (k, d, n), (d,), (k, d)]
+    inputs = [torch.randn(shape, dtype=dtype) for shape in shapes]
+    inputs[1] *= 4  # softplus on both sides of its bend
+    return [t.requires_grad_() for t in inputs]
+
+
+def test_memoryless_mix_matches_autograd_in_values_and_gradients():
+    inputs = memoryless_mix_inputs()
+    assert torch.autograd.gradcheck(memoryless_mix, inputs)
+    out, expected = memoryless_mix(*inputs), memoryless_mix_by_autograd(*inputs)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    for ours, theirs in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_memoryless_mix_keeps_one_directional_tensor_for_backward():
+    """Autograd's own ops keep softplus's input and output and the mixed B*C for backward, three (K, B, L, D)
+    tensors; the op keeps delta and the (B, L, D) gain besides its inputs (u, B*C and the parameters)."""
+    inputs = memoryless_mix_inputs(torch.float32, b=2, length=64, d=16)
+    directional = inputs[1].numel() * 4
+
+    def saved_bytes(function) -> int:
+        seen = {}
+
+        def pack(t):
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            function(*inputs)
+        return sum(size for ptr, size in seen.items() if ptr not in {t.data_ptr() for t in inputs})
+
+    assert saved_bytes(memoryless_mix_by_autograd) >= 3 * directional
+    assert saved_bytes(memoryless_mix) <= directional // 4 + directional // 8  # the gain only (delta is an input)
 
 
 @pytest.mark.parametrize("mixer", [SelectiveScanMixer, MemorylessMixer])

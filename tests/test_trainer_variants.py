@@ -153,6 +153,32 @@ def test_trainer_on_a_faked_gpu_uses_the_memory_model(nnunet_paths, monkeypatch)
     assert "Fake GPU" in open(trainer.log_file).read()
 
 
+def test_no_mamba_control_takes_the_in_place_figures_on_every_backend(nnunet_paths, monkeypatch):
+    """The memoryless mixer runs no scan: nothing is gathered and there is no scan workspace, whatever the backend.
+    nnUNetTrainerCIPA_noMamba chooses its batch by those figures (the same free memory gives it more samples than
+    CIPA with the torch scan) and logs the mixer."""
+    monkeypatch.delenv(BATCH_SIZE_ENV_VAR, raising=False)
+    in_place = activation_bytes_per_sample("tiny", (512, 512), "triton", torch.float16, False)
+    for backend in ("cuda", "torch", "cpu"):
+        assert activation_bytes_per_sample("tiny", (512, 512), backend, torch.float16, False, "memoryless") == in_place
+        assert scan_workspace_bytes(backend, "cuda", "memoryless") == 0
+    assert activation_bytes_per_sample("tiny", (512, 512), "torch", torch.float16, False) > in_place
+
+    trainers = {name: make_trainer(name, nnunet_paths, patch_size=(512, 512))
+                for name in ("nnUNetTrainerCIPA", "nnUNetTrainerCIPA_noMamba")}
+    parameters = sum(p.numel() for p in trainers["nnUNetTrainerCIPA"]._meta_network().parameters())
+    free = int((training_state_bytes(parameters) + 2.5 * in_place) / 0.9)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Fake GPU")
+    monkeypatch.setattr(cipa_trainer, "resolve_backend", lambda backend, device: "torch")
+    for trainer in trainers.values():
+        trainer.device = torch.device("cuda")
+        trainer._set_batch_size_and_oversample()
+    assert (trainers["nnUNetTrainerCIPA"].batch_size, trainers["nnUNetTrainerCIPA_noMamba"].batch_size) == (1, 2)
+    log = open(trainers["nnUNetTrainerCIPA_noMamba"].log_file).read()
+    assert "CIPA-tiny at 512x512, memoryless mixer, 16-bit activations" in log and "scan workspace" not in log
+
+
 def test_meta_network_matches_the_real_network(nnunet_paths):
     trainer = make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths)
     trainer.initialize()

@@ -20,6 +20,7 @@ from torch import nn
 
 from nnunetv2_cipa.modules.linear import Linear, linear
 from nnunetv2_cipa.ops.directional_scan import directional_scan
+from nnunetv2_cipa.ops.memoryless_mix import memoryless_mix
 
 
 @functools.lru_cache(maxsize=64)
@@ -110,9 +111,8 @@ class MemorylessMixer:
         k, dim, d_state = positions.shape[0], u.shape[-1], state.shape[1]
         with torch.autocast(u.device.type, enabled=False):
             u, delta, Bs, Cs = (_at_least_float32(t) for t in (u, delta, Bs, Cs))
-            delta = F.softplus(delta + delta_bias.view(k, 1, 1, dim))
-            mixed = torch.einsum("blkn,kdn->kbld", Bs * Cs, state.view(k, dim, d_state).to(Bs.dtype))
-            return u * (D.view(k, dim).sum(0) + (delta * mixed).sum(0))
+            return memoryless_mix(u, delta, Bs * Cs, state.view(k, dim, d_state).to(u.dtype),
+                                  D.view(k, dim).sum(0).to(u.dtype), delta_bias.view(k, dim).to(u.dtype))
 
 
 TOKEN_MIXERS: dict[str, type[TokenMixer]] = {"selective_scan": SelectiveScanMixer, "memoryless": MemorylessMixer}

@@ -302,7 +302,7 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
                               self.configuration_manager.patch_size, sum(p.numel() for p in network.parameters()),
                               self._config(resolve_backend, None, self.device), self.training_autocast_dtype(),
                               self.checkpointing_enabled(), network.min_training_batch, self._free_device_bytes(),
-                              distributed=self.is_ddp)
+                              distributed=self.is_ddp, token_mixer=self.token_mixer)
         self.print_to_log_file(choice.log_line())
         if choice.chosen < network.min_training_batch and not self.accumulate_to_planned_batch:  # set by the env
             raise SystemExit(f"{self.__class__.__name__}: {BATCH_SIZE_ENV_VAR}={choice.chosen}: "
