@@ -13,7 +13,7 @@ coefficient per (preset, scan path, activation width, checkpointing) gives the p
   the selective scan runs in float32 too);
 - checkpointing: ``CIPA.activation_checkpointing`` (stages recomputed in backward).
 The ablations take the full network's coefficients: without CRM or DCIM a network keeps less (measured at 256 x 256:
-3.5-6% and 10-20% less, within 2% with checkpointing), and the no-Mamba control (``token_mixer="memoryless"``) runs
+3.4-6% and 10-20% less, within 2% with checkpointing), and the no-Mamba control (``token_mixer="memoryless"``) runs
 no scan, so whatever the backend it takes the in-place figures (measured within 5% of them).
 Of the device's free memory ``USABLE_FRACTION`` is planned for (the rest covers the CUDA caching allocator's
 fragmentation, cuDNN workspaces and the data loader's pinned buffers). The ``torch`` backend on a GPU also needs its
