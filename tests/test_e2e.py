@@ -23,8 +23,10 @@ FOLDS = ("0", "1")
 
 
 def train(dataset, trainer: str, fold: str, *extra: str):
-    # single-threaded augmentation (training only) and one export worker: two trainings share the 2 cores
-    env = dict(dataset.env, nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1")
+    # one export worker: two trainings share the 2 cores. CIPA augments in the training process; the paper trainer's
+    # own transforms run in one worker process, as nnU-Net runs augmentation by default (on a GPU machine)
+    workers = "1" if trainer == PAPER else "0"
+    env = dict(dataset.env, nnUNet_n_proc_DA=workers, nnUNet_def_n_proc="1")
     return run_cli(["nnUNetv2_train", str(DATASET_ID), "2d", fold, "-tr", trainer, "-device", "cpu", *extra], env)
 
 
