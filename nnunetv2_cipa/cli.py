@@ -72,7 +72,8 @@ def _cmd_compare(args) -> int:
     from nnunetv2_cipa.evaluation.compare import compare_trainers
 
     report = compare_trainers(args.dataset, args.trainers, args.output, configuration=args.configuration,
-                              plans=args.plans, folds=tuple(args.folds), test_predictions=args.test,
+                              plans=args.plans[0] if len(args.plans) == 1 else args.plans,
+                              folds=tuple(args.folds), test_predictions=args.test,
                               patient_sep=args.patient_sep, time_inference=args.time_inference)
     for warning in report["warnings"]:
         print(f"nnunetv2_cipa compare WARNING: {warning}", file=sys.stderr)
@@ -156,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", dest="dataset", required=True, help="dataset ID or name")
     p.add_argument("-tr", dest="trainers", nargs="+", required=True, help="two or more trainer names")
     p.add_argument("-c", dest="configuration", default="2d", help="nnU-Net configuration (default 2d)")
-    p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("-p", dest="plans", nargs="+", default=["nnUNetPlans"],
+                   help="plans identifier for every trainer, or one per trainer in -tr order (default nnUNetPlans)")
     p.add_argument("-f", dest="folds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
                    help="cross-validation folds to score (default 0 1 2 3 4)")
     p.add_argument("--test", nargs="+", help="test-set prediction folders, one per trainer, in -tr order")

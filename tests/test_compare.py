@@ -195,6 +195,33 @@ def test_compare_cli(nnunet_env):
     assert METRIC_RULES[1] in (out / "report.md").read_text()
 
 
+def test_models_on_different_plans_are_named_by_trainer_and_plans(nnunet_env):
+    """-p takes one plans identifier per trainer (CIPA on nnUNetPlans against nnU-Net ResEnc M, or one trainer on two
+    plans): each model is read from its own folder and named TRAINER__PLANS in the report."""
+    results = nnunet_env / "results" / DATASET
+    resenc = results / f"{TRAINERS[1]}__nnUNetResEncUNetMPlans__2d"
+    shutil.copytree(results / f"{TRAINERS[1]}__nnUNetPlans__2d", resenc)
+    for png in (resenc / "fold_0" / "validation").glob("*.png"):
+        save_png(png, np.zeros((SIZE, SIZE)))  # the ResEnc model predicts nothing: its scores differ from B's
+    out = nnunet_env / "plans_report"
+    done = subprocess.run([sys.executable, "-m", "nnunetv2_cipa", "compare", "-d", "987", "-tr", TRAINERS[1],
+                           TRAINERS[1], "-p", "nnUNetPlans", "nnUNetResEncUNetMPlans", "-f", "0", "-o", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    models = [f"{TRAINERS[1]}__nnUNetPlans", f"{TRAINERS[1]}__nnUNetResEncUNetMPlans"]
+    assert report["trainers"] == models and report["plans"] == ["nnUNetPlans", "nnUNetResEncUNetMPlans"]
+    assert report["model_dirs"][models[1]] == str(resenc)
+    cv = report["splits"]["cross-validation"]["results"]
+    assert cv[models[1]]["cipa_protocol"]["dice"] == 0 < cv[models[0]]["cipa_protocol"]["dice"]
+    assert f"| {models[1]} |" in (out / "report.md").read_text()
+
+    with pytest.raises(InputError, match="one per trainer"):
+        compare_trainers(987, TRAINERS, out, plans=["nnUNetPlans"] * 3)
+    with pytest.raises(InputError, match="distinct models"):
+        compare_trainers(987, [TRAINERS[1]] * 2, out, plans=["nnUNetPlans", "nnUNetPlans"])
+
+
 def test_paired_wilcoxon_edge_cases():
     same = paired_wilcoxon({"a": 0.5, "b": 0.7}, {"a": 0.5, "b": 0.7})
     assert same["pvalue"] is None and "identical" in same["note"]

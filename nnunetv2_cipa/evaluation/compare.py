@@ -233,19 +233,34 @@ def _add_inference_time(cost: dict, model_dir: Path, images_dir: Path, cases: li
         cost["notes"].append(f"inference timing failed: {type(e).__name__}: {e}")
 
 
-def compare_trainers(dataset, trainers, report_dir, configuration: str = "2d", plans: str = "nnUNetPlans",
+def model_labels(trainers: list[str], plans: list[str]) -> list[str]:
+    """The names the report gives the models: the trainer names, or ``TRAINER__PLANS`` (nnU-Net's folder naming)
+    where the models do not all use the same plans. InputError unless there are two or more distinct models."""
+    if len(plans) not in (1, len(trainers)):
+        raise InputError(f"-p: give one plans identifier for every trainer, or one per trainer ({len(trainers)}), "
+                         f"got {len(plans)}")
+    pairs = list(zip(trainers, plans * len(trainers) if len(plans) == 1 else plans))
+    labels = trainers if len(set(plans)) == 1 else [f"{t}__{p}" for t, p in pairs]
+    if len(labels) < 2 or len(set(labels)) != len(labels):
+        raise InputError(f"trainers: need two or more distinct models (trainer and plans), got {', '.join(labels)}")
+    return labels
+
+
+def compare_trainers(dataset, trainers, report_dir, configuration: str = "2d", plans="nnUNetPlans",
                      folds=(0, 1, 2, 3, 4), test_predictions=None, patient_sep: str = "_",
                      time_inference: bool = False) -> dict:
     """Evaluate each trainer's cross-validation (and optional test) predictions and write REPORT_DIR: report.md,
     report.json and PNG figures, published as a whole once complete (``check_report_folder``); returns the report
-    dict (NaN as None). ``time_inference`` also measures each model's inference time per slice with nnU-Net's
+    dict (NaN as None). ``plans``: one plans identifier, or a list of one per trainer (the models are then named
+    ``TRAINER__PLANS``). ``time_inference`` also measures each model's inference time per slice with nnU-Net's
     predictor. Folds that are not split by patient are reported under "warnings" (and, in the returned dict only, a
     previous report folder that could not be removed)."""
     from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 
-    trainers = list(trainers)
-    if len(trainers) < 2 or len(set(trainers)) != len(trainers):
-        raise InputError(f"trainers: need two or more distinct trainer names, got {trainers}")
+    trainer_names = list(trainers)
+    plans_list = [plans] if isinstance(plans, str) else list(plans)
+    trainers = model_labels(trainer_names, plans_list)
+    model_plans = plans_list * len(trainers) if len(plans_list) == 1 else plans_list
     if test_predictions is not None and len(test_predictions) != len(trainers):
         raise InputError(f"test predictions: need one folder per trainer ({len(trainers)}), "
                          f"got {len(test_predictions)}")
@@ -253,8 +268,8 @@ def compare_trainers(dataset, trainers, report_dir, configuration: str = "2d", p
     if len(set(folds)) != len(folds):
         raise InputError(f"-f {' '.join(map(str, folds))}: a fold is given more than once")
     name, raw_dir, results_dir = resolve_dataset(dataset)
-    model_dirs = {t: results_dir / convert_trainer_plans_config_to_identifier(t, plans, configuration)
-                  for t in trainers}
+    model_dirs = {label: results_dir / convert_trainer_plans_config_to_identifier(t, p, configuration)
+                  for label, t, p in zip(trainers, trainer_names, model_plans)}
     splits_file, splits = read_splits(name, raw_dir)
     fold_cases = validation_case_set(splits_file, splits, folds)
 
@@ -298,8 +313,9 @@ def compare_trainers(dataset, trainers, report_dir, configuration: str = "2d", p
         for split, (preds, gt, images_dir) in drawn.items():
             splits_out[split]["figures"] = _draw_split(split, splits_out[split], trainers, preds, gt, images_dir,
                                                        folder)
-        report = json_safe({"dataset": name, "configuration": configuration, "plans": plans, "folds": list(folds),
-                            "splits_file": str(splits_file), "trainers": trainers,
+        report = json_safe({"dataset": name, "configuration": configuration,
+                            "plans": model_plans[0] if len(set(model_plans)) == 1 else model_plans,
+                            "folds": list(folds), "splits_file": str(splits_file), "trainers": trainers,
                             "model_dirs": {t: str(d) for t, d in model_dirs.items()}, "warnings": warnings,
                             "splits": splits_out, "costs": costs})
         write_text_atomically(folder / "report.json", json.dumps(report, indent=2, allow_nan=False))

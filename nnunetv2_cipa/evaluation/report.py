@@ -89,6 +89,11 @@ def _figures(split: dict, title: str) -> list[str]:
     return lines
 
 
+def _plans_text(plans) -> str:
+    """``plans`` for one identifier for every model; several are in the models' names."""
+    return f"`{plans}`" if isinstance(plans, str) else "as in each model's name (`TRAINER__PLANS`)"
+
+
 def render_report(report: dict) -> str:
     """report.md text of a compare_trainers report dict."""
     trainers = report["trainers"]
@@ -97,7 +102,7 @@ def render_report(report: dict) -> str:
     sep = cv["results"][trainers[0]]["patient_sep"]
     lines = [f"# Trainer comparison on {report['dataset']}", "",
              f"- Trainers: {', '.join(trainers)}",
-             f"- Configuration `{report['configuration']}`, plans `{report['plans']}`, folds "
+             f"- Configuration `{report['configuration']}`, plans {_plans_text(report['plans'])}, folds "
              f"{', '.join(map(str, report['folds']))} (validation cases from `{report['splits_file']}`)"]
     for name, split in splits.items():
         per_trainer = ", ".join(f"{t} {n}" for t, n in split["n_cases_per_trainer"].items())
