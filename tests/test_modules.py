@@ -139,6 +139,23 @@ def test_memoryless_mix_matches_autograd_in_values_and_gradients():
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
 
 
+def test_memoryless_mix_computes_in_its_inputs_dtype_under_autocast():
+    """Forward and backward alike, also when backward is called under autocast; one dtype for all inputs."""
+    inputs = memoryless_mix_inputs(torch.float32)
+    expected = memoryless_mix_by_autograd(*inputs)
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, inputs, grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = memoryless_mix(*inputs)
+        grads = torch.autograd.grad(out, inputs, grad)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    for ours, theirs in zip(grads, expected_grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="share one dtype"):
+        memoryless_mix(inputs[0], inputs[1].double(), *inputs[2:])
+
+
 def test_memoryless_mix_keeps_one_directional_tensor_for_backward():
     """Autograd's own ops keep softplus's input and output and the mixed B*C for backward, three (K, B, L, D)
     tensors; the op keeps delta and the (B, L, D) gain besides its inputs (u, B*C and the parameters)."""

@@ -22,30 +22,37 @@ class MemorylessMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, bc, weight, d_sum, bias):
-        gain = d_sum.expand_as(u).clone()  # (B, L, D)
-        for k in range(delta.shape[0]):
-            mixed = torch.einsum("bln,dn->bld", bc[:, :, k], weight[k])
-            gain.addcmul_(F.softplus(delta[k] + bias[k]), mixed)
-        ctx.save_for_backward(u, delta, bc, weight, bias, gain)
-        return u * gain
+        with torch.autocast(u.device.type, enabled=False):
+            gain = d_sum.expand_as(u).clone()  # (B, L, D)
+            for k in range(delta.shape[0]):
+                mixed = torch.einsum("bln,dn->bld", bc[:, :, k], weight[k])
+                gain.addcmul_(F.softplus(delta[k] + bias[k]), mixed)
+            ctx.save_for_backward(u, delta, bc, weight, bias, gain)
+            return u * gain
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         u, delta, bc, weight, bias, gain = ctx.saved_tensors
-        grad_gain = grad * u  # (B, L, D)
-        grad_delta, grad_bc, grad_weight = torch.empty_like(delta), torch.empty_like(bc), torch.empty_like(weight)
-        for k in range(delta.shape[0]):
-            pre = delta[k] + bias[k]
-            grad_mixed = F.softplus(pre).mul_(grad_gain)
-            mixed = torch.einsum("bln,dn->bld", bc[:, :, k], weight[k])
-            torch.mul(pre.sigmoid_().mul_(mixed), grad_gain, out=grad_delta[k])  # softplus' = sigmoid
-            grad_bc[:, :, k] = torch.einsum("bld,dn->bln", grad_mixed, weight[k])
-            grad_weight[k] = torch.einsum("bld,bln->dn", grad_mixed, bc[:, :, k])
-        return grad * gain, grad_delta, grad_bc, grad_weight, grad_gain.sum((0, 1)), grad_delta.sum((1, 2))
+        with torch.autocast(u.device.type, enabled=False):  # backward may be called under autocast
+            grad = grad.to(u.dtype)
+            grad_gain = grad * u  # (B, L, D)
+            grad_delta, grad_bc, grad_weight = torch.empty_like(delta), torch.empty_like(bc), torch.empty_like(weight)
+            for k in range(delta.shape[0]):
+                pre = delta[k] + bias[k]
+                grad_mixed = F.softplus(pre).mul_(grad_gain)
+                mixed = torch.einsum("bln,dn->bld", bc[:, :, k], weight[k])
+                torch.mul(pre.sigmoid_().mul_(mixed), grad_gain, out=grad_delta[k])  # softplus' = sigmoid
+                grad_bc[:, :, k] = torch.einsum("bld,dn->bln", grad_mixed, weight[k])
+                grad_weight[k] = torch.einsum("bld,bln->dn", grad_mixed, bc[:, :, k])
+            return grad * gain, grad_delta, grad_bc, grad_weight, grad_gain.sum((0, 1)), grad_delta.sum((1, 2))
 
 
 def memoryless_mix(u: torch.Tensor, delta: torch.Tensor, bc: torch.Tensor, weight: torch.Tensor,
                    d_sum: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """y (B, L, D) of the module docstring, in the inputs' dtype (give float32 or float64)."""
-    return MemorylessMix.apply(u, delta, bc, weight, d_sum, bias)
+    """y (B, L, D) of the module docstring, in the inputs' one dtype (float32 or float64), whatever the autocast
+    state."""
+    inputs = (u, delta, bc, weight, d_sum, bias)
+    if len({t.dtype for t in inputs}) != 1:
+        raise TypeError(f"memoryless_mix: the inputs must share one dtype, got {[t.dtype for t in inputs]}")
+    return MemorylessMix.apply(*inputs)
