@@ -13,7 +13,7 @@ would leave it in bfloat16, 2 bytes where CUDA saves 4): the same tensors are st
 place; ``cpu-gathered`` runs the numba kernel behind the gathered path that the ``cuda`` (mamba-ssm) and ``torch``
 backends take (the four scan orders copied and kept for backward, plus the kernel's chunk states), at CPU speed;
 ``torch`` is the pure-PyTorch scan itself (slow). ``--variants`` measures the trainer variants' networks too
-(``noCRM``, ``noDCIM``, ``noMamba``: the ablations, which the memory model gives the full network's coefficients).
+(``noCRM``, ``noDCIM``: the memory model gives them the full network's coefficients; ``noMamba``: the in-place ones).
 Usage: python benchmarks/bench_memory.py [--models tiny micro vanilla] [--sizes 256 512] [--backends cpu cpu-gathered]
        [--dtypes float32 bfloat16] [--checkpointing off on] [--variants full noCRM noDCIM noMamba] [--batches 1 2]
        [--json PATH]

@@ -23,8 +23,8 @@ FOLDS = ("0", "1")
 
 
 def train(dataset, trainer: str, fold: str, *extra: str):
-    # one export worker: two trainings share the 2 cores. CIPA augments in the training process; the paper trainer's
-    # own transforms run in one worker process, as nnU-Net runs augmentation by default (on a GPU machine)
+    # one export worker: two trainings share the 2 cores. The CIPA trainings augment in the training process; the
+    # paper trainer's own transforms run in augmentation worker processes (nnU-Net's default, on a GPU machine)
     workers = "1" if trainer == PAPER else "0"
     env = dict(dataset.env, nnUNet_n_proc_DA=workers, nnUNet_def_n_proc="1")
     return run_cli(["nnUNetv2_train", str(DATASET_ID), "2d", fold, "-tr", trainer, "-device", "cpu", *extra], env)

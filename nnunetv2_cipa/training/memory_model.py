@@ -13,7 +13,7 @@ coefficient per (preset, scan path, activation width, checkpointing) gives the p
   the selective scan runs in float32 too);
 - checkpointing: ``CIPA.activation_checkpointing`` (stages recomputed in backward).
 The ablations take the full network's coefficients: without CRM or DCIM a network keeps less (measured at 256 x 256:
-3.4-6% and 10-20% less, within 2% with checkpointing), and the no-Mamba control (``token_mixer="memoryless"``) runs
+3.4-6.4% and 10-20% less, within 2% with checkpointing), and the no-Mamba control (``token_mixer="memoryless"``) runs
 no scan, so whatever the backend it takes the in-place figures (measured within 5% of them).
 Of the device's free memory ``USABLE_FRACTION`` is planned for (the rest covers the CUDA caching allocator's
 fragmentation, cuDNN workspaces and the data loader's pinned buffers). The ``torch`` backend on a GPU also needs its
@@ -84,8 +84,9 @@ def activation_bytes_per_sample(preset: str, patch_size, backend: str, dtype, ch
     path = scan_path(backend, token_mixer)
     key = (preset, path, activation_bytes(dtype), bool(checkpointing))
     if key not in ACTIVATION_BYTES_PER_PIXEL:
-        raise ValueError(f"no measured memory coefficient for preset {preset!r} with the {backend} scan "
-                         f"({path} path); measured: "
+        mixer = "the memoryless mixer" if token_mixer == "memoryless" else f"the {backend} scan"
+        raise ValueError(f"no measured memory coefficient for preset {preset!r} with {mixer} ({path} path); "
+                         "measured: "
                          f"{sorted({(k[0], k[1]) for k in ACTIVATION_BYTES_PER_PIXEL})}")
     return int(ACTIVATION_BYTES_PER_PIXEL[key] * math.prod(int(s) for s in patch_size))
 
