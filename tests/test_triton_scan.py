@@ -196,6 +196,39 @@ def test_directional_scan_through_the_triton_backend(monkeypatch, batch, length,
     assert gathered == []
 
 
+def test_directional_scan_keeps_what_the_cpu_kernel_keeps():
+    """The memory model gives the triton backend the figures measured with the numba (cpu) kernel: both must keep
+    the same tensors for backward (the inputs, delta in one float32 copy, the state entering every 32 steps), within
+    the few bytes of A's and the bias's layouts."""
+    pytest.importorskip("numba")
+    from nnunetv2_cipa.modules.ss2d import cross_scan_positions
+    from nnunetv2_cipa.ops.cpu_scan import cpu_directional_scan
+
+    gen = torch.Generator().manual_seed(0)
+    k, b, h, w, d, n = 4, 2, 8, 8, 32, 16
+    u, delta = torch.randn(b, h * w, d, generator=gen), torch.randn(k, b, h * w, d, generator=gen)
+    A, bias = -torch.rand(k * d, n, generator=gen) - 0.1, torch.randn(k * d, generator=gen)
+    B, C = torch.randn(b, h * w, k, n, generator=gen), torch.randn(b, h * w, k, n, generator=gen)
+
+    def kept_bytes(scan, device) -> int:
+        inputs = [t.to(device).requires_grad_() for t in (u, delta, B, C)]
+        kept = {}
+
+        def pack(t):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            scan(inputs[0], inputs[1], A.to(device), inputs[2], inputs[3], cross_scan_positions(h, w, device),
+                 bias.to(device), True)
+        return sum(kept.values())
+
+    cpu, triton_kept = kept_bytes(cpu_directional_scan, "cpu"), kept_bytes(triton_scan.triton_directional_scan,
+                                                                           DEVICE)
+    assert cpu >= delta.numel() * 4 + k * b * (h * w // 32) * n * d * 4  # delta and the states at least
+    assert abs(cpu - triton_kept) <= (A.numel() + bias.numel()) * 4
+
+
 def test_directional_smoke_call_runs_the_kernels_and_catches_a_wrong_one():
     """The probe's second smoke call (directional layout): passes with the kernels; a kernel that drops one
     direction is reported by name."""
