@@ -179,6 +179,19 @@ def test_no_mamba_control_takes_the_in_place_figures_on_every_backend(nnunet_pat
     assert "CIPA-tiny at 512x512, memoryless mixer, 16-bit activations" in log and "scan workspace" not in log
 
 
+def test_no_mamba_control_needs_no_scan_backend(nnunet_paths, monkeypatch, capfd):
+    """A network without selective scans neither resolves nor reports a scan backend: a backend setting that
+    cannot run here, or a missing kernel, stops or warns CIPA, not the no-Mamba control."""
+    monkeypatch.setenv("NNUNETV2_CIPA_SCAN_BACKEND", "cuda")  # cannot run on this CPU
+    with pytest.raises(SystemExit, match="backend 'cuda' cannot run on cpu"):
+        make_trainer("nnUNetTrainerCIPA", nnunet_paths)._set_batch_size_and_oversample()
+    control = make_trainer("nnUNetTrainerCIPA_noMamba", nnunet_paths)
+    control.initialize()
+    log = open(control.log_file).read()
+    assert "Token mixer: memoryless on cpu, no selective scan" in log and "Selective scan:" not in log
+    assert "WARNING" not in capfd.readouterr().err
+
+
 def test_meta_network_matches_the_real_network(nnunet_paths):
     trainer = make_trainer("nnUNetTrainerCIPA_debug", nnunet_paths)
     trainer.initialize()

@@ -156,6 +156,14 @@ def scan_backend_log_line(device: torch.device) -> str:
     return line
 
 
+def memoryless_mixer_log_line(device: torch.device) -> str:
+    """The training-log line of a network without selective scans (the no-Mamba control), with the versions and GPU
+    of ``scan_backend_log_line``."""
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    return (f"Token mixer: memoryless on {device}{gpu}, no selective scan (no scan backend is used); "
+            f"torch {torch.__version__}, CUDA {torch.version.cuda}")
+
+
 def emulated_bf16_warning(device: torch.device) -> str | None:
     """Why bfloat16 autocast is a slow path on ``device``: a GPU before compute capability 8.0 (V100, T4, ...) has no
     native bfloat16 and emulates it. None elsewhere."""
@@ -283,6 +291,11 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
                                                    self.label_manager.num_segmentation_heads,
                                                    self.enable_deep_supervision)
 
+    def _scan_backend(self) -> str | None:
+        """The backend that runs this network's selective scans on its device; None for the memoryless mixer, which
+        runs none (so neither a backend setting nor a missing kernel concerns it)."""
+        return None if self.token_mixer == "memoryless" else self._config(resolve_backend, None, self.device)
+
     def _free_device_bytes(self) -> int | None:
         """Free memory of this process's GPU; under DDP the least of all processes', so that every process picks
         the same batch (batch Dice all-gathers per-sample terms, and micro-batches must match for SyncBatchNorm).
@@ -300,7 +313,7 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
         network = self._meta_network()
         choice = self._config(choose_batch_size, planned, self.device, self.cipa_preset,
                               self.configuration_manager.patch_size, sum(p.numel() for p in network.parameters()),
-                              self._config(resolve_backend, None, self.device), self.training_autocast_dtype(),
+                              self._scan_backend(), self.training_autocast_dtype(),
                               self.checkpointing_enabled(), network.min_training_batch, self._free_device_bytes(),
                               distributed=self.is_ddp, token_mixer=self.token_mixer)
         self.print_to_log_file(choice.log_line())
@@ -389,7 +402,8 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
             compiled = "; under torch.compile these stages run eagerly" if self._do_i_compile() else ""
             self.print_to_log_file("Activation checkpointing: on (every encoder, fusion and decoder stage is "
                                    f"recomputed in backward{compiled})")
-        self.print_to_log_file(scan_backend_log_line(self.device))
+        self.print_to_log_file(scan_backend_log_line(self.device) if self._scan_backend() is not None else
+                               memoryless_mixer_log_line(self.device))
         if self.network_autocast == torch.bfloat16 and (warning := emulated_bf16_warning(self.device)):
             self.print_to_log_file(warning)
             print(f"nnunetv2_cipa WARNING: {warning}", file=sys.stderr, flush=True)

@@ -71,14 +71,17 @@ def activation_bytes(dtype: str | torch.dtype | None) -> int:
     return 4 if name == "float32" else 2
 
 
-def scan_path(backend: str, token_mixer: str = "selective_scan") -> str:
-    """The coefficients' scan path for CIPA's ``token_mixer`` when the selective scan runs on ``backend``."""
+def scan_path(backend: str | None, token_mixer: str = "selective_scan") -> str:
+    """The coefficients' scan path for CIPA's ``token_mixer`` when the selective scan runs on ``backend`` (None for
+    the memoryless mixer, which runs no scan)."""
+    if token_mixer == "memoryless":
+        return "in_place"
     if backend not in SCAN_PATHS:
         raise ValueError(f"unknown scan backend {backend!r}; choose one of {sorted(SCAN_PATHS)}")
-    return "in_place" if token_mixer == "memoryless" else SCAN_PATHS[backend]
+    return SCAN_PATHS[backend]
 
 
-def activation_bytes_per_sample(preset: str, patch_size, backend: str, dtype, checkpointing: bool,
+def activation_bytes_per_sample(preset: str, patch_size, backend: str | None, dtype, checkpointing: bool,
                                 token_mixer: str = "selective_scan") -> int:
     """Predicted training-step activation bytes of one sample of CIPA ``preset`` at ``patch_size`` (H, W)."""
     path = scan_path(backend, token_mixer)
@@ -97,7 +100,7 @@ def training_state_bytes(parameters: int, distributed: bool = False) -> int:
     return per_parameter * parameters
 
 
-def scan_workspace_bytes(backend: str, device_type: str, token_mixer: str = "selective_scan") -> int:
+def scan_workspace_bytes(backend: str | None, device_type: str, token_mixer: str = "selective_scan") -> int:
     """Scratch memory of one selective-scan call beyond its inputs: the torch backend's blocks on a GPU (none
     without scans)."""
     scans = token_mixer != "memoryless"
@@ -140,7 +143,8 @@ def batch_size_override() -> int | None:
     return int(value)
 
 
-def choose_batch_size(planned: int, device: torch.device, preset: str, patch_size, parameters: int, backend: str,
+def choose_batch_size(planned: int, device: torch.device, preset: str, patch_size, parameters: int,
+                      backend: str | None,
                       dtype, checkpointing: bool, min_batch: int = 1, free_bytes: int | None = None,
                       device_name: str | None = None, distributed: bool = False,
                       token_mixer: str = "selective_scan") -> BatchSizeChoice:
