@@ -136,6 +136,7 @@ def run_cell(cell: dict) -> dict:
 def measure(models, sizes, backends, dtypes, checkpointing, batches, variants=("full",)) -> list[dict]:
     """Every combination (vanilla: one backend, no checkpointing, no variants); per-sample bytes and the model's
     prediction."""
+    from nnunetv2_cipa.modules.ss2d import TOKEN_MIXERS
     from nnunetv2_cipa.training.memory_model import activation_bytes_per_sample
 
     vanilla_configs = {}
@@ -161,9 +162,9 @@ def measure(models, sizes, backends, dtypes, checkpointing, batches, variants=("
                    step_s={b: p["step_s"] for b, p in zip((b1, b2), peaks)}, params=peaks[0]["params"])
         if model in CIPA_MODELS:
             try:
-                predicted = activation_bytes_per_sample(model, (size, size), backend.removesuffix("-gathered")
-                                                        if backend == "cpu" else "cuda", dtype, ckpt,
-                                                        VARIANTS[variant].get("token_mixer", "selective_scan"))
+                scans = TOKEN_MIXERS[VARIANTS[variant].get("token_mixer", "selective_scan")].runs_scans
+                model_backend = ("cpu" if backend == "cpu" else "cuda") if scans else None
+                predicted = activation_bytes_per_sample(model, (size, size), model_backend, dtype, ckpt)
                 row.update(predicted_bytes=predicted, prediction_error=predicted / per_sample - 1)
             except ValueError as e:  # no coefficient for this preset (yet)
                 row["prediction_note"] = str(e)

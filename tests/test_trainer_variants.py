@@ -154,14 +154,13 @@ def test_trainer_on_a_faked_gpu_uses_the_memory_model(nnunet_paths, monkeypatch)
 
 
 def test_no_mamba_control_takes_the_in_place_figures_on_every_backend(nnunet_paths, monkeypatch):
-    """The memoryless mixer runs no scan: nothing is gathered and there is no scan workspace, whatever the backend.
-    nnUNetTrainerCIPA_noMamba chooses its batch by those figures (the same free memory gives it more samples than
-    CIPA with the torch scan) and logs the mixer."""
+    """The memoryless mixer runs no scan (backend None): nothing is gathered and there is no scan workspace.
+    nnUNetTrainerCIPA_noMamba chooses its batch by those figures, also where CIPA's scans would run on the torch
+    backend (the same free memory gives it more samples), and logs that it runs no scans."""
     monkeypatch.delenv(BATCH_SIZE_ENV_VAR, raising=False)
     in_place = activation_bytes_per_sample("tiny", (512, 512), "triton", torch.float16, False)
-    for backend in ("cuda", "torch", "cpu"):
-        assert activation_bytes_per_sample("tiny", (512, 512), backend, torch.float16, False, "memoryless") == in_place
-        assert scan_workspace_bytes(backend, "cuda", "memoryless") == 0
+    assert activation_bytes_per_sample("tiny", (512, 512), None, torch.float16, False) == in_place
+    assert scan_workspace_bytes(None, "cuda") == 0 < scan_workspace_bytes("torch", "cuda")
     assert activation_bytes_per_sample("tiny", (512, 512), "torch", torch.float16, False) > in_place
 
     trainers = {name: make_trainer(name, nnunet_paths, patch_size=(512, 512))
@@ -176,7 +175,7 @@ def test_no_mamba_control_takes_the_in_place_figures_on_every_backend(nnunet_pat
         trainer._set_batch_size_and_oversample()
     assert (trainers["nnUNetTrainerCIPA"].batch_size, trainers["nnUNetTrainerCIPA_noMamba"].batch_size) == (1, 2)
     log = open(trainers["nnUNetTrainerCIPA_noMamba"].log_file).read()
-    assert "CIPA-tiny at 512x512, memoryless mixer, 16-bit activations" in log and "scan workspace" not in log
+    assert "CIPA-tiny at 512x512, no selective scans, 16-bit activations" in log and "scan workspace" not in log
 
 
 def test_no_mamba_control_needs_no_scan_backend(nnunet_paths, monkeypatch, capfd):

@@ -233,17 +233,18 @@ def _add_inference_time(cost: dict, model_dir: Path, images_dir: Path, cases: li
         cost["notes"].append(f"inference timing failed: {type(e).__name__}: {e}")
 
 
-def model_labels(trainers: list[str], plans: list[str]) -> list[str]:
-    """The names the report gives the models: the trainer names, or ``TRAINER__PLANS`` (nnU-Net's folder naming)
-    where the models do not all use the same plans. InputError unless there are two or more distinct models."""
+def named_models(trainers: list[str], plans: list[str]) -> list[tuple[str, str, str]]:
+    """(name in the report, trainer, plans identifier) of each model, ``plans`` one for all or one per trainer: the
+    names are the trainers', or ``TRAINER__PLANS`` (nnU-Net's folder naming) where the plans differ. InputError
+    unless there are two or more distinct models."""
     if len(plans) not in (1, len(trainers)):
         raise InputError(f"-p: give one plans identifier for every trainer, or one per trainer ({len(trainers)}), "
                          f"got {len(plans)}")
-    pairs = list(zip(trainers, plans * len(trainers) if len(plans) == 1 else plans))
-    labels = trainers if len(set(plans)) == 1 else [f"{t}__{p}" for t, p in pairs]
-    if len(labels) < 2 or len(set(labels)) != len(labels):
-        raise InputError(f"trainers: need two or more distinct models (trainer and plans), got {', '.join(labels)}")
-    return labels
+    per_model = plans * len(trainers) if len(plans) == 1 else plans
+    names = trainers if len(set(per_model)) == 1 else [f"{t}__{p}" for t, p in zip(trainers, per_model)]
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise InputError(f"trainers: need two or more distinct models (trainer and plans), got {', '.join(names)}")
+    return list(zip(names, trainers, per_model))
 
 
 def compare_trainers(dataset, trainers, report_dir, configuration: str = "2d", plans="nnUNetPlans",
@@ -257,10 +258,8 @@ def compare_trainers(dataset, trainers, report_dir, configuration: str = "2d", p
     previous report folder that could not be removed)."""
     from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 
-    trainer_names = list(trainers)
-    plans_list = [plans] if isinstance(plans, str) else list(plans)
-    trainers = model_labels(trainer_names, plans_list)
-    model_plans = plans_list * len(trainers) if len(plans_list) == 1 else plans_list
+    models = named_models(list(trainers), [plans] if isinstance(plans, str) else list(plans))
+    trainers, model_plans = [name for name, _, _ in models], [p for _, _, p in models]
     if test_predictions is not None and len(test_predictions) != len(trainers):
         raise InputError(f"test predictions: need one folder per trainer ({len(trainers)}), "
                          f"got {len(test_predictions)}")
@@ -268,8 +267,8 @@ def compare_trainers(dataset, trainers, report_dir, configuration: str = "2d", p
     if len(set(folds)) != len(folds):
         raise InputError(f"-f {' '.join(map(str, folds))}: a fold is given more than once")
     name, raw_dir, results_dir = resolve_dataset(dataset)
-    model_dirs = {label: results_dir / convert_trainer_plans_config_to_identifier(t, p, configuration)
-                  for label, t, p in zip(trainers, trainer_names, model_plans)}
+    model_dirs = {name: results_dir / convert_trainer_plans_config_to_identifier(t, p, configuration)
+                  for name, t, p in models}
     splits_file, splits = read_splits(name, raw_dir)
     fold_cases = validation_case_set(splits_file, splits, folds)
 

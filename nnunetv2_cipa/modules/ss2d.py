@@ -62,10 +62,12 @@ def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
 
 
 class TokenMixer(Protocol):
-    """How the K directions of a :class:`DirectionalSSM` mix tokens. ``state_name`` is the name of the mixer's
-    (K*D, N) parameter, initialised by ``init_state``; ``mix`` maps u (B, L, D), delta (K, B, L, D) (pre-bias),
+    """How the K directions of a :class:`DirectionalSSM` mix tokens. ``runs_scans``: whether ``mix`` calls the
+    selective scan (and so a scan backend); ``state_name`` is the name of the mixer's (K*D, N) parameter, initialised
+    by ``init_state``; ``mix`` maps u (B, L, D), delta (K, B, L, D) (pre-bias),
     B, C (B, L, K, N), positions (K, L), the state, D and the delta bias (K*D,) to y (B, L, D), at least float32."""
 
+    runs_scans: bool
     state_name: str
 
     @staticmethod
@@ -80,6 +82,7 @@ class SelectiveScanMixer:
     h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, y_t = <C_t, h_t> + D u_t, dt_t = softplus(delta_t + bias),
     A = -exp(A_logs), h_0 = 0."""
 
+    runs_scans = True
     state_name = "A_logs"
 
     @staticmethod
@@ -99,6 +102,7 @@ class MemorylessMixer:
     positions, so tokens mix only through the depthwise convolution before it (a MambaOut-style gated CNN);
     ``state_weight`` replaces ``A_logs`` parameter for parameter."""
 
+    runs_scans = False
     state_name = "state_weight"
 
     @staticmethod

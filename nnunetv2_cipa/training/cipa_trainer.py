@@ -49,6 +49,7 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunetv2_cipa.checkpoint_file import can_memory_map
+from nnunetv2_cipa.modules.ss2d import TOKEN_MIXERS
 from nnunetv2_cipa.network import CIPA, OFFICIAL_INPUT_SCALE_SHIFT
 from nnunetv2_cipa.ops.backend_report import scan_backend_report
 from nnunetv2_cipa.ops.backends import resolve_backend
@@ -292,9 +293,11 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
                                                    self.enable_deep_supervision)
 
     def _scan_backend(self) -> str | None:
-        """The backend that runs this network's selective scans on its device; None for the memoryless mixer, which
-        runs none (so neither a backend setting nor a missing kernel concerns it)."""
-        return None if self.token_mixer == "memoryless" else self._config(resolve_backend, None, self.device)
+        """The backend that runs this network's selective scans on its device; None for a token mixer that runs none
+        (the memoryless one: neither a backend setting nor a missing kernel concerns it)."""
+        if not TOKEN_MIXERS[self.token_mixer].runs_scans:
+            return None
+        return self._config(resolve_backend, None, self.device)
 
     def _free_device_bytes(self) -> int | None:
         """Free memory of this process's GPU; under DDP the least of all processes', so that every process picks
@@ -315,7 +318,7 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
                               self.configuration_manager.patch_size, sum(p.numel() for p in network.parameters()),
                               self._scan_backend(), self.training_autocast_dtype(),
                               self.checkpointing_enabled(), network.min_training_batch, self._free_device_bytes(),
-                              distributed=self.is_ddp, token_mixer=self.token_mixer)
+                              distributed=self.is_ddp)
         self.print_to_log_file(choice.log_line())
         if choice.chosen < network.min_training_batch and not self.accumulate_to_planned_batch:  # set by the env
             raise SystemExit(f"{self.__class__.__name__}: {BATCH_SIZE_ENV_VAR}={choice.chosen}: "

@@ -14,7 +14,7 @@ coefficient per (preset, scan path, activation width, checkpointing) gives the p
 - checkpointing: ``CIPA.activation_checkpointing`` (stages recomputed in backward).
 The ablations take the full network's coefficients: without CRM or DCIM a network keeps less (measured at 256 x 256:
 3.4-6.4% and 10-20% less, within 2% with checkpointing), and the no-Mamba control (``token_mixer="memoryless"``) runs
-no scan, so whatever the backend it takes the in-place figures (measured within 5% of them).
+no scan (backend None), so it takes the in-place figures (measured within 5% of them).
 Of the device's free memory ``USABLE_FRACTION`` is planned for (the rest covers the CUDA caching allocator's
 fragmentation, cuDNN workspaces and the data loader's pinned buffers). The ``torch`` backend on a GPU also needs its
 channel-block workspace. Batch = min(planned, what fits), at least 1.
@@ -71,25 +71,24 @@ def activation_bytes(dtype: str | torch.dtype | None) -> int:
     return 4 if name == "float32" else 2
 
 
-def scan_path(backend: str | None, token_mixer: str = "selective_scan") -> str:
-    """The coefficients' scan path for CIPA's ``token_mixer`` when the selective scan runs on ``backend`` (None for
-    the memoryless mixer, which runs no scan)."""
-    if token_mixer == "memoryless":
+def scan_path(backend: str | None) -> str:
+    """The coefficients' scan path when the selective scans run on ``backend``; None: a network without scans (the
+    memoryless mixer), which keeps what the in-place path keeps."""
+    if backend is None:
         return "in_place"
     if backend not in SCAN_PATHS:
         raise ValueError(f"unknown scan backend {backend!r}; choose one of {sorted(SCAN_PATHS)}")
     return SCAN_PATHS[backend]
 
 
-def activation_bytes_per_sample(preset: str, patch_size, backend: str | None, dtype, checkpointing: bool,
-                                token_mixer: str = "selective_scan") -> int:
-    """Predicted training-step activation bytes of one sample of CIPA ``preset`` at ``patch_size`` (H, W)."""
-    path = scan_path(backend, token_mixer)
+def activation_bytes_per_sample(preset: str, patch_size, backend: str | None, dtype, checkpointing: bool) -> int:
+    """Predicted training-step activation bytes of one sample of CIPA ``preset`` at ``patch_size`` (H, W), its scans
+    on ``backend`` (None: no scans)."""
+    path = scan_path(backend)
     key = (preset, path, activation_bytes(dtype), bool(checkpointing))
     if key not in ACTIVATION_BYTES_PER_PIXEL:
-        mixer = "the memoryless mixer" if token_mixer == "memoryless" else f"the {backend} scan"
-        raise ValueError(f"no measured memory coefficient for preset {preset!r} with {mixer} ({path} path); "
-                         "measured: "
+        raise ValueError(f"no measured memory coefficient for preset {preset!r} with {_scans_text(backend)} "
+                         f"({path} path); measured: "
                          f"{sorted({(k[0], k[1]) for k in ACTIVATION_BYTES_PER_PIXEL})}")
     return int(ACTIVATION_BYTES_PER_PIXEL[key] * math.prod(int(s) for s in patch_size))
 
@@ -100,11 +99,13 @@ def training_state_bytes(parameters: int, distributed: bool = False) -> int:
     return per_parameter * parameters
 
 
-def scan_workspace_bytes(backend: str | None, device_type: str, token_mixer: str = "selective_scan") -> int:
-    """Scratch memory of one selective-scan call beyond its inputs: the torch backend's blocks on a GPU (none
-    without scans)."""
-    scans = token_mixer != "memoryless"
-    return TORCH_SCAN_WORKSPACE_BYTES_CUDA if scans and backend == "torch" and device_type == "cuda" else 0
+def _scans_text(backend: str | None) -> str:
+    return "no selective scans" if backend is None else f"the {backend} scan"
+
+
+def scan_workspace_bytes(backend: str | None, device_type: str) -> int:
+    """Scratch memory of one selective-scan call beyond its inputs: the torch backend's blocks on a GPU."""
+    return TORCH_SCAN_WORKSPACE_BYTES_CUDA if backend == "torch" and device_type == "cuda" else 0
 
 
 def training_peak_bytes(batch: int, parameters: int, per_sample_bytes: int, workspace_bytes: int = 0,
@@ -146,12 +147,11 @@ def batch_size_override() -> int | None:
 def choose_batch_size(planned: int, device: torch.device, preset: str, patch_size, parameters: int,
                       backend: str | None,
                       dtype, checkpointing: bool, min_batch: int = 1, free_bytes: int | None = None,
-                      device_name: str | None = None, distributed: bool = False,
-                      token_mixer: str = "selective_scan") -> BatchSizeChoice:
+                      device_name: str | None = None, distributed: bool = False) -> BatchSizeChoice:
     """The batch size for training CIPA ``preset`` on ``device``: env override, else the planned batch on a CPU,
     else min(planned, what fits in the free GPU memory), at least ``min_batch`` (the network's smallest trainable
     batch). ``free_bytes``/``device_name`` default to torch.cuda.mem_get_info / get_device_name (tests pass them);
-    ``distributed``: one process of a DDP training; ``token_mixer``: the network's (``CIPA(token_mixer=...)``)."""
+    ``distributed``: one process of a DDP training; ``backend``: None for a network without scans."""
     override = batch_size_override()
     if override is not None:
         return BatchSizeChoice(planned, override, f"set by {BATCH_SIZE_ENV_VAR}")
@@ -161,14 +161,13 @@ def choose_batch_size(planned: int, device: torch.device, preset: str, patch_siz
         free_bytes = torch.cuda.mem_get_info(device)[0]
     if device_name is None:
         device_name = torch.cuda.get_device_name(device)
-    per_sample = activation_bytes_per_sample(preset, patch_size, backend, dtype, checkpointing, token_mixer)
-    workspace = scan_workspace_bytes(backend, device.type, token_mixer)
+    per_sample = activation_bytes_per_sample(preset, patch_size, backend, dtype, checkpointing)
+    workspace = scan_workspace_bytes(backend, device.type)
     fits = fitting_batch_size(free_bytes, parameters, per_sample, workspace, distributed)
     chosen = max(min_batch, min(planned, fits))
     width = "16-bit" if activation_bytes(dtype) == 2 else "float32"
     reason = (f"{free_bytes / GIB:.1f} GiB free on {device_name}; memory model for CIPA-{preset} at "
-              f"{'x'.join(str(int(s)) for s in patch_size)}, "
-              f"{'memoryless mixer' if token_mixer == 'memoryless' else f'{backend} scan'}, {width} activations"
+              f"{'x'.join(str(int(s)) for s in patch_size)}, {_scans_text(backend)}, {width} activations"
               f"{', activation checkpointing' if checkpointing else ''}: {per_sample / GIB:.2f} GiB per sample + "
               f"{training_peak_bytes(0, parameters, per_sample, workspace, distributed) / GIB:.2f} GiB "
               f"weights/gradients/AdamW{'/DDP buckets' if distributed else ''}"
