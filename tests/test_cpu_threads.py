@@ -94,6 +94,18 @@ def test_park_next_decisions():
     assert park_next(True, [], PROBE_S - 0.1) and not park_next(True, [], PROBE_S)  # released for a new look
 
 
+def test_policy_without_gnu_openmp_or_sched_getaffinity(monkeypatch):
+    """macOS and Windows have neither torch's libgomp nor os.sched_getaffinity: the policy is the runtime's own and
+    asks for neither (it is process-wide: the test's own is put back afterwards)."""
+    from nnunetv2_cipa.ops import cpu_threads
+
+    monkeypatch.setattr(cpu_threads, "_policy", None)
+    monkeypatch.setattr(cpu_threads, "torch_libgomp", lambda: None)
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    policy = cpu_threads.apply_cpu_thread_policy()
+    assert policy.openmp is None and not policy.adaptive and "runtime's own" in policy.waits
+
+
 @needs_linux_smp
 def test_idle_openmp_threads_sleep_while_busy_processes_compete():
     probe = run_probe(UNDER_LOAD)

@@ -168,13 +168,13 @@ def apply_cpu_thread_policy() -> CpuThreadPolicy:
         if _policy is not None:
             return _policy
         _prefer_numba_omp_layer()
-        library, cpus = torch_libgomp(), len(os.sched_getaffinity(0))
+        library = torch_libgomp()
         user = [f"{v}={os.environ[v]}" for v in USER_WAIT_VARIABLES if v in os.environ]
-        if library is None:
+        if library is None:  # also every system without sched_getaffinity (macOS, Windows)
             _policy = CpuThreadPolicy(None, "not GNU OpenMP: the runtime's own wait policy", False)
         elif user:
             _policy = CpuThreadPolicy(str(library), f"as set by {', '.join(user)}", False)
-        elif cpus < 2 or not Path("/proc/self/schedstat").exists():
+        elif (cpus := len(os.sched_getaffinity(0))) < 2 or not Path("/proc/self/schedstat").exists():
             _policy = CpuThreadPolicy(str(library), "libgomp's own (one CPU, or no per-thread scheduler data)", False)
         else:
             _watcher = _Watcher(library, cpus)
