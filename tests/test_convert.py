@@ -277,6 +277,15 @@ def test_bad_input_rejected_without_leftovers(source, raw, case, num_processes):
     assert tree_hash(source) == before
 
 
+def test_a_source_without_lists_creates_no_nnunet_raw(source, raw):
+    """With no slice to check (here: no list), the error comes before nnUNet_raw is created."""
+    (source / "train.txt").unlink()
+    (source / "test.txt").unlink()
+    with pytest.raises(InputError, match="train.txt: missing"):
+        convert_pclt20k(source, 321, num_processes=1)
+    assert not raw.exists()
+
+
 def test_patient_folders_no_list_names_are_reported(source, raw):
     train = listed(source, "train.txt")
     (source / "train.txt").write_text("".join(f"{c}\n" for c in train if not c.startswith("P0001_")))

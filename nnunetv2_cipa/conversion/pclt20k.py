@@ -306,6 +306,10 @@ def convert_pclt20k(source, dataset_id: int, name: str = "PCLT20K", folds: int =
     raw = required_folder("nnUNet_raw")
     target = raw / f"Dataset{dataset_id:03d}_{name}"
     check_source_apart(source, target)  # before nnUNet_raw is created: it may lie inside the source
+    lists = read_source_lists(source, val_list)
+    slices, missing = locate_files(source, lists)
+    if lists.problems and not slices:  # no slice to check besides: stop before nnUNet_raw is created
+        raise source_problems(lists.problems + missing)
     output_folder(raw, "nnUNet_raw folder")
     with sigterm_as_interrupt(), DatasetLock(raw, dataset_id):
         try:
@@ -316,8 +320,6 @@ def convert_pclt20k(source, dataset_id: int, name: str = "PCLT20K", folds: int =
         check_dataset_id(dataset_id, target, overwrite)
         planned_splits = preprocessed_splits_file(target)
         earlier_splits = read_planned_splits(planned_splits)
-        lists = read_source_lists(source, val_list)
-        slices, missing = locate_files(source, lists)
         splits = None if lists.problems else patient_folds(lists.train, folds, seed)
         # the planned splits are written together with the swap (interrupts held back): raw and preprocessed agree
         dataset = StagedFolder(target, on_swap=lambda: stop_point("swap"),
