@@ -277,11 +277,17 @@ def test_bad_input_rejected_without_leftovers(source, raw, case, num_processes):
     assert tree_hash(source) == before
 
 
-def test_a_source_without_lists_creates_no_nnunet_raw(source, raw):
-    """With no slice to check (here: no list), the error comes before nnUNet_raw is created."""
-    (source / "train.txt").unlink()
+@pytest.mark.parametrize("case", ["no lists", "no listed slice exists"])
+def test_a_source_without_a_slice_to_convert_creates_no_nnunet_raw(source, raw, case):
+    """With no slice to check, the error (every list or file problem) comes before nnUNet_raw is created."""
     (source / "test.txt").unlink()
-    with pytest.raises(InputError, match="train.txt: missing"):
+    if case == "no lists":
+        (source / "train.txt").unlink()
+        expected = "train.txt: missing"
+    else:
+        (source / "train.txt").write_text("P0901_000\nP0902_000\n")
+        expected = "P0901: patient folder missing"
+    with pytest.raises(InputError, match=expected):
         convert_pclt20k(source, 321, num_processes=1)
     assert not raw.exists()
 

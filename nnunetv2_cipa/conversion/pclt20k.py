@@ -308,7 +308,7 @@ def convert_pclt20k(source, dataset_id: int, name: str = "PCLT20K", folds: int =
     check_source_apart(source, target)  # before nnUNet_raw is created: it may lie inside the source
     lists = read_source_lists(source, val_list)
     slices, missing = locate_files(source, lists)
-    if lists.problems and not slices:  # no slice to check besides: stop before nnUNet_raw is created
+    if not slices:  # nothing to check besides the lists' problems: stop before nnUNet_raw is created
         raise source_problems(lists.problems + missing)
     output_folder(raw, "nnUNet_raw folder")
     with sigterm_as_interrupt(), DatasetLock(raw, dataset_id):
