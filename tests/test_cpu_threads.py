@@ -1,6 +1,6 @@
-"""The CPU thread policy (ops.cpu_threads), each run in a fresh process since the policy is process-wide: idle
-OpenMP threads stop spinning while busy processes compete, numba's kernels start no pool of their own, a user's
-wait policy and torch's thread count hold."""
+"""The CPU thread policy (ops.cpu_threads), run in fresh processes since the policy is process-wide: idle OpenMP
+threads stop spinning while busy processes compete, numba's kernels start no pool of their own, a user's wait policy
+and torch's thread count hold; without GNU OpenMP (macOS, Windows) the runtime's own policy, set up in process."""
 
 from __future__ import annotations
 

@@ -167,8 +167,9 @@ def apply_cpu_thread_policy() -> CpuThreadPolicy:
     with _lock:
         if _policy is not None:
             return _policy
-        _prefer_numba_omp_layer()
         library = torch_libgomp()
+        if library is not None:  # elsewhere numba's omp layer would load a second OpenMP runtime next to torch's
+            _prefer_numba_omp_layer()
         user = [f"{v}={os.environ[v]}" for v in USER_WAIT_VARIABLES if v in os.environ]
         if library is None:  # also every system without sched_getaffinity (macOS, Windows)
             _policy = CpuThreadPolicy(None, "not GNU OpenMP: the runtime's own wait policy", False)
