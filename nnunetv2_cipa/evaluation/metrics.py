@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_all_start_methods, get_context
+from multiprocessing import get_context
 from pathlib import Path
 from typing import NamedTuple
 
@@ -202,8 +203,9 @@ def evaluate_pairs(pairs: dict[str, CasePair], patient_sep: str = "_", num_worke
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1) if len(cases) >= 256 else 1
     if num_workers > 1:
-        # fork where available: workers only run numpy/scipy/PIL, and spawn would need a __main__ guard in callers
-        method = "fork" if "fork" in get_all_start_methods() else "spawn"
+        # fork on Linux: workers only run numpy/scipy/PIL, and spawn would need a __main__ guard in callers; spawn
+        # elsewhere (macOS's default: a fork after threads have started, torch's or Accelerate's, can crash there)
+        method = "fork" if sys.platform.startswith("linux") else "spawn"
         with ProcessPoolExecutor(num_workers, mp_context=get_context(method)) as pool:
             results = list(pool.map(_pair_metrics, [pairs[c] for c in cases], chunksize=32))
     else:
