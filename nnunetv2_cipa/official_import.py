@@ -15,7 +15,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,8 +24,8 @@ from nnunetv2_cipa.errors import InputError
 from nnunetv2_cipa.network import CIPA, OFFICIAL_INPUT_SCALE_SHIFT
 from nnunetv2_cipa.official import (AUX_HEADS_PREFIX, OFFICIAL_CHECKPOINT, OfficialCheckpoint, OfficialWeights,
                                     load_official_weights, read_official_checkpoint)
-from nnunetv2_cipa.paths import (check_output_file, output_folder, read_json, remove_dead_stagings, replace_folder,
-                                 required_folder, signals_held, staging_owner)
+from nnunetv2_cipa.paths import (check_output_file, output_folder, prefixed_staging_folder, read_json, replace_folder,
+                                 required_folder, signals_held)
 
 OFFICIAL_PATCH_SIZE = (512, 512)       # the official CRM is tied to 512x512 inputs
 OFFICIAL_CHANNEL_ROLES = {"0": "CT", "1": "PET"}
@@ -231,8 +230,7 @@ def _publish(model_dir: Path, fold_name: str, state: dict, report: dict, model_j
     from batchgenerators.utilities.file_and_folder_operations import save_json
 
     parent = output_folder(model_dir.parent, "dataset results folder")
-    remove_dead_stagings(parent, STAGING_PREFIX)
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{staging_owner()}_", dir=parent))
+    staging = prefixed_staging_folder(parent, STAGING_PREFIX)
     try:
         new_model, new_fold = staging / model_dir.name, staging / model_dir.name / fold_name
         new_fold.mkdir(parents=True)

@@ -153,10 +153,14 @@ def remove_dead_stagings(parent: Path, prefix: str) -> None:
 
 
 def staging_folder(parent: Path, name: str) -> Path:
-    """A new hidden ``.NAME.tmp-<staging_owner>_<token>`` folder in ``parent`` (where a folder NAME is to appear),
-    with the permissions of a folder made by mkdir, after removing those of killed processes; InputError naming
-    ``parent`` if it cannot be made."""
-    prefix = f".{name}.tmp-"
+    """A new hidden ``.NAME.tmp-<staging_owner>_<token>`` folder in ``parent`` (where a folder NAME is to appear):
+    ``prefixed_staging_folder`` with prefix ``.NAME.tmp-``."""
+    return prefixed_staging_folder(parent, f".{name}.tmp-")
+
+
+def prefixed_staging_folder(parent: Path, prefix: str) -> Path:
+    """A new ``<prefix><staging_owner>_<token>`` folder in ``parent`` with the permissions of a folder made by mkdir,
+    after removing those of killed processes; InputError naming ``parent`` if it cannot be made."""
     remove_dead_stagings(parent, prefix)
     try:
         folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{staging_owner()}_", dir=parent))

@@ -405,7 +405,7 @@ class nnUNetTrainerCIPA(nnUNetTrainer):
             compiled = "; under torch.compile these stages run eagerly" if self._do_i_compile() else ""
             self.print_to_log_file("Activation checkpointing: on (every encoder, fusion and decoder stage is "
                                    f"recomputed in backward{compiled})")
-        self.print_to_log_file(scan_backend_log_line(self.device) if self._scan_backend() is not None else
+        self.print_to_log_file(scan_backend_log_line(self.device) if TOKEN_MIXERS[self.token_mixer].runs_scans else
                                memoryless_mixer_log_line(self.device))
         if self.network_autocast == torch.bfloat16 and (warning := emulated_bf16_warning(self.device)):
             self.print_to_log_file(warning)

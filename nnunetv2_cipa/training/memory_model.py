@@ -81,6 +81,10 @@ def scan_path(backend: str | None) -> str:
     return SCAN_PATHS[backend]
 
 
+def _scans_text(backend: str | None) -> str:
+    return "no selective scans" if backend is None else f"the {backend} scan"
+
+
 def activation_bytes_per_sample(preset: str, patch_size, backend: str | None, dtype, checkpointing: bool) -> int:
     """Predicted training-step activation bytes of one sample of CIPA ``preset`` at ``patch_size`` (H, W), its scans
     on ``backend`` (None: no scans)."""
@@ -97,10 +101,6 @@ def training_state_bytes(parameters: int, distributed: bool = False) -> int:
     """Weights, gradients and AdamW moments of ``parameters`` float32 parameters (and DDP's gradient buckets)."""
     per_parameter = TRAINING_STATE_BYTES_PER_PARAMETER + (DDP_BUCKET_BYTES_PER_PARAMETER if distributed else 0)
     return per_parameter * parameters
-
-
-def _scans_text(backend: str | None) -> str:
-    return "no selective scans" if backend is None else f"the {backend} scan"
 
 
 def scan_workspace_bytes(backend: str | None, device_type: str) -> int:
@@ -145,9 +145,9 @@ def batch_size_override() -> int | None:
 
 
 def choose_batch_size(planned: int, device: torch.device, preset: str, patch_size, parameters: int,
-                      backend: str | None,
-                      dtype, checkpointing: bool, min_batch: int = 1, free_bytes: int | None = None,
-                      device_name: str | None = None, distributed: bool = False) -> BatchSizeChoice:
+                      backend: str | None, dtype, checkpointing: bool, min_batch: int = 1,
+                      free_bytes: int | None = None, device_name: str | None = None,
+                      distributed: bool = False) -> BatchSizeChoice:
     """The batch size for training CIPA ``preset`` on ``device``: env override, else the planned batch on a CPU,
     else min(planned, what fits in the free GPU memory), at least ``min_batch`` (the network's smallest trainable
     batch). ``free_bytes``/``device_name`` default to torch.cuda.mem_get_info / get_device_name (tests pass them);
